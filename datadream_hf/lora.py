@@ -1,0 +1,89 @@
+"""LoRA placements of DataDream (generator UNet + text encoder, CLIP classifier) and diffusers-format adapter I/O."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import load_file
+
+# Paper Sec. 3.2 / reference `datadream.py`: self- and cross-attention projections of the UNet, and every
+# attention projection of the CLIP text encoder.
+UNET_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
+TEXT_ENCODER_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj"]
+# Reference classifier (`classify/`): LoRA on Q and V of every block of both CLIP towers.
+CLASSIFIER_TARGET_MODULES = ["q_proj", "v_proj"]
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+
+def generator_lora_configs(rank: int = 16, alpha: int | None = None, init: str | bool = "gaussian"):
+    """The (UNet, text encoder) `LoraConfig`s of stage 1. `alpha` defaults to `rank`, as in the reference."""
+    if rank < 1:
+        raise ValueError(f"`rank` must be >= 1, got {rank}.")
+    alpha = rank if alpha is None else alpha
+    unet = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=init, target_modules=UNET_TARGET_MODULES)
+    text = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=init, target_modules=TEXT_ENCODER_TARGET_MODULES)
+    return unet, text
+
+
+def classifier_lora_config(
+    rank: int = 16, alpha: int = 32, dropout: float = 0.1, target_modules: list[str] | None = None
+) -> LoraConfig:
+    """The stage-3 CLIP `LoraConfig` (reference defaults: r=16, alpha=32, dropout 0.1 on q_proj and v_proj)."""
+    return LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=list(target_modules or CLASSIFIER_TARGET_MODULES),
+    )
+
+
+def lora_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The LoRA parameters of a peft-injected model, by name."""
+    return {name: p for name, p in model.named_parameters() if "lora_" in name}
+
+
+def save_generator_lora(
+    output_dir: str | os.PathLike, unet: torch.nn.Module, text_encoder: torch.nn.Module | None, adapter_name="default"
+) -> Path:
+    """Writes the adapter as `pytorch_lora_weights.safetensors`, loadable by `StableDiffusionPipeline.load_lora_weights`."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    unet_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=adapter_name))
+    text_layers = None
+    if text_encoder is not None:
+        text_layers = convert_state_dict_to_diffusers(
+            get_peft_model_state_dict(text_encoder, adapter_name=adapter_name)
+        )
+
+    def metadata(model):
+        config = model.peft_config[adapter_name]
+        return {"r": config.r, "lora_alpha": config.lora_alpha, "target_modules": sorted(config.target_modules)}
+
+    StableDiffusionPipeline.save_lora_weights(
+        save_directory=str(output_dir),
+        unet_lora_layers=unet_layers,
+        text_encoder_lora_layers=text_layers,
+        safe_serialization=True,
+        unet_lora_adapter_metadata=metadata(unet),
+        text_encoder_lora_adapter_metadata=metadata(text_encoder) if text_encoder is not None else None,
+    )
+    return Path(output_dir) / LORA_WEIGHT_NAME
+
+
+def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Loads a weights file, refusing pickle formats (.bin/.pt/.pth/.ckpt), which can run arbitrary code."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(
+            f"Refusing to load {str(path)!r}: only .safetensors weights are loaded (pickle files can execute code). "
+            "Convert it with `safetensors.torch.save_file`."
+        )
+    if not path.is_file():
+        raise FileNotFoundError(f"Weights file {str(path)!r} does not exist.")
+    return load_file(str(path))

@@ -1,0 +1,63 @@
+"""Class prompts `a {domain}photo of a {classname}`, with the reference's domain word per dataset preset."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Domain words of the reference code (DataDream `generate/generate.py` and `datadream.py`); each ends in a space
+# so that the empty domain gives "a photo of a {classname}".
+DOMAIN_PRESETS: dict[str, str] = {
+    "imagenet": "",
+    "caltech101": "",
+    "fgvc_aircraft": "aircraft ",
+    "cars": "car ",
+    "eurosat": "satellite ",
+    "food101": "food ",
+    "dtd": "texture ",
+    "pets": "pet ",
+    "flowers102": "flower ",
+    "sun397": "scene ",
+    "digits": "",
+}
+
+DEFAULT_TEMPLATE = "a {domain}photo of a {classname}"
+
+
+def domain_for_preset(preset: str) -> str:
+    """Returns the domain word of a dataset preset, e.g. `"aircraft "` for `fgvc_aircraft`."""
+    if preset not in DOMAIN_PRESETS:
+        raise ValueError(
+            f"Unknown dataset preset {preset!r}. Choose one of {sorted(DOMAIN_PRESETS)}, or pass the domain "
+            "word directly (e.g. `--domain 'bird '`)."
+        )
+    return DOMAIN_PRESETS[preset]
+
+
+@dataclass
+class PromptTemplate:
+    """How a class name becomes a prompt, shared by generator training, generation and the classifier head."""
+
+    domain: str = field(default="", metadata={"help": "Domain word with its trailing space, e.g. 'aircraft '."})
+    template: str = field(default=DEFAULT_TEMPLATE, metadata={"help": "Needs the {domain} and {classname} fields."})
+    clean_class_names: bool = field(
+        default=False,
+        metadata={"help": "Replace '_' by ' ' in class names. Off by default: the reference uses names raw."},
+    )
+
+    def __post_init__(self):
+        if "{classname}" not in self.template:
+            raise ValueError(f"`template` must contain '{{classname}}', got {self.template!r}.")
+        if self.domain and not self.domain.endswith(" "):
+            raise ValueError(f"`domain` must end with a space (it precedes 'photo'), got {self.domain!r}.")
+
+    @classmethod
+    def from_preset(cls, preset: str, **kwargs) -> PromptTemplate:
+        return cls(domain=domain_for_preset(preset), **kwargs)
+
+    def __call__(self, classname: str) -> str:
+        if self.clean_class_names:
+            classname = classname.replace("_", " ")
+        return self.template.format(domain=self.domain, classname=classname)
+
+    def to_dict(self) -> dict:
+        return {"domain": self.domain, "template": self.template, "clean_class_names": self.clean_class_names}

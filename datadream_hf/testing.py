@@ -1,0 +1,178 @@
+"""Tiny, offline, deterministic stand-ins for Stable Diffusion 2.1-base and CLIP ViT-B/16.
+
+Every builder here makes real diffusers / transformers objects from configs under a fixed seed, so the
+scripts run on them exactly as they would on `stabilityai/stable-diffusion-2-1-base` or
+`openai/clip-vit-base-patch16`: save them with `save_pretrained` and pass the folder as the model id.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import (
+    CLIPConfig,
+    CLIPImageProcessorPil,
+    CLIPModel,
+    CLIPProcessor,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTokenizer,
+    CLIPVisionConfig,
+)
+from tokenizers import pre_tokenizers
+
+TINY_IMAGE_SIZE = 32
+SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
+
+# Words the tiny tokenizer merges into whole tokens; anything else still tokenizes, byte by byte.
+TINY_VOCAB_WORDS = (
+    "a photo of an the digit zero one two three four five six seven eight nine aircraft car satellite food "
+    "texture pet flower scene image picture handwritten number class"
+).split()
+
+
+def build_tiny_clip_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
+    """A real byte-level BPE `CLIPTokenizer` whose merges spell out `TINY_VOCAB_WORDS` (no download)."""
+    byte_chars = pre_tokenizers.ByteLevel.alphabet()
+    tokens = list(SPECIAL_TOKENS) + byte_chars + [c + "</w>" for c in byte_chars]
+    merges = []
+    for word in TINY_VOCAB_WORDS:
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        merged = pieces[0]
+        for piece in pieces[1:]:
+            pair = (merged, piece)
+            merged = merged + piece
+            if merged not in tokens:
+                tokens.append(merged)
+                merges.append(pair)
+    vocab = {token: i for i, token in enumerate(tokens)}
+    # Without model_max_length the pipeline pads prompts to ~1e30 tokens (see DESIGN.md).
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+
+
+def _tiny_text_config(vocab_size: int, **overrides) -> CLIPTextConfig:
+    config = dict(
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        vocab_size=vocab_size,
+        max_position_embeddings=77,
+        projection_dim=32,
+        hidden_act="gelu",
+        layer_norm_eps=1e-5,
+    )
+    config.update(overrides)
+    return CLIPTextConfig(**config)
+
+
+def build_tiny_stable_diffusion(seed: int = 0) -> StableDiffusionPipeline:
+    """A tiny SD-2-style pipeline (32 px, epsilon prediction, PNDM sampling) with random weights."""
+    tokenizer = build_tiny_clip_tokenizer()
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        sample_size=TINY_IMAGE_SIZE // 2,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,  # as in SD 2.x
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        block_out_channels=[32, 64],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=4,
+        sample_size=TINY_IMAGE_SIZE,
+    )
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(_tiny_text_config(vocab_size=len(tokenizer)))
+    # The scheduler config of stable-diffusion-2-1-base.
+    scheduler = PNDMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        set_alpha_to_one=False,
+        skip_prk_steps=True,
+        steps_offset=1,
+        prediction_type="epsilon",
+    )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=None,
+        requires_safety_checker=False,
+    )
+
+
+def save_tiny_stable_diffusion(path: str | os.PathLike, seed: int = 0) -> str:
+    """Writes the tiny pipeline to `path` (safetensors) and returns the path."""
+    build_tiny_stable_diffusion(seed).save_pretrained(path, safe_serialization=True)
+    return str(path)
+
+
+def build_tiny_clip(seed: int = 0) -> tuple[CLIPModel, CLIPProcessor]:
+    """A tiny `CLIPModel` (ViT, 32 px, patch 8) and its processor, random weights."""
+    tokenizer = build_tiny_clip_tokenizer()
+    text_config = _tiny_text_config(vocab_size=len(tokenizer))
+    vision_config = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        image_size=TINY_IMAGE_SIZE,
+        patch_size=8,
+        projection_dim=32,
+        hidden_act="gelu",
+        layer_norm_eps=1e-5,
+    )
+    config = CLIPConfig(text_config=text_config.to_dict(), vision_config=vision_config.to_dict(), projection_dim=32)
+    torch.manual_seed(seed)
+    model = CLIPModel(config)
+    # The PIL image processor: the torchvision backend is not installable beside the CPU torch used here.
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": TINY_IMAGE_SIZE}, crop_size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}
+    )
+    return model, CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def save_tiny_clip(path: str | os.PathLike, seed: int = 0) -> str:
+    """Writes the tiny CLIP model and processor to `path` and returns the path."""
+    model, processor = build_tiny_clip(seed)
+    model.save_pretrained(path, safe_serialization=True)
+    processor.save_pretrained(path)
+    return str(path)
+
+
+
+def accelerate_launch_command(script: str | os.PathLike, num_processes: int = 2) -> list[str]:
+    """`accelerate launch` argv that starts `num_processes` CPU processes (`--cpu` alone starts one, see DESIGN.md).
+
+    The script must create its `Accelerator(cpu=not torch.cuda.is_available())` and call `end_training()`.
+    """
+    import sys
+
+    if num_processes == 1:
+        return [sys.executable, str(script)]
+    return [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script),
+    ]
