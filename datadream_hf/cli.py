@@ -12,7 +12,10 @@ def _few_shot(args: argparse.Namespace) -> None:
 
     class_names = args.class_names.split(",") if args.class_names else None
     dataset = load_labelled_dataset(
-        args.dataset, split=args.split, image_column=args.image_column, label_column=args.label_column,
+        args.dataset,
+        split=args.split,
+        image_column=args.image_column,
+        label_column=args.label_column,
         class_names=class_names,
     )
     manifest = draw_few_shot(dataset, k=args.k, seed=args.seed, source_name=str(args.dataset), split=args.split)

@@ -30,7 +30,9 @@ def load_image_folder(path: str | os.PathLike, class_names: list[str] | None = N
         class_names = folders
     _check_class_names(class_names, where=str(root))
     if not class_names:
-        raise DatasetInputError(f"Image folder {str(root)!r} has no class sub-folders (expected `<root>/<class>/*.png`).")
+        raise DatasetInputError(
+            f"Image folder {str(root)!r} has no class sub-folders (expected `<root>/<class>/*.png`)."
+        )
     missing = [name for name in class_names if name not in folders]
     if missing:
         raise DatasetInputError(
@@ -39,9 +41,7 @@ def load_image_folder(path: str | os.PathLike, class_names: list[str] | None = N
         )
     paths, labels = [], []
     for label, name in enumerate(class_names):
-        files = sorted(
-            p for p in (root / name).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-        )
+        files = sorted(p for p in (root / name).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
         if not files:
             raise DatasetInputError(
                 f"Class folder {str(root / name)!r} holds no image file ({', '.join(IMAGE_EXTENSIONS)})."

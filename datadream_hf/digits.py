@@ -20,9 +20,7 @@ def load_digits_dataset(image_size: int = 32, test_fraction: float = 0.3, seed: 
     digits = load_digits()
     pixels = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)  # (N, 8, 8), ink is bright
     indices = np.arange(len(pixels))
-    train_idx, test_idx = train_test_split(
-        indices, test_size=test_fraction, random_state=seed, stratify=digits.target
-    )
+    train_idx, test_idx = train_test_split(indices, test_size=test_fraction, random_state=seed, stratify=digits.target)
     features = Features({"image": Image(), "label": ClassLabel(names=DIGIT_NAMES)})
 
     def split(idx: np.ndarray) -> Dataset:

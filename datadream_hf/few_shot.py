@@ -9,8 +9,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from datasets import Dataset
 
-from .layout import write_json_atomic
 from .data import DatasetInputError, class_names_of, dataset_fingerprint, decode_images, labels_of
+from .layout import write_json_atomic
 
 MANIFEST_FORMAT_VERSION = 1
 
@@ -102,5 +102,10 @@ def draw_few_shot(dataset: Dataset, k: int, seed: int, source_name: str = "", sp
             )
         rng = np.random.default_rng([seed, label])
         indices.append(sorted(int(i) for i in rng.choice(rows, size=k, replace=False)))
-    source = {"name": source_name, "split": split, "num_rows": len(dataset), "fingerprint": dataset_fingerprint(dataset)}
+    source = {
+        "name": source_name,
+        "split": split,
+        "num_rows": len(dataset),
+        "fingerprint": dataset_fingerprint(dataset),
+    }
     return FewShotManifest(k=k, seed=seed, class_names=names, indices=indices, source=source)

@@ -16,7 +16,7 @@ def push_folder_to_hub(
     commit_message: str = "Upload with datadream_hf",
     ignore_patterns: list[str] | None = None,
 ) -> str:
-    """Creates `repo_id` if needed and uploads `folder`; checkpoints and temp files stay local. Returns the repo URL."""
+    """Creates `repo_id` if needed and uploads `folder`; checkpoints and temp files stay local. Returns the URL."""
     api = HfApi(token=token)
     url = api.create_repo(repo_id=repo_id, repo_type=repo_type, private=private, exist_ok=True)
     api.upload_folder(

@@ -62,7 +62,9 @@ def read_adapter_index(output_dir: str | os.PathLike) -> dict:
     for key, folder in adapters.items():
         resolved = (Path(output_dir) / folder).resolve()
         if not resolved.is_relative_to(Path(output_dir).resolve()):
-            raise ValueError(f"{str(path)!r}: adapter folder {folder!r} of {key!r} points outside {str(output_dir)!r}.")
+            raise ValueError(
+                f"{str(path)!r}: adapter folder {folder!r} of {key!r} points outside {str(output_dir)!r}."
+            )
     if index["mode"] == "cls":
         missing = [i for i in range(len(names)) if str(i) not in adapters]
         if missing:

@@ -50,7 +50,7 @@ def lora_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
 def save_generator_lora(
     output_dir: str | os.PathLike, unet: torch.nn.Module, text_encoder: torch.nn.Module | None, adapter_name="default"
 ) -> Path:
-    """Writes the adapter as `pytorch_lora_weights.safetensors`, loadable by `StableDiffusionPipeline.load_lora_weights`."""
+    """Writes `pytorch_lora_weights.safetensors`, loadable by `StableDiffusionPipeline.load_lora_weights`."""
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
 

@@ -11,6 +11,7 @@ import os
 
 import torch
 from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from tokenizers import pre_tokenizers
 from transformers import (
     CLIPConfig,
     CLIPImageProcessorPil,
@@ -21,7 +22,6 @@ from transformers import (
     CLIPTokenizer,
     CLIPVisionConfig,
 )
-from tokenizers import pre_tokenizers
 
 TINY_IMAGE_SIZE = 32
 SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
@@ -53,20 +53,20 @@ def build_tiny_clip_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
 
 
 def _tiny_text_config(vocab_size: int, **overrides) -> CLIPTextConfig:
-    config = dict(
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-        hidden_size=32,
-        intermediate_size=37,
-        num_attention_heads=4,
-        num_hidden_layers=2,
-        vocab_size=vocab_size,
-        max_position_embeddings=77,
-        projection_dim=32,
-        hidden_act="gelu",
-        layer_norm_eps=1e-5,
-    )
+    config = {
+        "bos_token_id": 0,
+        "eos_token_id": 1,
+        "pad_token_id": 1,
+        "hidden_size": 32,
+        "intermediate_size": 37,
+        "num_attention_heads": 4,
+        "num_hidden_layers": 2,
+        "vocab_size": vocab_size,
+        "max_position_embeddings": 77,
+        "projection_dim": 32,
+        "hidden_act": "gelu",
+        "layer_norm_eps": 1e-5,
+    }
     config.update(overrides)
     return CLIPTextConfig(**config)
 
@@ -162,7 +162,6 @@ def save_tiny_clip(path: str | os.PathLike, seed: int = 0) -> str:
     return str(path)
 
 
-
 def accelerate_launch_command(script: str | os.PathLike, num_processes: int = 2) -> list[str]:
     """`accelerate launch` argv that starts `num_processes` CPU processes (`--cpu` alone starts one, see DESIGN.md).
 
@@ -173,6 +172,66 @@ def accelerate_launch_command(script: str | os.PathLike, num_processes: int = 2)
     if num_processes == 1:
         return [sys.executable, str(script)]
     return [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script),
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(num_processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(script),
     ]
+
+
+def write_fake_stage1_output(
+    path: str | os.PathLike, base_model_path: str, class_names: list[str], mode: str = "cls", seed: int = 0
+) -> str:
+    """Writes a stage-1-style output folder (see the stage-1/stage-2 contract) with random, non-zero LoRA adapters.
+
+    Lets stage-2 tests run without stage 1: adapters use `init=False` (B != 0) so they really change the outputs,
+    and each class gets its own torch seed (`seed * 1000 + class index`) so class adapters differ.
+    """
+    import json
+
+    from .layout import TRAINING_CONFIG_NAME, adapter_index, class_folder_name, write_json_atomic
+    from .lora import generator_lora_configs, save_generator_lora
+    from .prompts import PromptTemplate
+    from .versions import library_versions
+
+    if mode not in ("dset", "cls"):
+        raise ValueError(f"`mode` must be 'dset' or 'cls', got {mode!r}.")
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    pipe = StableDiffusionPipeline.from_pretrained(base_model_path, safety_checker=None, use_safetensors=True)
+    unet_config, text_config = generator_lora_configs(rank=4, init=False)
+    folders = {"all": "."} if mode == "dset" else {i: class_folder_name(i, n) for i, n in enumerate(class_names)}
+    for key, folder in folders.items():
+        adapter_name = f"fake_{key}"
+        torch.manual_seed(seed * 1000 + (0 if key == "all" else key))
+        pipe.unet.add_adapter(unet_config, adapter_name=adapter_name)
+        pipe.text_encoder.add_adapter(text_config, adapter_name=adapter_name)
+        os.makedirs(os.path.join(path, folder), exist_ok=True)
+        save_generator_lora(os.path.join(path, folder), pipe.unet, pipe.text_encoder, adapter_name=adapter_name)
+        pipe.unet.delete_adapters(adapter_name)
+        pipe.text_encoder.delete_adapter(adapter_name)
+    write_json_atomic(os.path.join(path, "adapter_index.json"), adapter_index(mode, class_names))
+    config = {
+        "pretrained_model_name_or_path": base_model_path,
+        "revision": None,
+        "variant": None,
+        "mode": mode,
+        "class_names": list(class_names),
+        "prompt_template": PromptTemplate(domain="").to_dict(),
+        "manifest": {"fingerprint": "fake", "k": 4, "seed": seed},
+        "hparams": {"rank": unet_config.r, "lora_alpha": unet_config.lora_alpha, "init": "random (test fake)"},
+        "library_versions": library_versions(),
+    }
+    write_json_atomic(os.path.join(path, TRAINING_CONFIG_NAME), config)
+    with open(os.path.join(path, "README.md"), "w") as f:
+        f.write(f"# Fake stage-1 output for tests\n\n```json\n{json.dumps(config['hparams'])}\n```\n")
+    return path

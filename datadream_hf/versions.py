@@ -5,7 +5,14 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 
 TRACKED_PACKAGES = (
-    "datadream_hf", "torch", "diffusers", "transformers", "peft", "accelerate", "datasets", "huggingface_hub"
+    "datadream_hf",
+    "torch",
+    "diffusers",
+    "transformers",
+    "peft",
+    "accelerate",
+    "datasets",
+    "huggingface_hub",
 )
 
 

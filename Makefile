@@ -1,0 +1,32 @@
+# datadream_hf developer commands. `make install test` and `make install demo` work on a fresh machine.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: install test quality style demo benchmark
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+
+# torch first and pinned: the CPU wheel is local here, an unpinned torch pulls a multi-GB CUDA build.
+install: $(PY)
+	$(PY) -m pip install torch==2.13.0
+	$(PY) -m pip install -e ".[dev]"
+
+test:
+	$(PY) -m pytest tests -q
+
+quality:
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+style:
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
+demo:
+	$(PY) -m datadream_hf.demo --output_dir demo_output
+
+benchmark:
+	$(PY) benchmarks/bench_stage1_cls.py
+	$(PY) benchmarks/bench_generation.py
