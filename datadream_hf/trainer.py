@@ -1,0 +1,414 @@
+"""Stage-3 training: `DataDreamTrainingArguments` + `MixedRealSyntheticTrainer`, a `Trainer` whose every batch holds a
+fixed number of real and synthetic images and whose loss is lambda * CE(real) + (1 - lambda) * CE(synthetic)."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from functools import partial
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Sampler
+from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import seed_worker
+
+from .augment import AUGMENTATIONS, MIX_AUGMENTATIONS, mix_batch
+from .data import DatasetInputError, class_names_of, labels_of, load_labelled_dataset
+
+TRAIN_MODES = ("real+synthetic", "synthetic", "real")
+
+
+@dataclass
+class DataDreamTrainingArguments(TrainingArguments):
+    """`TrainingArguments` plus the real/synthetic mixing of DataDream's classifier training.
+
+    Defaults that differ from `TrainingArguments` follow the reference classifier (AdamW lr 1e-4, wd 1e-4, cosine)
+    or avoid known pitfalls (`remove_unused_columns=False` keeps `is_real`; `label_names=["labels"]`).
+    """
+
+    real_loss_weight: float = field(
+        default=0.8,
+        metadata={"help": "lambda: weight of the real-image CE; the synthetic CE gets 1 - lambda (reference: 0.8)."},
+    )
+    train_mode: str = field(
+        default="real+synthetic",
+        metadata={"help": "Which images to train on.", "choices": list(TRAIN_MODES)},
+    )
+    real_samples_per_batch: int | None = field(
+        default=None,
+        metadata={
+            "help": "Real images in each per-device batch in real+synthetic mode, the rest synthetic. Default: half "
+            "the batch (rounded down), like the reference, which repeats the real images to match the synthetic "
+            "count and shuffles both into one loader (1:1 on average, but not per batch)."
+        },
+    )
+    augmentation: str = field(
+        default="datadream",
+        metadata={
+            "help": "Training augmentation: the reference's ('datadream') or none.",
+            "choices": list(AUGMENTATIONS),
+        },
+    )
+    mix_augmentation: str = field(
+        default="none",
+        metadata={"help": "MixUp/CutMix on some batches (off by default).", "choices": list(MIX_AUGMENTATIONS)},
+    )
+    mix_probability: float = field(
+        default=0.2, metadata={"help": "Fraction of training batches that get MixUp/CutMix (reference: 0.2)."}
+    )
+    mix_alpha: float = field(default=1.0, metadata={"help": "Beta(alpha, alpha) of the MixUp/CutMix weight."})
+    # Overridden defaults.
+    learning_rate: float = field(default=1e-4, metadata={"help": "Initial AdamW learning rate (reference: 1e-4)."})
+    weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay (reference: 1e-4)."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning rate schedule (reference: cosine)."})
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Kept False: the model's forward does not take `is_real`, the loss does."}
+    )
+    label_names: list[str] | None = field(
+        default_factory=lambda: ["labels"],
+        metadata={"help": "Input keys holding the labels (the model's forward has no way to tell the Trainer)."},
+    )
+    ddp_find_unused_parameters: bool | None = field(
+        default=False, metadata={"help": "Every LoRA parameter is used at every step, so DDP need not search."}
+    )
+
+    def __post_init__(self):
+        if not 0.0 <= self.real_loss_weight <= 1.0:
+            raise ValueError(
+                f"`real_loss_weight` (lambda) must lie in [0, 1], got {self.real_loss_weight}; the paper uses 0.8."
+            )
+        if self.train_mode not in TRAIN_MODES:
+            raise ValueError(f"`train_mode` must be one of {TRAIN_MODES}, got {self.train_mode!r}.")
+        if self.augmentation not in AUGMENTATIONS:
+            raise ValueError(f"`augmentation` must be one of {AUGMENTATIONS}, got {self.augmentation!r}.")
+        if self.mix_augmentation not in MIX_AUGMENTATIONS:
+            raise ValueError(f"`mix_augmentation` must be one of {MIX_AUGMENTATIONS}, got {self.mix_augmentation!r}.")
+        if not 0.0 <= self.mix_probability <= 1.0:
+            raise ValueError(f"`mix_probability` must lie in [0, 1], got {self.mix_probability}.")
+        if self.mix_alpha <= 0:
+            raise ValueError(f"`mix_alpha` must be > 0, got {self.mix_alpha}.")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator():
+            # Several CPU processes (accelerate launch / torchrun without a GPU) only form a DDP group when
+            # `use_cpu` is set before the devices are set up, i.e. here; otherwise each process trains alone.
+            self.use_cpu = True
+        super().__post_init__()
+        self.samples_per_batch()  # validates real_samples_per_batch against the batch size
+
+    def samples_per_batch(self) -> tuple[int, int]:
+        """(real, synthetic) images in each per-device training batch."""
+        batch_size = self.per_device_train_batch_size
+        if self.train_mode == "real":
+            return batch_size, 0
+        if self.train_mode == "synthetic":
+            return 0, batch_size
+        real = self.real_samples_per_batch if self.real_samples_per_batch is not None else batch_size // 2
+        if not 1 <= real <= batch_size - 1:
+            raise ValueError(
+                f"`real_samples_per_batch` must be in 1..{batch_size - 1} so that each per-device batch of "
+                f"{batch_size} holds both real and synthetic images, got {real}. Raise `per_device_train_batch_size` "
+                "(>= 2) or change `real_samples_per_batch`."
+            )
+        return real, batch_size - real
+
+
+def _has_accelerator() -> bool:
+    accelerator = getattr(torch, "accelerator", None)
+    return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+
+
+class RealSyntheticBatchSampler(Sampler[list[int]]):
+    """Batches of exactly `real_per_batch` real and `synthetic_per_batch` synthetic indices.
+
+    Indices `0..num_real-1` are real and `num_real..num_real+num_synthetic-1` synthetic (the layout of
+    `ImageClassificationDataset`). Each side is a stream of reshuffled passes, so the smaller side (the K-shot real
+    images) is cycled as the reference repeats it. An epoch lasts until the side that needs the most batches has
+    been seen once. With `num_replicas` processes, all ranks draw the same global batches (shared seed) and rank r
+    takes global batches r, r + num_replicas, ...: distinct batches, same ratio, same length on every rank.
+    """
+
+    def __init__(
+        self,
+        num_real: int,
+        num_synthetic: int,
+        real_per_batch: int,
+        synthetic_per_batch: int,
+        num_replicas: int = 1,
+        rank: int = 0,
+        seed: int = 0,
+    ):
+        for name, count, per_batch in (
+            ("real", num_real, real_per_batch),
+            ("synthetic", num_synthetic, synthetic_per_batch),
+        ):
+            if per_batch < 0 or (per_batch > 0 and count == 0):
+                raise ValueError(f"Batches need {per_batch} {name} images but the training set has {count}.")
+        if real_per_batch + synthetic_per_batch < 1:
+            raise ValueError("A batch needs at least one image: real_per_batch + synthetic_per_batch must be >= 1.")
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"`rank` must be in 0..{num_replicas - 1}, got {rank}.")
+        self.num_real, self.num_synthetic = num_real, num_synthetic
+        self.real_per_batch, self.synthetic_per_batch = real_per_batch, synthetic_per_batch
+        self.batch_size = real_per_batch + synthetic_per_batch  # read by accelerate
+        self.num_replicas, self.rank, self.seed = num_replicas, rank, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        passes = [
+            math.ceil(n / k)
+            for n, k in ((self.num_real, self.real_per_batch), (self.num_synthetic, self.synthetic_per_batch))
+            if k
+        ]
+        return math.ceil(max(passes) / self.num_replicas)
+
+    def _stream(self, size: int, length: int, side: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, self.epoch, side])
+        passes = [rng.permutation(size) for _ in range(math.ceil(length / size))] if length else []
+        return np.concatenate(passes)[:length] if passes else np.zeros(0, dtype=np.int64)
+
+    def __iter__(self):
+        num_global = len(self) * self.num_replicas
+        real = self._stream(self.num_real, num_global * self.real_per_batch, side=0)
+        synthetic = self._stream(self.num_synthetic, num_global * self.synthetic_per_batch, side=1) + self.num_real
+        r, s = self.real_per_batch, self.synthetic_per_batch
+        for step in range(len(self)):
+            g = step * self.num_replicas + self.rank  # this rank's global batch
+            yield real[g * r : (g + 1) * r].tolist() + synthetic[g * s : (g + 1) * s].tolist()
+
+
+class ImageClassificationDataset(torch.utils.data.Dataset):
+    """Real rows then synthetic rows of two normalized datasets (`image`, `label`), each item transformed to
+    `{"pixel_values", "labels", "is_real"}`."""
+
+    def __init__(self, real=None, synthetic=None, transform=None):
+        if real is None and synthetic is None:
+            raise ValueError("ImageClassificationDataset needs real or synthetic rows, got neither.")
+        if transform is None:
+            raise ValueError("`transform` (PIL image -> pixel tensor) is required.")
+        self.real, self.synthetic, self.transform = real, synthetic, transform
+        self.num_real = len(real) if real is not None else 0
+        self.num_synthetic = len(synthetic) if synthetic is not None else 0
+
+    def __len__(self) -> int:
+        return self.num_real + self.num_synthetic
+
+    def __getitem__(self, index: int) -> dict:
+        is_real = index < self.num_real
+        row = self.real[index] if is_real else self.synthetic[index - self.num_real]
+        return {"pixel_values": self.transform(row["image"]), "labels": int(row["label"]), "is_real": is_real}
+
+
+def per_class_subset(dataset, per_class: int | None, seed: int = 0):
+    """Up to `per_class` rows of each class, chosen with a seeded generator (all rows when `per_class` is None)."""
+    if per_class is None:
+        return dataset
+    if per_class < 1:
+        raise ValueError(f"`per_class` must be >= 1 (or None for all rows), got {per_class}.")
+    labels = labels_of(dataset)
+    rng = np.random.default_rng([seed, 3])
+    keep = []
+    for label in range(len(class_names_of(dataset))):
+        rows = np.flatnonzero(labels == label)
+        keep += sorted(int(i) for i in rng.permutation(rows)[:per_class])
+    return dataset.select(sorted(keep))
+
+
+def load_synthetic_dataset(
+    source: str,
+    class_names: list[str],
+    split: str = "train",
+    image_column: str = "image",
+    label_column: str = "label",
+    images_per_class: int | None = None,
+    seed: int = 0,
+):
+    """Loads a stage-2 dataset (`save_to_disk` folder or Hub id) as `image` + `label`, dropping provenance columns,
+    and checks that its classes are `class_names` in the same order."""
+    synthetic = load_labelled_dataset(source, split=split, image_column=image_column, label_column=label_column)
+    names = class_names_of(synthetic)
+    if names != list(class_names):
+        raise DatasetInputError(
+            f"The synthetic dataset {source!r} has classes {names[:5]}{'...' if len(names) > 5 else ''} "
+            f"({len(names)}), but the real data has {list(class_names)[:5]}{'...' if len(class_names) > 5 else ''} "
+            f"({len(class_names)}). Generate it from the same class list (stage 2 reads it from the stage-1 output)."
+        )
+    return per_class_subset(synthetic, images_per_class, seed)
+
+
+def collate_image_batch(features: list[dict]) -> dict[str, torch.Tensor]:
+    """Stacks items into `pixel_values` (B, 3, H, W), `labels` (B,) and `is_real` (B,) bool."""
+    return {
+        "pixel_values": torch.stack([f["pixel_values"] for f in features]),
+        "labels": torch.tensor([f["labels"] for f in features], dtype=torch.long),
+        "is_real": torch.tensor([bool(f.get("is_real", True)) for f in features], dtype=torch.bool),
+    }
+
+
+def real_synthetic_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    is_real: torch.Tensor,
+    real_loss_weight: float,
+    partner_labels: torch.Tensor | None = None,
+    mix_weight: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """lambda * mean CE(real samples) + (1 - lambda) * mean CE(synthetic samples); one side alone when the batch has
+    only one. With MixUp/CutMix targets, each sample's CE is `w * CE(labels) + (1 - w) * CE(partner_labels)`.
+
+    Returns the loss and the per-side means (`real_loss`, `synthetic_loss`, detached) present in the batch.
+    """
+    per_sample = F.cross_entropy(logits.float(), labels, reduction="none")  # (B,)
+    if partner_labels is not None:
+        partner = F.cross_entropy(logits.float(), partner_labels, reduction="none")
+        per_sample = mix_weight * per_sample + (1.0 - mix_weight) * partner
+    is_real = is_real.bool()
+    real, synthetic = per_sample[is_real], per_sample[~is_real]
+    if len(real) and len(synthetic):
+        loss = real_loss_weight * real.mean() + (1.0 - real_loss_weight) * synthetic.mean()
+    else:
+        loss = per_sample.mean()
+    parts = {}
+    if len(real):
+        parts["real_loss"] = real.mean().detach()
+    if len(synthetic):
+        parts["synthetic_loss"] = synthetic.mean().detach()
+    return loss, parts
+
+
+def accuracy_compute_metrics(num_classes: int):
+    """A `compute_metrics` for the Trainer: top-1 and balanced accuracy from the package's local `evaluate` metric."""
+    from .metrics import load_accuracy_metric
+
+    metric = load_accuracy_metric()
+
+    def compute_metrics(eval_prediction) -> dict[str, float]:
+        logits = eval_prediction.predictions
+        logits = logits[0] if isinstance(logits, tuple) else logits
+        result = metric.compute(
+            predictions=np.asarray(logits).argmax(-1), references=eval_prediction.label_ids, num_classes=num_classes
+        )
+        return {"accuracy": result["accuracy"], "balanced_accuracy": result["balanced_accuracy"]}
+
+    return compute_metrics
+
+
+class MixedRealSyntheticTrainer(Trainer):
+    """`Trainer` for `CLIPLoRAClassifier` on an `ImageClassificationDataset`; overrides the train sampler/loader,
+    `compute_loss`, `log` and the checkpoint I/O (LoRA adapter only, not the full CLIP).
+
+    Gradient accumulation: every micro-batch holds the same numbers of real and synthetic images, so the mean of
+    the micro-batch losses equals the loss of the whole accumulated batch. `compute_loss` therefore returns the
+    per-micro-batch loss unscaled and lets `training_step` divide it by the accumulation steps
+    (`loss_is_scaled_for_ga = False`); `num_items_in_batch` is not needed. Under DDP each rank's batch has the same
+    ratio, so DDP's gradient average is the loss over the global batch.
+    """
+
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("data_collator", collate_image_batch)
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.args, DataDreamTrainingArguments):
+            raise TypeError(f"`args` must be DataDreamTrainingArguments, got {type(self.args).__name__}.")
+        self._partial_losses: dict[str, list[torch.Tensor]] = {}
+        self._mix_rng = np.random.default_rng([self.args.seed, self.args.process_index, 1])
+
+    # ---- data ----
+
+    def _get_train_sampler(self, train_dataset=None) -> RealSyntheticBatchSampler:
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if not isinstance(dataset, ImageClassificationDataset):
+            raise TypeError(f"train_dataset must be an ImageClassificationDataset, got {type(dataset).__name__}.")
+        real, synthetic = self.args.samples_per_batch()
+        return RealSyntheticBatchSampler(
+            num_real=dataset.num_real,
+            num_synthetic=dataset.num_synthetic,
+            real_per_batch=real,
+            synthetic_per_batch=synthetic,
+            num_replicas=self.args.world_size,
+            rank=self.args.process_index,
+            seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
+        )
+
+    def get_train_dataloader(self) -> DataLoader:
+        if self.train_dataset is None:
+            raise ValueError("Trainer: training requires a train_dataset.")
+        sampler = self._get_train_sampler()
+        params = {
+            "batch_sampler": sampler,
+            "collate_fn": self.data_collator,
+            "num_workers": self.args.dataloader_num_workers,
+            "pin_memory": self.args.dataloader_pin_memory and self.args.device.type != "cpu",
+            "persistent_workers": self.args.dataloader_persistent_workers,
+            "worker_init_fn": partial(
+                seed_worker, num_workers=self.args.dataloader_num_workers, rank=self.args.process_index
+            ),
+        }
+        if self.args.dataloader_num_workers > 0:
+            params["prefetch_factor"] = self.args.dataloader_prefetch_factor
+        dataloader = self.accelerator.prepare(DataLoader(self.train_dataset, **params))
+        # The sampler already gives each rank its own batches; accelerate's BatchSamplerShard would split them
+        # again and drop 1 - 1/world_size of them, so make it a pass-through (as Trainer does for its own
+        # rank-aware BatchRebalanceSampler).
+        shard = getattr(dataloader, "batch_sampler", None)
+        if shard is not None and getattr(shard, "batch_sampler", None) is sampler:
+            shard.num_processes, shard.process_index = 1, 0
+        return dataloader
+
+    # ---- loss and logging ----
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels, is_real = inputs["labels"], inputs.get("is_real")
+        pixel_values = inputs["pixel_values"]
+        if is_real is None:
+            is_real = torch.ones_like(labels, dtype=torch.bool)
+        if not model.training:
+            outputs = model(pixel_values=pixel_values, labels=labels)  # evaluation: plain CE over the batch
+            return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+        partner_labels = mix_weight = None
+        if self.args.mix_augmentation != "none" and self._mix_rng.random() < self.args.mix_probability:
+            pixel_values, partner_labels, mix_weight = mix_batch(
+                pixel_values, labels, is_real, self.args.mix_augmentation, self._mix_rng, self.args.mix_alpha
+            )
+        outputs = model(pixel_values=pixel_values)
+        loss, parts = real_synthetic_loss(
+            outputs.logits, labels, is_real, self.args.real_loss_weight, partner_labels, mix_weight
+        )
+        for name, value in parts.items():
+            self._partial_losses.setdefault(name, []).append(value)
+        outputs["loss"] = loss
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # Training logs (the ones with "loss") get the real and synthetic CE averaged since the last log, over
+        # micro-batches and ranks. Every rank reaches this call for training logs, so the reduce cannot hang.
+        if "loss" in logs and self._partial_losses:
+            for name in sorted(self._partial_losses):
+                mean = torch.stack(self._partial_losses[name]).mean().to(self.args.device)
+                logs[name] = round(self.accelerator.reduce(mean, reduction="mean").item(), 4)
+            self._partial_losses = {}
+        super().log(logs, start_time)
+
+    # ---- checkpoints hold the LoRA adapter only ----
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        if not self.args.should_save:
+            return
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        self.accelerator.unwrap_model(self.model).save_pretrained(output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        self.accelerator.unwrap_model(model if model is not None else self.model).load_adapter_weights(
+            resume_from_checkpoint
+        )
+
+    def _load_best_model(self) -> None:
+        self._load_from_checkpoint(self.state.best_model_checkpoint)
