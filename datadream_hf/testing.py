@@ -194,7 +194,8 @@ def write_fake_stage1_output(
     """Writes a stage-1-style output folder (see the stage-1/stage-2 contract) with random, non-zero LoRA adapters.
 
     Lets stage-2 tests run without stage 1: adapters use `init=False` (B != 0) so they really change the outputs,
-    and each class gets its own torch seed (`seed * 1000 + class index`) so class adapters differ.
+    and each class gets its own torch seed (`seed * 1000 + class index`) so class adapters differ. The `dset` adapter
+    uses the seed of class 0, so it equals class 0's `cls` adapter under the same `seed` (tests rely on it).
     """
     import json
 
@@ -220,18 +221,21 @@ def write_fake_stage1_output(
         pipe.unet.delete_adapters(adapter_name)
         pipe.text_encoder.delete_adapter(adapter_name)
     write_json_atomic(os.path.join(path, "adapter_index.json"), adapter_index(mode, class_names))
+    template = PromptTemplate(domain="")
+    # The layout stage 1 writes (`generator_outputs.run_record`), reduced to what stage 2 reads.
     config = {
-        "pretrained_model_name_or_path": base_model_path,
-        "revision": None,
-        "variant": None,
+        "stage": "datadream_lora",
+        "base_model": {"pretrained_model_name_or_path": base_model_path, "revision": None, "variant": None},
         "mode": mode,
         "class_names": list(class_names),
-        "prompt_template": PromptTemplate(domain="").to_dict(),
-        "manifest": {"fingerprint": "fake", "k": 4, "seed": seed},
-        "hparams": {"rank": unet_config.r, "lora_alpha": unet_config.lora_alpha, "init": "random (test fake)"},
+        "few_shot": {"k": 4, "seed": seed, "fingerprint": "fake"},
+        "prompt_template": template.to_dict(),
+        "prompts": [template(name) for name in class_names],
+        "lora": {"rank": unet_config.r, "alpha": unet_config.lora_alpha, "init": "random (test fake)"},
+        "hparams": {"seed": seed},
         "library_versions": library_versions(),
     }
     write_json_atomic(os.path.join(path, TRAINING_CONFIG_NAME), config)
     with open(os.path.join(path, "README.md"), "w") as f:
-        f.write(f"# Fake stage-1 output for tests\n\n```json\n{json.dumps(config['hparams'])}\n```\n")
+        f.write(f"# Fake stage-1 output for tests\n\n```json\n{json.dumps(config['lora'])}\n```\n")
     return path

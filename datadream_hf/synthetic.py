@@ -1,0 +1,413 @@
+"""The synthetic dataset of stage 2: its on-disk shard format, a `datasets` builder over it, its card and Hub upload.
+
+A generation folder holds `generation_config.json` (what made it), `shards/<class folder>/shard-<start>-<end>.parquet`
+(PNG bytes + per-image provenance) each with a `.json` manifest written after it, and, once complete,
+`generation_manifest.json`, `sample_grid.png` and `README.md` (the dataset card).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+from PIL import Image as PILImage
+
+from . import hub
+from .cards import render_card
+from .layout import class_folder_name, write_json_atomic
+
+GENERATION_CONFIG_NAME = "generation_config.json"
+GENERATION_MANIFEST_NAME = "generation_manifest.json"
+SAMPLE_GRID_NAME = "sample_grid.png"
+SHARDS_DIR = "shards"
+SHARD_FORMAT_VERSION = 1
+DATASET_CARD_TEMPLATE = "dataset_card.md"
+
+SHARD_SCHEMA = pa.schema(
+    [
+        ("label", pa.int64()),
+        ("image_index", pa.int64()),
+        ("seed", pa.int64()),
+        ("prompt", pa.string()),
+        ("image", pa.binary()),  # PNG bytes: lossless, so the dataset holds exactly what the pipeline made
+    ]
+)
+
+
+class SyntheticDatasetError(ValueError):
+    """A generation folder that is missing, incomplete or inconsistent; the message names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Images `start..end-1` of class `class_index`: the unit of work, of atomic writing and of resuming."""
+
+    class_index: int
+    start: int
+    end: int
+
+    @property
+    def num_images(self) -> int:
+        return self.end - self.start
+
+    def relative_path(self, class_names: list[str]) -> str:
+        folder = class_folder_name(self.class_index, class_names[self.class_index])
+        return f"{SHARDS_DIR}/{folder}/shard-{self.start:06d}-{self.end:06d}.parquet"
+
+
+def plan_shards(num_classes: int, images_per_class: int, shard_size: int) -> list[Shard]:
+    """All shards of a run, class by class; the plan depends only on these three numbers, never on the processes."""
+    return [
+        Shard(c, start, min(start + shard_size, images_per_class))
+        for c in range(num_classes)
+        for start in range(0, images_per_class, shard_size)
+    ]
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def encode_png(image: PILImage.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_shard(
+    output_dir: str | os.PathLike, shard: Shard, class_names: list[str], rows: dict[str, list], run_fingerprint: str
+) -> Path:
+    """Writes a shard's Parquet file, then its JSON manifest, each via temp file + rename.
+
+    The manifest (with the Parquet file's sha256) is written last, so a shard counts as finished only once both are
+    complete; a kill at any point leaves at most a temp file or an unlisted Parquet file, which a re-run replaces.
+    """
+    path = Path(output_dir) / shard.relative_path(class_names)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.table(rows, schema=SHARD_SCHEMA)
+    if table.num_rows != shard.num_images:
+        raise ValueError(f"Shard {path.name} needs {shard.num_images} rows, got {table.num_rows}.")
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        pq.write_table(table, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    manifest = {
+        "format_version": SHARD_FORMAT_VERSION,
+        "run_fingerprint": run_fingerprint,
+        "class_index": shard.class_index,
+        "class_name": class_names[shard.class_index],
+        "start": shard.start,
+        "end": shard.end,
+        "file": path.name,
+        "num_bytes": path.stat().st_size,
+        "sha256": file_sha256(path),
+    }
+    write_json_atomic(path.with_suffix(".json"), manifest)
+    return path
+
+
+def is_shard_finished(
+    output_dir: str | os.PathLike, shard: Shard, class_names: list[str], run_fingerprint: str
+) -> bool:
+    """True iff the shard's manifest exists, belongs to this run and matches its Parquet file byte for byte."""
+    path = Path(output_dir) / shard.relative_path(class_names)
+    try:
+        with open(path.with_suffix(".json")) as f:
+            manifest = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return False
+    expected = {"run_fingerprint": run_fingerprint, "class_index": shard.class_index, "start": shard.start}
+    if any(manifest.get(k) != v for k, v in expected.items()) or manifest.get("end") != shard.end:
+        return False
+    if not path.is_file() or path.stat().st_size != manifest.get("num_bytes"):
+        return False
+    return file_sha256(path) == manifest.get("sha256")
+
+
+def remove_stale_temp_files(output_dir: str | os.PathLike) -> list[Path]:
+    """Deletes the temp files a killed run left in `shards/` (never a finished shard: those are not hidden .tmp)."""
+    removed = []
+    shards_dir = Path(output_dir) / SHARDS_DIR
+    if shards_dir.is_dir():
+        for tmp in shards_dir.glob("*/.*.tmp"):
+            tmp.unlink()
+            removed.append(tmp)
+    return removed
+
+
+def read_shard(output_dir: str | os.PathLike, shard: Shard, class_names: list[str]) -> pa.Table:
+    return pq.read_table(Path(output_dir) / shard.relative_path(class_names), schema=SHARD_SCHEMA)
+
+
+def read_generation_config(output_dir: str | os.PathLike) -> dict:
+    """Reads `generation_config.json` of a generation folder; errors name the folder and what to run."""
+    path = Path(output_dir) / GENERATION_CONFIG_NAME
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError as err:
+        raise SyntheticDatasetError(
+            f"No {GENERATION_CONFIG_NAME} in {str(output_dir)!r}: is it the --output_dir of generate_synthetic.py?"
+        ) from err
+    except json.JSONDecodeError as err:
+        raise SyntheticDatasetError(f"{str(path)!r} is not valid JSON ({err}); re-run generate_synthetic.py.") from err
+
+
+def missing_shards(output_dir: str | os.PathLike, generation_config: dict | None = None) -> list[Shard]:
+    """The shards of the run's plan that are not finished (empty when generation is complete)."""
+    info = generation_config or read_generation_config(output_dir)
+    params, names = info["generation"], info["class_names"]
+    plan = plan_shards(len(names), params["images_per_class"], params["shard_size"])
+    return [s for s in plan if not is_shard_finished(output_dir, s, names, info["fingerprint"])]
+
+
+def _provenance(info: dict) -> dict:
+    """Per-class provenance strings shared by the builder rows and the card."""
+    base = info["base_model"]
+    base_model = base["pretrained_model_name_or_path"] + (f"@{base['revision']}" if base.get("revision") else "")
+    return {"base_model": base_model, "generation_params": json.dumps(info["generation"], sort_keys=True)}
+
+
+class SyntheticDataDreamBuilder(datasets.GeneratorBasedBuilder):
+    """Materializes a finished generation folder as a `datasets.Dataset` (one `train` split).
+
+    Instantiate it directly (loading scripts are gone in datasets 5):
+
+    ```py
+    builder = SyntheticDataDreamBuilder(generation_dir="out/synthetic")
+    builder.download_and_prepare()
+    dataset = builder.as_dataset(split="train")
+    ```
+    Features: `image` (PNG bytes embedded in the Arrow files), `label` (ClassLabel with the class names), and
+    provenance: `image_index`, `seed` (per-image seed), `prompt`, `adapter`, `base_model`, `generation_params` (JSON).
+    """
+
+    VERSION = datasets.Version("1.0.0")
+    DEFAULT_WRITER_BATCH_SIZE = 100  # rows hold whole PNGs: keep the writer's memory small
+
+    def __init__(self, generation_dir: str | os.PathLike, cache_dir: str | None = None, **kwargs):
+        self.generation_dir = Path(generation_dir)
+        self.generation_config = read_generation_config(self.generation_dir)
+        missing = missing_shards(self.generation_dir, self.generation_config)
+        if missing:
+            names = self.generation_config["class_names"]
+            raise SyntheticDatasetError(
+                f"Generation in {str(generation_dir)!r} is incomplete: {len(missing)} shard(s) missing or damaged, "
+                f"e.g. {missing[0].relative_path(names)}. Re-run generate_synthetic.py with the same arguments to "
+                "finish it (finished shards are kept)."
+            )
+        # The run fingerprint keys the cache: two generation runs never share a prepared dataset.
+        kwargs.setdefault("hash", self.generation_config["fingerprint"][:16])
+        kwargs.setdefault("dataset_name", "datadream_synthetic")
+        super().__init__(cache_dir=cache_dir, **kwargs)
+
+    def _info(self) -> datasets.DatasetInfo:
+        config = self.generation_config
+        return datasets.DatasetInfo(
+            description="Synthetic images generated with DataDream (few-shot LoRA-adapted Stable Diffusion).",
+            features=synthetic_features(config["class_names"]),
+            citation=DATADREAM_CITATION,
+        )
+
+    def _split_generators(self, dl_manager):
+        return [datasets.SplitGenerator(name=datasets.Split.TRAIN, gen_kwargs={})]
+
+    def _generate_examples(self):
+        config = self.generation_config
+        names, params = config["class_names"], config["generation"]
+        provenance = _provenance(config)
+        for shard in plan_shards(len(names), params["images_per_class"], params["shard_size"]):
+            adapter = config["adapters"]["per_class"][shard.class_index]["id"]
+            rows = read_shard(self.generation_dir, shard, names).to_pylist()
+            for row in rows:
+                yield (
+                    f"{row['label']}-{row['image_index']}",
+                    {
+                        "image": {"bytes": row["image"], "path": None},
+                        "label": row["label"],
+                        "image_index": row["image_index"],
+                        "seed": row["seed"],
+                        "prompt": row["prompt"],
+                        "adapter": adapter,
+                        **provenance,
+                    },
+                )
+
+
+def synthetic_features(class_names: list[str]) -> datasets.Features:
+    return datasets.Features(
+        {
+            "image": datasets.Image(),
+            "label": datasets.ClassLabel(names=list(class_names)),
+            "image_index": datasets.Value("int64"),
+            "seed": datasets.Value("int64"),
+            "prompt": datasets.Value("string"),
+            "adapter": datasets.Value("string"),
+            "base_model": datasets.Value("string"),
+            "generation_params": datasets.Value("string"),
+        }
+    )
+
+
+def load_synthetic_dataset(generation_dir: str | os.PathLike, cache_dir: str | None = None) -> datasets.Dataset:
+    """The finished generation folder as a `Dataset` (prepared once into the `datasets` cache, then memory-mapped)."""
+    builder = SyntheticDataDreamBuilder(generation_dir=generation_dir, cache_dir=cache_dir)
+    builder.download_and_prepare()
+    return builder.as_dataset(split="train")
+
+
+def save_synthetic_dataset(
+    generation_dir: str | os.PathLike, dataset_path: str | os.PathLike, cache_dir: str | None = None
+) -> datasets.Dataset:
+    """Builds the dataset and writes it with `save_to_disk` (reload with `datasets.load_from_disk(dataset_path)`)."""
+    dataset = load_synthetic_dataset(generation_dir, cache_dir=cache_dir)
+    dataset.save_to_disk(str(dataset_path))
+    return dataset
+
+
+def make_sample_grid(
+    generation_dir: str | os.PathLike, images_per_class: int = 8, max_classes: int = 10
+) -> PILImage.Image:
+    """A grid with one row per class (the first `max_classes`) of that class's first images."""
+    config = read_generation_config(generation_dir)
+    names, params = config["class_names"], config["generation"]
+    rows = []
+    for c in range(min(len(names), max_classes)):
+        shard = Shard(c, 0, min(params["shard_size"], params["images_per_class"]))  # the class's first shard
+        table = read_shard(generation_dir, shard, names).slice(0, images_per_class)
+        rows.append([PILImage.open(io.BytesIO(b)).convert("RGB") for b in table.column("image").to_pylist()])
+    width, height = rows[0][0].size
+    columns = max(len(r) for r in rows)
+    grid = PILImage.new("RGB", (columns * width, len(rows) * height), "white")
+    for i, row in enumerate(rows):
+        for j, image in enumerate(row):
+            grid.paste(image, (j * width, i * height))
+    return grid
+
+
+def write_sample_grid(generation_dir: str | os.PathLike, **kwargs) -> Path:
+    path = Path(generation_dir) / SAMPLE_GRID_NAME
+    tmp = path.with_name(f".{path.name}.tmp")
+    make_sample_grid(generation_dir, **kwargs).save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path
+
+
+DATADREAM_CITATION = """@inproceedings{kim2024datadream,
+  title={DataDream: Few-shot Guided Dataset Generation},
+  author={Kim, Jae Myung and Bader, Jessica and Alaniz, Stephan and Schmid, Cordelia and Akata, Zeynep},
+  booktitle={European Conference on Computer Vision (ECCV)},
+  year={2024}
+}"""
+
+
+def render_dataset_card(
+    generation_dir: str | os.PathLike,
+    license: str = "other",
+    repo_id: str | None = None,
+    pretty_name: str | None = None,
+) -> str:
+    """The dataset card (README.md) of a generation folder, from `model_cards/dataset_card.md`.
+
+    Args:
+        license: License of the base model, which the generated images inherit (e.g. `openrail++` for SD 2.1).
+        repo_id: The Hub dataset id, used in the card's loading snippet.
+    """
+    config = read_generation_config(generation_dir)
+    names, params = config["class_names"], config["generation"]
+    features = synthetic_features(names)
+    metadata = {
+        "license": license,
+        "pretty_name": pretty_name or "DataDream synthetic dataset",
+        "task_categories": ["image-classification"],
+        "tags": ["datadream", "synthetic", "diffusers", "stable-diffusion", "lora"],
+        "size_categories": [_size_category(len(names) * params["images_per_class"])],
+        "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": "data/train-*"}]}],
+        "dataset_info": {"features": features._to_yaml_list()},
+    }
+    per_class = config["adapters"]["per_class"]
+    classes = [
+        {"label": i, "name": name, "prompt": config["prompts"][i], "adapter": per_class[i]["id"]}
+        for i, name in enumerate(names)
+    ]
+    return render_card(
+        DATASET_CARD_TEMPLATE,
+        metadata_yaml=yaml.safe_dump(metadata, sort_keys=False, allow_unicode=True),
+        pretty_name=metadata["pretty_name"],
+        repo_id=repo_id or "<your-namespace>/<dataset-name>",
+        license=license,
+        base_model=config["base_model"],
+        adapters=config["adapters"],
+        prompt_template=config["prompt_template"],
+        generation=params,
+        scheduler_class=config["scheduler_class"],
+        num_images=len(names) * params["images_per_class"],
+        classes=classes,
+        sample_grid=(Path(generation_dir) / SAMPLE_GRID_NAME).is_file(),
+        library_versions=config["library_versions"],
+        command=config.get("command"),
+        citation=DATADREAM_CITATION,
+    )
+
+
+def _size_category(n: int) -> str:
+    for bound, name in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M")):
+        if n < bound:
+            return name
+    return "n>1M"
+
+
+def write_dataset_card(generation_dir: str | os.PathLike, **kwargs) -> Path:
+    path = Path(generation_dir) / "README.md"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(render_dataset_card(generation_dir, **kwargs), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def push_synthetic_dataset_to_hub(
+    generation_dir: str | os.PathLike,
+    repo_id: str,
+    license: str = "other",
+    token: str | None = None,
+    private: bool = False,
+    cache_dir: str | None = None,
+) -> str:
+    """Pushes the dataset as Parquet (`Dataset.push_to_hub`) with its card and sample grid. Returns the repo URL.
+
+    The card goes first: `push_to_hub` then merges its `dataset_info`/`configs` YAML into that README instead of
+    writing a bare one. The token is only passed to the Hub client, never written.
+    """
+    dataset = load_synthetic_dataset(generation_dir, cache_dir=cache_dir)
+    if not (Path(generation_dir) / SAMPLE_GRID_NAME).is_file():
+        write_sample_grid(generation_dir)
+    with tempfile.TemporaryDirectory() as staging:
+        Path(staging, "README.md").write_text(
+            render_dataset_card(generation_dir, license=license, repo_id=repo_id), encoding="utf-8"
+        )
+        Path(staging, SAMPLE_GRID_NAME).write_bytes((Path(generation_dir) / SAMPLE_GRID_NAME).read_bytes())
+        url = hub.push_folder_to_hub(
+            staging,
+            repo_id,
+            repo_type="dataset",
+            token=token,
+            private=private,
+            commit_message="Add DataDream dataset card",
+        )
+    dataset.push_to_hub(repo_id, token=token, private=private, commit_message="Upload DataDream synthetic images")
+    return url
