@@ -20,15 +20,20 @@ def class_folder_name(index: int, class_name: str) -> str:
     return f"{index:04d}_{slug}" if slug else f"{index:04d}"
 
 
-def write_json_atomic(path: str | os.PathLike, payload: dict) -> None:
-    """Writes JSON to a temp file in the same folder and renames it, so readers never see half a file."""
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Writes text to a temp file in the same folder and renames it, so readers never see half a file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2, ensure_ascii=False)
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: str | os.PathLike, payload: dict) -> None:
+    """`write_text_atomic` of `payload` as indented JSON."""
+    write_text_atomic(path, json.dumps(payload, indent=2, ensure_ascii=False))
 
 
 def adapter_index(mode: str, class_names: list[str]) -> dict:

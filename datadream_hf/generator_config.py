@@ -1,0 +1,143 @@
+"""Settings of stage 1 (`train_datadream_lora.py`) as a validated dataclass; defaults are the paper's."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from .prompts import DOMAIN_PRESETS, PromptTemplate
+
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+
+
+def _bad(field_name: str, value, fix: str) -> ValueError:
+    return ValueError(f"`{field_name}` = {value!r} is invalid: {fix}.")
+
+
+@dataclass
+class GeneratorTrainingConfig:
+    """Settings of stage 1. Defaults are the paper's / reference code's (DataDream Sec. 4.1, `datadream.py`)."""
+
+    pretrained_model_name_or_path: str = field(
+        default=None, metadata={"help": "Base model: Hub id (e.g. a stable-diffusion-2-1-base mirror) or folder."}
+    )
+    revision: str | None = field(default=None, metadata={"help": "Hub revision of the base model."})
+    variant: str | None = field(default=None, metadata={"help": "Weights variant of the base model, e.g. 'fp16'."})
+    output_dir: str = field(default="datadream-lora", metadata={"help": "Where adapters and checkpoints go."})
+
+    dataset: str | None = field(default=None, metadata={"help": "Hub id, save_to_disk folder or image folder."})
+    few_shot_manifest: str | None = field(
+        default=None, metadata={"help": "K-shot manifest JSON (`datadream-hf few-shot`)."}
+    )
+    split: str = field(default="train", metadata={"help": "Split the manifest was drawn from."})
+    image_column: str = field(default="image", metadata={"help": "Image column of the dataset."})
+    label_column: str = field(default="label", metadata={"help": "Label column of the dataset."})
+    class_names: list[str] | None = field(default=None, metadata={"help": "Classes to keep, as for the manifest."})
+    dataset_preset: str | None = field(
+        default=None, metadata={"help": f"Sets the prompt's domain word: one of {sorted(DOMAIN_PRESETS)}."}
+    )
+    domain: str | None = field(default=None, metadata={"help": "Domain word with trailing space, e.g. 'aircraft '."})
+    clean_class_names: bool = field(default=False, metadata={"help": "Replace '_' by ' ' in class names."})
+
+    mode: Literal["dset", "cls"] = field(
+        default="cls", metadata={"help": "'cls': one adapter per class (DataDream_cls); 'dset': one for all."}
+    )
+    resolution: int = field(default=512, metadata={"help": "Training resolution (SD 2.1-base: 512)."})
+    rank: int = field(default=16, metadata={"help": "LoRA rank (paper: 16)."})
+    lora_alpha: int | None = field(default=None, metadata={"help": "LoRA alpha; defaults to `rank` (paper: 16)."})
+    lora_init: Literal["gaussian", "kaiming"] = field(
+        default="gaussian", metadata={"help": "LoRA A init ('gaussian' as the reference; B starts at zero)."}
+    )
+    train_text_encoder: bool = field(default=True, metadata={"help": "Also LoRA the text encoder (reference: yes)."})
+    train_batch_size: int = field(default=8, metadata={"help": "Images per step and adapter (paper: 8)."})
+    num_train_epochs: int = field(default=200, metadata={"help": "Epochs over each adapter's images (paper: 200)."})
+    max_train_steps: int | None = field(
+        default=None, metadata={"help": "Steps per adapter (per class in cls mode); overrides num_train_epochs."}
+    )
+    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate (paper: 1e-4)."})
+    lr_scheduler: str = field(default="cosine", metadata={"help": f"One of {LR_SCHEDULERS} (paper: cosine)."})
+    lr_warmup_steps: int = field(default=100, metadata={"help": "Warm-up steps (reference: 100)."})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
+    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
+    adam_weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay (reference: 1e-2)."})
+    adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (reference: 1.0)."})
+    mixed_precision: Literal["no", "fp16", "bf16"] = field(
+        default="no", metadata={"help": "Dtype of the frozen weights; LoRA weights always stay fp32."}
+    )
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for memory."})
+    seed: int = field(default=0, metadata={"help": "Seed of every random draw (class i uses class_seed(seed, i))."})
+
+    checkpointing_steps: int = field(default=500, metadata={"help": "Save a checkpoint every N steps of an adapter."})
+    checkpoints_total_limit: int | None = field(default=None, metadata={"help": "Keep at most N checkpoints."})
+    resume_from_checkpoint: str | None = field(
+        default=None, metadata={"help": "'latest' or a checkpoint folder (dset); cls mode takes 'latest'."}
+    )
+    report_to: str | None = field(default="tensorboard", metadata={"help": "Accelerate tracker, or None."})
+    logging_dir: str = field(default="logs", metadata={"help": "Tracker folder, relative to output_dir."})
+    validation_prompt: str | None = field(
+        default=None, metadata={"help": "Prompt of the validation images; default: each adapter's class prompt(s)."}
+    )
+    num_validation_images: int = field(default=0, metadata={"help": "Images sampled after each adapter (0: none)."})
+    validation_num_inference_steps: int = field(default=25, metadata={"help": "Sampling steps of validation."})
+    license: str = field(default="openrail++", metadata={"help": "License in the card (SD 2.1's is openrail++)."})
+
+    def __post_init__(self):
+        if not self.pretrained_model_name_or_path:
+            raise _bad("pretrained_model_name_or_path", self.pretrained_model_name_or_path, "pass a Hub id or folder")
+        if self.mode not in ("dset", "cls"):
+            raise _bad("mode", self.mode, "use 'dset' (one adapter) or 'cls' (one per class)")
+        if not isinstance(self.resolution, int) or self.resolution < 8 or self.resolution % 8:
+            raise _bad("resolution", self.resolution, "use a positive multiple of 8, e.g. 512 for SD 2.1-base")
+        for name in ("rank", "train_batch_size", "num_train_epochs", "checkpointing_steps"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise _bad(name, getattr(self, name), "use an integer >= 1")
+        for name in ("lora_alpha", "max_train_steps", "checkpoints_total_limit"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise _bad(name, value, "use an integer >= 1, or None")
+        if self.lora_init not in ("gaussian", "kaiming"):
+            raise _bad("lora_init", self.lora_init, "use 'gaussian' (reference) or 'kaiming'")
+        if not self.learning_rate > 0:
+            raise _bad("learning_rate", self.learning_rate, "use a positive number (paper: 1e-4)")
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise _bad("lr_scheduler", self.lr_scheduler, f"use one of {LR_SCHEDULERS}")
+        for name in ("lr_warmup_steps", "num_validation_images"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise _bad(name, getattr(self, name), "use an integer >= 0")
+        if not 0 <= self.adam_beta1 < 1 or not 0 <= self.adam_beta2 < 1:
+            raise _bad("adam_beta1/adam_beta2", (self.adam_beta1, self.adam_beta2), "use values in [0, 1)")
+        if self.adam_weight_decay < 0 or self.adam_epsilon <= 0 or self.max_grad_norm <= 0:
+            raise _bad(
+                "adam_weight_decay/adam_epsilon/max_grad_norm",
+                (self.adam_weight_decay, self.adam_epsilon, self.max_grad_norm),
+                "use weight decay >= 0, epsilon > 0 and max_grad_norm > 0",
+            )
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise _bad("mixed_precision", self.mixed_precision, "use 'no', 'fp16' or 'bf16'")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise _bad("seed", self.seed, "use an integer >= 0")
+        if self.mode == "cls" and self.resume_from_checkpoint not in (None, "latest"):
+            raise _bad(
+                "resume_from_checkpoint",
+                self.resume_from_checkpoint,
+                "in cls mode pass 'latest' (each class resumes from its own latest checkpoint)",
+            )
+        if self.domain is not None and self.dataset_preset is not None:
+            raise _bad("domain", self.domain, "pass either `domain` or `dataset_preset`, not both")
+        self.prompt_template()  # validates dataset_preset and domain
+
+    def prompt_template(self) -> PromptTemplate:
+        if self.dataset_preset is not None:
+            return PromptTemplate.from_preset(self.dataset_preset, clean_class_names=self.clean_class_names)
+        return PromptTemplate(domain=self.domain or "", clean_class_names=self.clean_class_names)
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.mixed_precision]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

@@ -1,0 +1,176 @@
+"""Stage-1 inputs: few-shot images as training units, the reference's transforms, and seeded per-step randomness.
+
+Every random draw of a training step (batch order, crops, VAE sampling noise, diffusion noise, timesteps) comes from a
+generator seeded by `(unit seed, step)`, never from global state: a step can be replayed alone, so resuming from a
+checkpoint, splitting classes across processes or training classes in another order gives bit-identical adapters.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+# Domain tags of the seed streams, so that e.g. the shuffle of epoch 3 and the noise of step 3 are independent.
+_INIT, _SHUFFLE, _STEP = 0, 1, 2
+
+
+def seeded_generator(*keys: int) -> torch.Generator:
+    """A CPU generator seeded from a tuple of non-negative ints (numpy SeedSequence mixes them, no collisions)."""
+    seed = int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, dtype=np.uint64)[0] >> 1)
+    return torch.Generator(device="cpu").manual_seed(seed)
+
+
+def class_seed(seed: int, class_index: int) -> int:
+    """The seed of class `class_index`'s adapter in cls mode.
+
+    Class i's adapter equals a dset-mode run on class i's images alone with `--seed class_seed(seed, i)`, whichever
+    process trained it and in whatever order.
+    """
+    return int(np.random.SeedSequence([seed, class_index]).generate_state(1)[0])
+
+
+def init_generator(unit_seed: int) -> torch.Generator:
+    """The generator that draws a unit's initial LoRA weights."""
+    return seeded_generator(unit_seed, _INIT)
+
+
+def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
+    """Bilinear resize so the shorter side is `size` (torchvision `Resize(size)` on a PIL image, as the reference)."""
+    width, height = image.size
+    short, long = (width, height) if width <= height else (height, width)
+    if short == size:
+        return image
+    new_long = int(size * long / short)
+    new_size = (size, new_long) if width <= height else (new_long, size)
+    return image.resize(new_size, resample=Image.BILINEAR)
+
+
+def image_to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> float tensor (3, H, W) in [-1, 1]."""
+    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0  # (H, W, 3)
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous() * 2.0 - 1.0
+
+
+@dataclass
+class TrainingUnit:
+    """The data of one adapter: all N*K images in dset mode, or one class's K images in cls mode.
+
+    Attributes:
+        name: `"all"` (dset) or the class name (cls).
+        folder: where its adapter goes, relative to the output dir (`"."` for dset).
+        seed: the unit seed every random draw derives from.
+        images: resized (shorter side = resolution), uncropped tensors (3, H, W) in [-1, 1].
+        prompt_ids: (num_images, seq_len) token ids of each image's class prompt.
+        class_indices: the class index of each image.
+    """
+
+    name: str
+    folder: str
+    seed: int
+    images: list[torch.Tensor]
+    prompt_ids: torch.Tensor
+    class_indices: list[int]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def make_unit(
+    name: str,
+    folder: str,
+    seed: int,
+    images: list[Image.Image],
+    class_indices: list[int],
+    class_prompt_ids: torch.Tensor,
+    resolution: int,
+) -> TrainingUnit:
+    """Resizes the images once (the resize is deterministic; only the crop is random) and gathers their prompt ids."""
+    if not images:
+        raise ValueError(f"Training unit {name!r} has no images; check the few-shot manifest.")
+    tensors = [image_to_tensor(resize_shorter_side(image.convert("RGB"), resolution)) for image in images]
+    prompt_ids = class_prompt_ids[torch.tensor(class_indices)]  # (num_images, seq_len)
+    return TrainingUnit(name, folder, seed, tensors, prompt_ids, list(class_indices))
+
+
+def tokenize_prompts(tokenizer, prompts: list[str]) -> torch.Tensor:
+    """(len(prompts), model_max_length) ids, padded and truncated like the SD pipelines do."""
+    return tokenizer(
+        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+
+
+def steps_per_epoch(num_images: int, batch_size: int) -> int:
+    """Batches per epoch; the last batch of an epoch may be smaller (the reference's DataLoader keeps it)."""
+    return math.ceil(num_images / batch_size)
+
+
+def total_steps(num_images: int, batch_size: int, num_epochs: int, max_train_steps: int | None) -> int:
+    """Optimization steps of a unit: `max_train_steps` if set, else epochs * steps per epoch."""
+    if max_train_steps is not None:
+        return max_train_steps
+    return num_epochs * steps_per_epoch(num_images, batch_size)
+
+
+def batch_indices(unit: TrainingUnit, step: int, batch_size: int) -> torch.Tensor:
+    """Which images step `step` trains on: epoch `step // steps_per_epoch` is a seeded permutation of the unit."""
+    per_epoch = steps_per_epoch(len(unit), batch_size)
+    epoch, position = divmod(step, per_epoch)
+    order = torch.randperm(len(unit), generator=seeded_generator(unit.seed, _SHUFFLE, epoch))
+    return order[position * batch_size : (position + 1) * batch_size]
+
+
+@dataclass
+class StepBatch:
+    """Everything a training step consumes, drawn for the whole batch so any slice of it is the same draw.
+
+    pixel_values (B, 3, R, R) in [-1, 1]; input_ids (B, seq_len); latent_noise (B, C, R/f, R/f) reparametrizes the VAE
+    posterior sample; noise (B, C, R/f, R/f) is the diffusion noise; timesteps (B,).
+    """
+
+    pixel_values: torch.Tensor
+    input_ids: torch.Tensor
+    latent_noise: torch.Tensor
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+
+    def slice(self, start: int, stop: int) -> StepBatch:
+        return StepBatch(*(t[start:stop] for t in self.as_tuple()))
+
+    def as_tuple(self) -> tuple[torch.Tensor, ...]:
+        return self.pixel_values, self.input_ids, self.latent_noise, self.noise, self.timesteps
+
+    def __len__(self) -> int:
+        return len(self.timesteps)
+
+
+def make_step_batch(
+    unit: TrainingUnit,
+    step: int,
+    batch_size: int,
+    resolution: int,
+    latent_shape: tuple[int, int, int],
+    num_train_timesteps: int,
+) -> StepBatch:
+    """Draws step `step` of `unit`: its images, RandomCrop(resolution) of each, VAE noise, noise and timesteps.
+
+    The draws come in a fixed order from one generator seeded by `(unit.seed, step)`.
+    """
+    indices = batch_indices(unit, step, batch_size)
+    generator = seeded_generator(unit.seed, _STEP, step)
+    crops = []
+    for i in indices.tolist():
+        image = unit.images[i]
+        height, width = image.shape[-2:]
+        # RandomCrop as torchvision draws it: top, then left, uniform over the valid offsets.
+        top = int(torch.randint(0, height - resolution + 1, (1,), generator=generator))
+        left = int(torch.randint(0, width - resolution + 1, (1,), generator=generator))
+        crops.append(image[:, top : top + resolution, left : left + resolution])
+    count = len(indices)
+    latent_noise = torch.randn((count, *latent_shape), generator=generator)
+    noise = torch.randn((count, *latent_shape), generator=generator)
+    timesteps = torch.randint(0, num_train_timesteps, (count,), generator=generator)  # t ~ U[0, T)
+    return StepBatch(torch.stack(crops), unit.prompt_ids[indices], latent_noise, noise, timesteps)

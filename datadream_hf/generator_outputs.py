@@ -1,0 +1,311 @@
+"""Stage-1 inputs and outputs: the few-shot images, the run record, index, model card, validation samples, Hub push.
+
+Output folder (the stage-1 -> stage-2 contract): `adapter_index.json`, `datadream_config.json`, `README.md`, and
+`pytorch_lora_weights.safetensors` at the top (dset) or in one `class_folder_name(i, name)` folder per class (cls).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import hub
+from .cards import render_card
+from .data import DatasetInputError, decode_images, labels_of, load_labelled_dataset
+from .few_shot import FewShotManifest
+from .generator_data import class_seed, seeded_generator, total_steps
+from .layout import ADAPTER_INDEX_NAME, TRAINING_CONFIG_NAME, adapter_index, write_json_atomic, write_text_atomic
+from .lora import LORA_WEIGHT_NAME, TEXT_ENCODER_TARGET_MODULES, UNET_TARGET_MODULES
+from .versions import library_versions
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+    from .generator_config import GeneratorTrainingConfig
+    from .generator_training import GeneratorModels
+
+logger = logging.getLogger(__name__)
+
+CARD_TEMPLATE = "adapter_card.md"
+SAMPLES_NAME = "samples.png"
+# Config fields that do not change the trained weights: they may differ between a run and its resumption.
+RUN_ONLY_FIELDS = frozenset(
+    {
+        "output_dir", "dataset", "few_shot_manifest", "checkpointing_steps", "checkpoints_total_limit",
+        "resume_from_checkpoint", "report_to", "logging_dir", "validation_prompt", "num_validation_images",
+        "validation_num_inference_steps", "license", "gradient_checkpointing",
+    }
+)  # fmt: skip
+# Kept local when pushing: checkpoints (top-level ones are excluded by `hub.push_folder_to_hub`) and temp files.
+PUSH_IGNORE_PATTERNS = ["*/checkpoint-*", "*/.*"]
+
+
+@dataclass
+class FewShotData:
+    """The K-shot images of stage 1: decoded RGB images, their labels and the manifest they come from."""
+
+    images: list[Image.Image]
+    labels: list[int]
+    class_names: list[str]
+    manifest: FewShotManifest
+
+    @classmethod
+    def from_dataset(cls, dataset: Dataset, manifest: FewShotManifest) -> FewShotData:
+        """Selects (and decodes) the manifest's rows of a normalized dataset (`data.load_labelled_dataset`)."""
+        subset = manifest.select(dataset)
+        return cls(decode_images(subset), [int(x) for x in labels_of(subset)], list(manifest.class_names), manifest)
+
+
+def load_few_shot_data(config: GeneratorTrainingConfig) -> FewShotData:
+    """Loads `config.dataset` and selects the rows of `config.few_shot_manifest`; errors name the missing input."""
+    for name in ("dataset", "few_shot_manifest"):
+        if not getattr(config, name):
+            raise DatasetInputError(
+                f"`{name}` is required: stage 1 trains on the K-shot images the manifest picks from the dataset "
+                "(draw it with `datadream-hf few-shot`)."
+            )
+    manifest = FewShotManifest.load(config.few_shot_manifest)
+    dataset = load_labelled_dataset(
+        config.dataset, config.split, config.image_column, config.label_column, config.class_names
+    )
+    return FewShotData.from_dataset(dataset, manifest)
+
+
+def run_record(config: GeneratorTrainingConfig, data: FewShotData) -> dict:
+    """`datadream_config.json`: base model, K-shot origin, prompts, LoRA and training settings, library versions."""
+    template = config.prompt_template()
+    record = {
+        "stage": "datadream_lora",
+        "base_model": {
+            "pretrained_model_name_or_path": config.pretrained_model_name_or_path,
+            "revision": config.revision,
+            "variant": config.variant,
+        },
+        "mode": config.mode,
+        "class_names": list(data.class_names),
+        "few_shot": {
+            "k": data.manifest.k,
+            "seed": data.manifest.seed,
+            "fingerprint": data.manifest.source.get("fingerprint"),
+            "source": data.manifest.source,
+            "indices": data.manifest.indices,
+        },
+        "prompt_template": template.to_dict(),
+        "prompts": [template(name) for name in data.class_names],
+        "lora": {
+            "rank": config.rank,
+            "alpha": config.lora_alpha or config.rank,
+            "init": config.lora_init,
+            "unet_target_modules": UNET_TARGET_MODULES,
+            "text_encoder_target_modules": TEXT_ENCODER_TARGET_MODULES if config.train_text_encoder else None,
+        },
+        "steps_per_adapter": total_steps(
+            len(data.images) if config.mode == "dset" else data.manifest.k,
+            config.train_batch_size,
+            config.num_train_epochs,
+            config.max_train_steps,
+        ),
+        "hparams": config.to_dict(),
+        "library_versions": library_versions(),
+    }
+    if config.mode == "cls":
+        record["class_seeds"] = {str(i): class_seed(config.seed, i) for i in range(len(data.class_names))}
+    return record
+
+
+def _result_signature(record: dict) -> dict:
+    """The parts of a run record that determine the adapters (a resumed run must match them)."""
+    hparams = {k: v for k, v in record["hparams"].items() if k not in RUN_ONLY_FIELDS}
+    few_shot = {k: record["few_shot"][k] for k in ("k", "seed", "fingerprint", "indices")}
+    keys = ("base_model", "mode", "class_names", "prompts", "lora")
+    return {"hparams": hparams, "few_shot": few_shot, **{k: record[k] for k in keys}}
+
+
+def existing_artifacts(output_dir: Path) -> list[Path]:
+    patterns = (TRAINING_CONFIG_NAME, ADAPTER_INDEX_NAME, LORA_WEIGHT_NAME, f"*/{LORA_WEIGHT_NAME}", "checkpoint-*",
+                "*/checkpoint-*")  # fmt: skip
+    return sorted(p for pattern in patterns for p in output_dir.glob(pattern))
+
+
+def check_output_dir(output_dir: Path, record: dict, resume: bool) -> None:
+    """Refuses an output dir that holds another run, or a resume whose settings differ from the run's."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"--output_dir {str(output_dir)!r} is a file; pass a folder.")
+    found = existing_artifacts(output_dir) if output_dir.is_dir() else []
+    if found and not resume:
+        raise ValueError(
+            f"--output_dir {str(output_dir)!r} already holds a stage-1 run ({found[0].name}, ...). Pass "
+            "--resume_from_checkpoint latest to continue it, or choose an empty --output_dir."
+        )
+    previous = output_dir / TRAINING_CONFIG_NAME
+    if resume and previous.is_file():
+        with open(previous) as f:
+            old, new = _result_signature(json.load(f)), _result_signature(record)
+        differing = _diff(old, new)
+        if differing:
+            raise ValueError(
+                f"Cannot resume into {str(output_dir)!r}: these settings differ from the run it holds "
+                f"(before -> now): {differing}. Resume with the same settings, or choose an empty --output_dir."
+            )
+
+
+def _diff(old: dict, new: dict, prefix: str = "") -> dict:
+    differing = {}
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            differing.update(_diff(a, b, f"{prefix}{key}."))
+        elif a != b:
+            differing[f"{prefix}{key}"] = (a, b) if key != "indices" else "(K-shot indices differ)"
+    return differing
+
+
+def write_run_record(output_dir: Path, record: dict) -> None:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(output_dir / TRAINING_CONFIG_NAME, record)
+
+
+def adapter_folders(mode: str, class_names: list[str]) -> dict[str, str]:
+    """Class name (or 'all' in dset mode) -> adapter folder relative to the output dir."""
+    folders = adapter_index(mode, class_names)["adapters"]
+    if mode == "dset":
+        return {"all": folders["all"]}
+    return {class_names[int(i)]: folder for i, folder in folders.items()}
+
+
+def missing_adapters(output_dir: Path, mode: str, class_names: list[str]) -> list[str]:
+    return [
+        name
+        for name, folder in adapter_folders(mode, class_names).items()
+        if not (output_dir / folder / LORA_WEIGHT_NAME).is_file()
+    ]
+
+
+def write_outputs(output_dir: Path, mode: str, class_names: list[str]) -> None:
+    """Writes `adapter_index.json` and the model card; call once every adapter file exists."""
+    write_json_atomic(output_dir / ADAPTER_INDEX_NAME, adapter_index(mode, class_names))
+    write_text_atomic(output_dir / "README.md", render_adapter_card(output_dir))
+
+
+def render_adapter_card(output_dir: str | os.PathLike) -> str:
+    """Renders `model_cards/adapter_card.md` from the run record in `output_dir` (never from arguments: no token)."""
+    output_dir = Path(output_dir)
+    with open(output_dir / TRAINING_CONFIG_NAME) as f:
+        record = json.load(f)
+    base = record["base_model"]["pretrained_model_name_or_path"]
+    adapters = []
+    for index, (name, folder) in enumerate(adapter_folders(record["mode"], record["class_names"]).items()):
+        sample = Path(folder) / SAMPLES_NAME
+        adapters.append(
+            {
+                "name": name,
+                "folder": folder,
+                "prompt": record["prompts"][index] if record["mode"] == "cls" else None,
+                "sample": sample.as_posix() if (output_dir / sample).is_file() else None,
+            }
+        )
+    hparams = record["hparams"]
+    shown = ("resolution", "train_batch_size", "num_train_epochs", "max_train_steps", "learning_rate", "lr_scheduler",
+             "lr_warmup_steps", "adam_weight_decay", "max_grad_norm", "mixed_precision", "seed")  # fmt: skip
+    return render_card(
+        CARD_TEMPLATE,
+        # A local folder is not a valid `base_model` for the Hub's metadata: only Hub ids go in the YAML.
+        base_model=None if Path(base).exists() else base,
+        base_model_name=base,
+        base_revision=record["base_model"]["revision"],
+        license=hparams["license"],
+        mode=record["mode"],
+        class_names=record["class_names"],
+        prompts=record["prompts"],
+        prompt_template=record["prompt_template"],
+        steps_per_adapter=record["steps_per_adapter"],
+        few_shot=record["few_shot"],
+        lora=record["lora"],
+        hparams={k: hparams[k] for k in shown},
+        adapters=adapters,
+        versions=record["library_versions"],
+    )
+
+
+def image_grid(images: list[Image.Image], columns: int = 4) -> Image.Image:
+    columns = min(columns, len(images))
+    rows = -(-len(images) // columns)
+    width, height = images[0].size
+    grid = Image.new("RGB", (columns * width, rows * height))
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % columns) * width, (i // columns) * height))
+    return grid
+
+
+@torch.no_grad()
+def log_validation(models: GeneratorModels, unit, config: GeneratorTrainingConfig, class_names, accelerator) -> Path:
+    """Samples `num_validation_images` with the freshly trained adapter, saves a grid and logs it to TensorBoard."""
+    from diffusers import StableDiffusionPipeline
+
+    pipeline = StableDiffusionPipeline.from_pretrained(
+        config.pretrained_model_name_or_path,
+        revision=config.revision,
+        unet=models.unet,
+        text_encoder=models.text_encoder,
+        vae=models.vae,
+        tokenizer=models.tokenizer,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )  # only the sampling scheduler is read from disk; the trained modules are reused
+    pipeline.set_progress_bar_config(disable=True)
+    template = config.prompt_template()
+    class_prompts = [template(class_names[i]) for i in sorted(set(unit.class_indices))]
+    models.unet.eval()
+    models.text_encoder.eval()
+    images = []
+    for i in range(config.num_validation_images):
+        prompt = config.validation_prompt or class_prompts[i % len(class_prompts)]
+        output = pipeline(
+            prompt,
+            height=config.resolution,
+            width=config.resolution,
+            num_inference_steps=config.validation_num_inference_steps,
+            generator=seeded_generator(unit.seed, 3, i),
+        )
+        images.append(output.images[0])
+    models.unet.train()
+    models.text_encoder.train()
+    folder = Path(config.output_dir) / unit.folder
+    path = folder / SAMPLES_NAME
+    tmp = folder / f".{SAMPLES_NAME}.tmp"
+    image_grid(images).save(tmp, format="PNG")
+    os.replace(tmp, path)
+    tag = "validation" if config.mode == "dset" else f"{unit.folder}/validation"
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            stacked = np.stack([np.asarray(image) for image in images])  # (N, H, W, 3)
+            tracker.writer.add_images(tag, stacked, 0, dataformats="NHWC")
+    return path
+
+
+def push_adapters_to_hub(
+    output_dir: str | os.PathLike, repo_id: str, token: str | None = None, private: bool = False
+) -> str:
+    """Uploads a finished stage-1 folder (cls mode: one repo, a sub-folder per class); checkpoints stay local."""
+    output_dir = Path(output_dir)
+    for name in (ADAPTER_INDEX_NAME, TRAINING_CONFIG_NAME, "README.md"):
+        if not (output_dir / name).is_file():
+            raise FileNotFoundError(f"{str(output_dir)!r} has no {name}: finish training before pushing it.")
+    return hub.push_folder_to_hub(
+        output_dir,
+        repo_id,
+        repo_type="model",
+        token=token,
+        private=private,
+        commit_message="Upload DataDream LoRA adapters",
+        ignore_patterns=PUSH_IGNORE_PATTERNS,
+    )

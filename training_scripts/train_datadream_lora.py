@@ -1,0 +1,153 @@
+"""Stage 1 of DataDream: LoRA-adapt Stable Diffusion on K real images per class (an adapter per class, or one for all).
+
+Draw the K-shot subset once (every stage reads the same manifest), then train. SD 2.1-base, FGVC-Aircraft, 16 shots,
+the paper's settings (rank 16, AdamW 1e-4, batch 8, 200 epochs), one adapter per class, classes split over 8 GPUs:
+
+    datadream-hf few-shot --dataset <aircraft dataset id> --split train --k 16 --seed 0 --output aircraft_16shot.json
+    accelerate launch --num_processes 8 training_scripts/train_datadream_lora.py \
+        --pretrained_model_name_or_path stabilityai/stable-diffusion-2-1-base \
+        --dataset <aircraft dataset id> --split train --few_shot_manifest aircraft_16shot.json \
+        --dataset_preset fgvc_aircraft --mode cls --output_dir datadream-aircraft-cls \
+        --mixed_precision fp16 --checkpointing_steps 100 --resume_from_checkpoint latest
+
+(`stabilityai/stable-diffusion-2-1-base` was removed from the Hub in 2025: pass a mirror's id or a local copy, and
+`--revision` to pin it.) One adapter for the whole dataset (DataDream_dset), batches split over the processes:
+
+    accelerate launch --num_processes 8 training_scripts/train_datadream_lora.py \
+        --pretrained_model_name_or_path stabilityai/stable-diffusion-2-1-base \
+        --dataset <aircraft dataset id> --few_shot_manifest aircraft_16shot.json --dataset_preset fgvc_aircraft \
+        --mode dset --output_dir datadream-aircraft-dset --mixed_precision fp16 \
+        --push_to_hub --hub_model_id <user>/datadream-aircraft-dset
+
+Offline, on the tiny test model and the bundled digits (CPU, seconds):
+
+    datadream-hf tiny-models --output_dir models && datadream-hf digits --output_dir digits
+    datadream-hf few-shot --dataset digits --k 4 --output digits_4shot.json
+    python training_scripts/train_datadream_lora.py --pretrained_model_name_or_path models/tiny-sd \
+        --dataset digits --few_shot_manifest digits_4shot.json --resolution 32 --max_train_steps 4 --output_dir out
+
+Outputs: `pytorch_lora_weights.safetensors` (top level in dset mode, one `<index>_<class>/` folder per class in cls
+mode, each loadable with `StableDiffusionPipeline.load_lora_weights`), `adapter_index.json`, `datadream_config.json`
+and a model card. A run is deterministic under `--seed`: a resumed run ends with the same adapters as an uninterrupted
+one, and class i's adapter does not depend on the number of processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration
+
+from datadream_hf.generator_outputs import load_few_shot_data, push_adapters_to_hub
+from datadream_hf.generator_training import GeneratorTrainingConfig, train_generator
+
+HELP = {f.name: f.metadata.get("help") for f in dataclasses.fields(GeneratorTrainingConfig)}
+DEFAULTS = GeneratorTrainingConfig(pretrained_model_name_or_path="defaults")
+
+
+def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="DataDream stage 1: LoRA-adapt Stable Diffusion on few-shot data.")
+
+    def add(name: str, **kwargs):
+        kwargs.setdefault("default", getattr(DEFAULTS, name, None))
+        kwargs["help"] = kwargs.get("help") or HELP.get(name)
+        parser.add_argument(f"--{name}", **kwargs)
+
+    # Model and data
+    add("pretrained_model_name_or_path", type=str, default=None, required=True)
+    add("revision", type=str)
+    add("variant", type=str)
+    add("dataset", type=str, required=True)
+    add("few_shot_manifest", type=str, required=True)
+    add("split", type=str)
+    add("image_column", type=str)
+    add("label_column", type=str)
+    add("class_names", type=str, help="Comma-separated classes to keep, in order (as when drawing the manifest).")
+    add("dataset_preset", type=str)
+    add("domain", type=str)
+    add("clean_class_names", action="store_true")
+    # Method
+    add("mode", type=str, choices=["dset", "cls"])
+    add("output_dir", type=str)
+    add("resolution", type=int)
+    add("rank", type=int)
+    add("lora_alpha", type=int)
+    add("lora_init", type=str, choices=["gaussian", "kaiming"])
+    add("train_text_encoder", action=argparse.BooleanOptionalAction)
+    add("train_batch_size", type=int)
+    add("num_train_epochs", type=int)
+    add("max_train_steps", type=int)
+    add("learning_rate", type=float)
+    add("lr_scheduler", type=str)
+    add("lr_warmup_steps", type=int)
+    add("adam_beta1", type=float)
+    add("adam_beta2", type=float)
+    add("adam_weight_decay", type=float)
+    add("adam_epsilon", type=float)
+    add("max_grad_norm", type=float)
+    add("mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"])
+    add("gradient_checkpointing", action="store_true")
+    add("seed", type=int)
+    # Checkpoints, logging, validation
+    add("checkpointing_steps", type=int)
+    add("checkpoints_total_limit", type=int)
+    add("resume_from_checkpoint", type=str)
+    add("report_to", type=str)
+    add("logging_dir", type=str)
+    add("validation_prompt", type=str)
+    add("num_validation_images", type=int)
+    add("validation_num_inference_steps", type=int)
+    # Hub
+    add("license", type=str)
+    add("push_to_hub", action="store_true", help="Upload the output folder to the Hub after training.")
+    add("hub_model_id", type=str, help="Repo to push to (default: the output folder's name).")
+    add("hub_token", type=str, help="Hub token (default: the logged-in one). Never written anywhere.")
+    add("hub_private", action="store_true", help="Create the repo as private.")
+    return parser.parse_args(input_args)
+
+
+def config_from_args(args: argparse.Namespace, mixed_precision: str) -> GeneratorTrainingConfig:
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(GeneratorTrainingConfig)}
+    values["class_names"] = [c.strip() for c in args.class_names.split(",")] if args.class_names else None
+    values["report_to"] = None if args.report_to in (None, "none") else args.report_to
+    values["mixed_precision"] = mixed_precision
+    return GeneratorTrainingConfig(**values)
+
+
+def main(args: argparse.Namespace) -> None:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    # 1. Accelerate (CPU-only machines need cpu=True to start several processes) and the validated config.
+    output_dir = Path(args.output_dir)
+    logging_dir = output_dir / args.logging_dir
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to in (None, "none") else args.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(logging_dir)),
+    )
+    config = config_from_args(args, accelerator.mixed_precision)
+
+    # 2. The K-shot images the manifest picks (a missing column or corrupt image fails here, before any model load).
+    data = load_few_shot_data(config)
+    if accelerator.is_main_process and config.report_to:
+        scalars = {k: v for k, v in config.to_dict().items() if isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers("datadream-lora", config=scalars)
+
+    # 3. Train: the base model is loaded once per process; cls mode gives class i to process i % num_processes.
+    train_generator(config, data, accelerator)
+
+    # 4. Push the finished folder (index, run config, card, adapters; checkpoints stay local).
+    if args.push_to_hub and accelerator.is_main_process:
+        repo_id = args.hub_model_id or output_dir.resolve().name
+        url = push_adapters_to_hub(output_dir, repo_id, token=args.hub_token, private=args.hub_private)
+        logging.getLogger(__name__).info("Pushed to %s", url)
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main(parse_args())
