@@ -23,7 +23,7 @@ from PIL import Image as PILImage
 
 from . import hub
 from .cards import render_card
-from .layout import class_folder_name, write_json_atomic
+from .layout import class_folder_name, write_json_atomic, write_text_atomic
 
 GENERATION_CONFIG_NAME = "generation_config.json"
 GENERATION_MANIFEST_NAME = "generation_manifest.json"
@@ -264,6 +264,11 @@ def synthetic_features(class_names: list[str]) -> datasets.Features:
     )
 
 
+def is_generation_dir(path) -> bool:
+    """True for an output folder of `generate_synthetic.py` (it holds the generation config)."""
+    return isinstance(path, (str, os.PathLike)) and (Path(path) / GENERATION_CONFIG_NAME).is_file()
+
+
 def load_synthetic_dataset(generation_dir: str | os.PathLike, cache_dir: str | None = None) -> datasets.Dataset:
     """The finished generation folder as a `Dataset` (prepared once into the `datasets` cache, then memory-mapped)."""
     builder = SyntheticDataDreamBuilder(generation_dir=generation_dir, cache_dir=cache_dir)
@@ -374,9 +379,7 @@ def _size_category(n: int) -> str:
 
 def write_dataset_card(generation_dir: str | os.PathLike, **kwargs) -> Path:
     path = Path(generation_dir) / "README.md"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(render_dataset_card(generation_dir, **kwargs), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, render_dataset_card(generation_dir, **kwargs))
     return path
 
 

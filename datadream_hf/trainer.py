@@ -17,6 +17,8 @@ from transformers.trainer_utils import seed_worker
 
 from .augment import AUGMENTATIONS, MIX_AUGMENTATIONS, mix_batch
 from .data import DatasetInputError, class_names_of, labels_of, load_labelled_dataset
+from .synthetic import is_generation_dir
+from .synthetic import load_synthetic_dataset as build_synthetic_dataset
 
 TRAIN_MODES = ("real+synthetic", "synthetic", "real")
 
@@ -227,8 +229,10 @@ def load_synthetic_dataset(
     images_per_class: int | None = None,
     seed: int = 0,
 ):
-    """Loads a stage-2 dataset (`save_to_disk` folder or Hub id) as `image` + `label`, dropping provenance columns,
-    and checks that its classes are `class_names` in the same order."""
+    """Loads a stage-2 dataset (a `generate_synthetic.py` output folder, a `save_to_disk` folder or a Hub id) as
+    `image` + `label`, dropping provenance columns, and checks that its classes are `class_names` in the same order."""
+    if is_generation_dir(source):
+        source = build_synthetic_dataset(source)
     synthetic = load_labelled_dataset(source, split=split, image_column=image_column, label_column=label_column)
     names = class_names_of(synthetic)
     if names != list(class_names):

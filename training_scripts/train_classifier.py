@@ -38,7 +38,7 @@ from datadream_hf.classifier import DEFAULT_CLASSIFIER_BASE, CLIPLoRAClassifier
 from datadream_hf.data import DatasetInputError, class_names_of, load_labelled_dataset
 from datadream_hf.few_shot import FewShotManifest
 from datadream_hf.hub import push_folder_to_hub
-from datadream_hf.layout import TRAINING_CONFIG_NAME, write_json_atomic
+from datadream_hf.layout import TRAINING_CONFIG_NAME, write_json_atomic, write_text_atomic
 from datadream_hf.lora import classifier_lora_config
 from datadream_hf.metrics import classification_report, report_markdown
 from datadream_hf.prompts import DEFAULT_TEMPLATE, PromptTemplate, domain_for_preset
@@ -270,8 +270,8 @@ def main(args: tuple[ScriptArguments, DataDreamTrainingArguments]) -> dict:
         output_dir = Path(training_args.output_dir)
         write_json_atomic(output_dir / TRAINING_CONFIG_NAME, config)
         write_json_atomic(output_dir / "report.json", report)
-        _write_text_atomic(output_dir / "report.md", report_markdown(report))
-        _write_text_atomic(output_dir / "README.md", _render_card(script_args, training_args, config, results))
+        write_text_atomic(output_dir / "report.md", report_markdown(report))
+        write_text_atomic(output_dir / "README.md", _render_card(script_args, training_args, config, results))
         if push_to_hub:
             repo_id = training_args.hub_model_id or output_dir.resolve().name
             push_folder_to_hub(output_dir, repo_id, token=hub_token, private=bool(training_args.hub_private_repo))
@@ -328,12 +328,6 @@ def _render_card(script_args, training_args, config, results) -> str:
         hparams=hparams,
         library_versions=config["library_versions"],
     )
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":
