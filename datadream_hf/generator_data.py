@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
+
+if TYPE_CHECKING:
+    from .latent_cache import LatentCache
 
 # Domain tags of the seed streams, so that e.g. the shuffle of epoch 3 and the noise of step 3 are independent.
 _INIT, _SHUFFLE, _STEP = 0, 1, 2
@@ -128,7 +132,8 @@ class StepBatch:
     """Everything a training step consumes, drawn for the whole batch so any slice of it is the same draw.
 
     pixel_values (B, 3, R, R) in [-1, 1]; input_ids (B, seq_len); latent_noise (B, C, R/f, R/f) reparametrizes the VAE
-    posterior sample; noise (B, C, R/f, R/f) is the diffusion noise; timesteps (B,).
+    posterior sample; noise (B, C, R/f, R/f) is the diffusion noise; timesteps (B,). latent_mean and latent_std
+    (B, C, R/f, R/f) are the crops' VAE posterior when a `LatentCache` supplied it (the step then skips the VAE).
     """
 
     pixel_values: torch.Tensor
@@ -136,9 +141,21 @@ class StepBatch:
     latent_noise: torch.Tensor
     noise: torch.Tensor
     timesteps: torch.Tensor
+    latent_mean: torch.Tensor | None = None
+    latent_std: torch.Tensor | None = None
 
     def slice(self, start: int, stop: int) -> StepBatch:
-        return StepBatch(*(t[start:stop] for t in self.as_tuple()))
+        cached = (None if t is None else t[start:stop] for t in (self.latent_mean, self.latent_std))
+        return StepBatch(*(t[start:stop] for t in self.as_tuple()), *cached)
+
+    @classmethod
+    def concat(cls, batches: list[StepBatch]) -> StepBatch:
+        """The batches one after the other (the super-batch of grouped cls training)."""
+        tensors = [torch.cat(parts) for parts in zip(*(b.as_tuple() for b in batches))]
+        cached = all(b.latent_mean is not None for b in batches)
+        means = torch.cat([b.latent_mean for b in batches]) if cached else None
+        stds = torch.cat([b.latent_std for b in batches]) if cached else None
+        return cls(*tensors, means, stds)
 
     def as_tuple(self) -> tuple[torch.Tensor, ...]:
         return self.pixel_values, self.input_ids, self.latent_noise, self.noise, self.timesteps
@@ -154,14 +171,16 @@ def make_step_batch(
     resolution: int,
     latent_shape: tuple[int, int, int],
     num_train_timesteps: int,
+    latent_cache: LatentCache | None = None,
 ) -> StepBatch:
     """Draws step `step` of `unit`: its images, RandomCrop(resolution) of each, VAE noise, noise and timesteps.
 
-    The draws come in a fixed order from one generator seeded by `(unit.seed, step)`.
+    The draws come in a fixed order from one generator seeded by `(unit.seed, step)`. With `latent_cache` (built
+    over `unit.images`), the batch also carries the crops' cached VAE posteriors.
     """
     indices = batch_indices(unit, step, batch_size)
     generator = seeded_generator(unit.seed, _STEP, step)
-    crops = []
+    crops, keys = [], []
     for i in indices.tolist():
         image = unit.images[i]
         height, width = image.shape[-2:]
@@ -169,8 +188,10 @@ def make_step_batch(
         top = int(torch.randint(0, height - resolution + 1, (1,), generator=generator))
         left = int(torch.randint(0, width - resolution + 1, (1,), generator=generator))
         crops.append(image[:, top : top + resolution, left : left + resolution])
+        keys.append((i, top, left))
     count = len(indices)
     latent_noise = torch.randn((count, *latent_shape), generator=generator)
     noise = torch.randn((count, *latent_shape), generator=generator)
     timesteps = torch.randint(0, num_train_timesteps, (count,), generator=generator)  # t ~ U[0, T)
-    return StepBatch(torch.stack(crops), unit.prompt_ids[indices], latent_noise, noise, timesteps)
+    cached = latent_cache.lookup(keys) if latent_cache is not None else (None, None)
+    return StepBatch(torch.stack(crops), unit.prompt_ids[indices], latent_noise, noise, timesteps, *cached)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from peft.tuners.lora import LoraLayer
 
 from . import generator_outputs
+from .faults import kill_point
 from .generator_checkpoint import (
     CheckpointError,
     latest_checkpoint,
@@ -41,7 +42,9 @@ from .generator_data import (
     total_steps,
 )
 from .generator_outputs import FewShotData
+from .latent_cache import LatentCache, encode_posterior
 from .layout import class_folder_name
+from .locking import output_dir_lock
 from .lora import LORA_WEIGHT_NAME, generator_lora_configs, save_generator_lora
 
 logger = logging.getLogger(__name__)
@@ -88,7 +91,9 @@ def load_generator_models(config: GeneratorTrainingConfig, device: torch.device 
     tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=config.revision)
     # The reference trains with DDPM noising whatever the model's sampling scheduler is.
     noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=config.revision)
-    weights = {"revision": config.revision, "variant": config.variant, "torch_dtype": config.weight_dtype}
+    # Safetensors only: a pickled checkpoint could run code when loaded.
+    weights = {"revision": config.revision, "variant": config.variant, "torch_dtype": config.weight_dtype,
+               "use_safetensors": True}  # fmt: skip
     text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **weights)
     vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **weights)
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **weights)
@@ -147,23 +152,44 @@ def init_lora_weights_(models: GeneratorModels, lora_init: str, unit_seed: int) 
             weight_b.zero_()
 
 
-def diffusion_loss(models: GeneratorModels, batch: StepBatch, weight_dtype: torch.dtype) -> torch.Tensor:
+def encode_prompts(models: GeneratorModels, input_ids: torch.Tensor) -> torch.Tensor:
+    """Text-encoder hidden states (B, T, D) of `input_ids` (B, T), running the encoder once per distinct prompt.
+
+    A class's batch repeats one prompt. The encoder treats each sequence alone, so encoding the distinct rows and
+    indexing gives the same states and, through the index's backward, the same summed LoRA gradient, at 1/B the cost.
+    """
+    unique, inverse = torch.unique(input_ids, dim=0, return_inverse=True)  # (U, T), (B,)
+    with torch.set_grad_enabled(models.train_text_encoder and torch.is_grad_enabled()):
+        hidden = models.text_encoder(unique.to(models.device), return_dict=False)[0]  # (U, T, D)
+    return hidden[inverse.to(models.device)]  # (B, T, D)
+
+
+def diffusion_loss(
+    models: GeneratorModels,
+    batch: StepBatch,
+    weight_dtype: torch.dtype,
+    encoder_hidden_states: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Per-sample MSE between the UNet's prediction and its target (noise, or velocity for v-prediction), shape (B,).
 
-    As the reference: latents = VAE posterior sample * scaling factor; no offset noise, no SNR weighting.
+    As the reference: latents = VAE posterior sample * scaling factor; no offset noise, no SNR weighting. The prompts
+    are encoded here (`encode_prompts`) unless their `encoder_hidden_states` (B, T, D) are given.
     """
     device = models.device
     with torch.no_grad():
-        posterior = models.vae.encode(batch.pixel_values.to(device, dtype=weight_dtype)).latent_dist
+        if batch.latent_mean is not None:  # cached posterior of these crops (latent_cache)
+            mean, std = batch.latent_mean.to(device), batch.latent_std.to(device)
+        else:
+            mean, std = encode_posterior(models.vae, batch.pixel_values, weight_dtype, device)
         # posterior.sample() with the step's own noise, so a batch slice is the same draw as the full batch.
-        latents = posterior.mean + posterior.std * batch.latent_noise.to(device, dtype=posterior.mean.dtype)
+        latents = mean + std * batch.latent_noise.to(device, dtype=mean.dtype)
         shift = getattr(models.vae.config, "shift_factor", None) or 0.0
         latents = (latents - shift) * models.vae.config.scaling_factor
     noise = batch.noise.to(device, dtype=latents.dtype)
     timesteps = batch.timesteps.to(device)
     noisy_latents = models.noise_scheduler.add_noise(latents, noise, timesteps)
-    with torch.set_grad_enabled(models.train_text_encoder and torch.is_grad_enabled()):
-        encoder_hidden_states = models.text_encoder(batch.input_ids.to(device), return_dict=False)[0]
+    if encoder_hidden_states is None:
+        encoder_hidden_states = encode_prompts(models, batch.input_ids)
     prediction = models.unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
     if models.noise_scheduler.config.prediction_type == "v_prediction":
         target = models.noise_scheduler.get_velocity(latents, noise, timesteps)
@@ -235,6 +261,7 @@ def training_step(
             p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
             offset += p.numel()
         loss_sum = flat[-1]
+    kill_point("generator-step")  # test hook (datadream_hf.faults): a kill here loses only this step
     # 3. Clip, step, schedule.
     state.grad_scaler.unscale_(state.optimizer)
     torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
@@ -265,10 +292,7 @@ def train_unit(
     num_steps = total_steps(len(unit), config.train_batch_size, config.num_train_epochs, config.max_train_steps)
     init_lora_weights_(models, config.lora_init, unit.seed)
     state = build_unit_optimizer(models.trainable_parameters(), config, num_steps, models.device.type)
-    meta = {
-        "unit": unit.name, "seed": unit.seed, "num_images": len(unit), "num_steps": num_steps,
-        "train_batch_size": config.train_batch_size, "rank": config.rank, "lora_alpha": config.lora_alpha,
-    }  # fmt: skip
+    meta = checkpoint_meta(unit, config, num_steps)
     first_step = 0
     if config.resume_from_checkpoint is not None:
         checkpoint = (
@@ -286,10 +310,12 @@ def train_unit(
         remove_partial_checkpoints(folder)
     latent_shape = models.latent_shape(config.resolution)
     num_timesteps = models.noise_scheduler.config.num_train_timesteps
+    cache = build_latent_cache(models, unit, config) if first_step < num_steps else None
     prefix = "" if config.mode == "dset" else f"{unit.folder}/"
     progress = _progress(accelerator, num_steps, first_step, unit.name)
     for step in range(first_step, num_steps):
-        batch = make_step_batch(unit, step, config.train_batch_size, config.resolution, latent_shape, num_timesteps)
+        batch = make_step_batch(unit, step, config.train_batch_size, config.resolution, latent_shape, num_timesteps,
+                                cache)  # fmt: skip
         loss = training_step(models, state, batch, config, shard)
         done = step + 1
         progress.update(1)
@@ -308,6 +334,23 @@ def train_unit(
     return adapter
 
 
+def checkpoint_meta(unit: TrainingUnit, config: GeneratorTrainingConfig, num_steps: int) -> dict:
+    """What an adapter's checkpoints belong to; `load_checkpoint` refuses a checkpoint whose meta differs."""
+    return {
+        "unit": unit.name, "seed": unit.seed, "num_images": len(unit), "num_steps": num_steps,
+        "train_batch_size": config.train_batch_size, "rank": config.rank, "lora_alpha": config.lora_alpha,
+    }  # fmt: skip
+
+
+def build_latent_cache(
+    models: GeneratorModels, unit: TrainingUnit, config: GeneratorTrainingConfig
+) -> LatentCache | None:
+    """The unit's cached VAE posteriors (`latent_cache`), or None when disabled or its images have too many crops."""
+    if not config.cache_latents:
+        return None
+    return LatentCache.build(models.vae, unit.images, config.resolution, config.weight_dtype, models.device)
+
+
 def _progress(accelerator, total: int, initial: int, name: str):
     from tqdm.auto import tqdm
 
@@ -320,6 +363,7 @@ def save_adapter_atomic(models: GeneratorModels, folder: Path) -> Path:
     tmp = folder / f".adapter-{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     written = save_generator_lora(tmp, models.unet, models.text_encoder if models.train_text_encoder else None)
+    kill_point("adapter-write")  # test hook: the adapter exists only in the temp folder
     os.replace(written, folder / LORA_WEIGHT_NAME)
     shutil.rmtree(tmp)
     return folder / LORA_WEIGHT_NAME
@@ -360,7 +404,18 @@ def train_generator(
             processes split each batch.
         models: already loaded models (`load_generator_models(config)`) to reuse; loaded here when None.
         step_callback: called as `step_callback(unit, steps_done)` after every step.
+
+    The main process holds the folder's lock (`locking.OutputDirLock`) for the whole run, so a second run into the same
+    `output_dir` is refused instead of mixing its files with this one's.
     """
+    # Refuse another run's folder before taking the lock, which creates the folder.
+    resume = config.resume_from_checkpoint is not None
+    generator_outputs.check_output_dir(Path(config.output_dir), generator_outputs.run_record(config, data), resume)
+    with output_dir_lock(config.output_dir, accelerator):
+        return _train_generator(config, data, accelerator, models, step_callback)
+
+
+def _train_generator(config, data, accelerator, models, step_callback) -> Path:
     output_dir = Path(config.output_dir)
     # 1. Refuse to mix with another run before anything expensive (checked by every process, then written by one).
     record = generator_outputs.run_record(config, data)
@@ -379,15 +434,21 @@ def train_generator(
     )  # fmt: skip
     shard = (accelerator.process_index, accelerator.num_processes) if config.mode == "dset" else (0, 1)
 
-    # 3. Train each adapter; a finished one (its file exists, written atomically) is skipped on resume.
-    for unit in units:
-        adapter = output_dir / unit.folder / LORA_WEIGHT_NAME
-        if config.resume_from_checkpoint is not None and adapter.is_file():
-            logger.info("Adapter %r is already trained (%s): skipping it.", unit.name, adapter)
-            continue
-        train_unit(models, unit, config, accelerator, shard, step_callback)
-        if config.num_validation_images > 0 and shard[0] == 0:
-            generator_outputs.log_validation(models, unit, config, data.class_names, accelerator)
+    # 3. Train each adapter; a finished one (its file exists, written atomically) is skipped on resume. Grouped cls
+    #    mode trains several classes per forward pass (grouped_training): the same computation up to float rounding.
+    if config.mode == "cls" and config.cls_strategy == "grouped":
+        from .grouped_training import train_groups
+
+        train_groups(models, units, config, accelerator, data.class_names, step_callback)
+    else:
+        for unit in units:
+            adapter = output_dir / unit.folder / LORA_WEIGHT_NAME
+            if config.resume_from_checkpoint is not None and adapter.is_file():
+                logger.info("Adapter %r is already trained (%s): skipping it.", unit.name, adapter)
+                continue
+            train_unit(models, unit, config, accelerator, shard, step_callback)
+            if config.num_validation_images > 0 and shard[0] == 0:
+                generator_outputs.log_validation(models, unit, config, data.class_names, accelerator)
 
     # 4. Once every process is done: the index (which marks the output complete) and the card.
     accelerator.wait_for_everyone()

@@ -39,7 +39,8 @@ from datadream_hf.testing import accelerate_launch_command
 SCRIPT = Path(__file__).resolve().parents[1] / "training_scripts" / "train_datadream_lora.py"
 CLASSES = ["zero", "one", "two"]
 SENTINEL_TOKEN = "hf_SENTINELtokenNEVERwrittenANYWHERE123"
-# Tiny runs: 32 px, batch 2, 3 steps per adapter; a large lr so that a few steps visibly change the adapter.
+# Tiny runs: 32 px, batch 2, 3 steps per adapter; a large lr so that a few steps visibly change the adapter. The
+# sequential cls path, whose adapters are bit-identical to separate runs; grouped == sequential is in test_speed.py.
 SMALL_RUN = {
     "resolution": 32,
     "train_batch_size": 2,
@@ -48,6 +49,7 @@ SMALL_RUN = {
     "learning_rate": 1e-3,
     "checkpointing_steps": 2,
     "mode": "cls",
+    "cls_strategy": "sequential",
 }
 
 

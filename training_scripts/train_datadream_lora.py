@@ -29,7 +29,11 @@ Offline, on the tiny test model and the bundled digits (CPU, seconds):
 Outputs: `pytorch_lora_weights.safetensors` (top level in dset mode, one `<index>_<class>/` folder per class in cls
 mode, each loadable with `StableDiffusionPipeline.load_lora_weights`), `adapter_index.json`, `datadream_config.json`
 and a model card. A run is deterministic under `--seed`: a resumed run ends with the same adapters as an uninterrupted
-one, and class i's adapter does not depend on the number of processes.
+one. cls mode trains `--classes_per_group` classes per forward pass by default (`--cls_strategy grouped`: each sample
+routed to its class's LoRA, the latents of the few-shot images cached); its adapters equal one-class-at-a-time
+training up to float rounding, which depends on how classes are grouped. `--cls_strategy sequential` trains one class
+after the other and gives class i the same bits whatever the number of processes. Lower `--classes_per_group` if the
+GPU runs out of memory (SD 2.1-base, 512 px, bf16, batch 8, on an H200: peak 10.5 GB for 1 class, 35 GB for 4).
 """
 
 from __future__ import annotations
@@ -92,6 +96,9 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     add("max_grad_norm", type=float)
     add("mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"])
     add("gradient_checkpointing", action="store_true")
+    add("cls_strategy", type=str, choices=["grouped", "sequential"])
+    add("classes_per_group", type=int)
+    add("cache_latents", action=argparse.BooleanOptionalAction)
     add("seed", type=int)
     # Checkpoints, logging, validation
     add("checkpointing_steps", type=int)

@@ -1,0 +1,170 @@
+"""Helpers of the `benchmarks/` scripts: timing, peak memory, stand-in class adapters and a full-size random SD 2.1.
+
+They measure; they change nothing in training or generation. Timings synchronize the GPU; CPU memory is the sampled
+process RSS, because torch's CPU tensors are allocated outside Python's allocator (tracemalloc does not see them).
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+
+def synchronize(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):  # not Linux: the lifetime peak is the best available
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@dataclass
+class Measurement:
+    """Wall time and peak memory of a block (`with measure(device) as m: ...`)."""
+
+    device: str
+    seconds: float = 0.0
+    peak_bytes: int = 0
+    start_bytes: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def peak_above_start_mib(self) -> float:
+        return (self.peak_bytes - self.start_bytes) / 2**20
+
+    @property
+    def memory_kind(self) -> str:
+        return "cuda max_memory_allocated" if self.device == "cuda" else "process RSS (sampled every 5 ms)"
+
+
+class measure:
+    """Context manager: wall time (GPU synchronized) and peak memory (GPU allocator peak, or sampled RSS on CPU)."""
+
+    def __init__(self, device: torch.device | str, interval_s: float = 0.005):
+        self.result = Measurement(torch.device(device).type)
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.result.peak_bytes = max(self.result.peak_bytes, _rss_bytes())
+
+    def __enter__(self) -> Measurement:
+        synchronize(self.result.device)
+        if self.result.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            self.result.start_bytes = torch.cuda.memory_allocated()
+        else:
+            self.result.start_bytes = self.result.peak_bytes = _rss_bytes()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        self._start = time.perf_counter()
+        return self.result
+
+    def __exit__(self, *exc) -> None:
+        synchronize(self.result.device)
+        self.result.seconds = time.perf_counter() - self._start
+        if self.result.device == "cuda":
+            self.result.peak_bytes = torch.cuda.max_memory_allocated()
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.result.peak_bytes = max(self.result.peak_bytes, _rss_bytes())
+
+
+def max_adapter_difference(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> tuple[float, float]:
+    """(max abs difference, relative 2-norm difference of the LoRA B/up factors) between two adapter state dicts."""
+    if set(first) != set(second):
+        raise ValueError(f"Adapters hold different keys: {sorted(set(first) ^ set(second))[:3]}.")
+    max_abs = max((first[k].float() - second[k].float()).abs().max().item() for k in first)
+    ups = [k for k in first if k.endswith(("up.weight", "lora_B.weight"))]
+    diff = torch.cat([(first[k].float() - second[k].float()).flatten() for k in ups]).norm()
+    norm = torch.cat([first[k].float().flatten() for k in ups]).norm()
+    return max_abs, (diff / norm).item() if norm > 0 else float(diff)
+
+
+@torch.no_grad()
+def write_random_class_adapters(models, output_dir: str | os.PathLike, class_names: list[str], seed: int = 0,
+                                up_std: float = 0.02) -> Path:  # fmt: skip
+    """Writes a cls-mode stage-1 folder of stand-in adapters (random A, small random B) for generation timing.
+
+    `models` is a `GeneratorModels` (its peft adapter is overwritten). Writes the index and each class's
+    `pytorch_lora_weights.safetensors`; generation cost does not depend on what the weights learned.
+    """
+    from .generator_training import ADAPTER_NAME, init_lora_weights_, save_adapter_atomic
+    from .layout import ADAPTER_INDEX_NAME, adapter_index, class_folder_name, write_json_atomic
+
+    output_dir = Path(output_dir)
+    generator = torch.Generator().manual_seed(seed)
+    for index, name in enumerate(class_names):
+        init_lora_weights_(models, "gaussian", seed + index)
+        for model in (models.unet, models.text_encoder):
+            for module in model.modules():
+                if hasattr(module, "lora_B") and ADAPTER_NAME in getattr(module, "lora_B", {}):
+                    weight = module.lora_B[ADAPTER_NAME].weight
+                    weight.copy_(torch.randn(weight.shape, generator=generator) * up_std)
+        save_adapter_atomic(models, output_dir / class_folder_name(index, name))
+    write_json_atomic(output_dir / ADAPTER_INDEX_NAME, adapter_index("cls", class_names))
+    return output_dir
+
+
+def save_random_sd21_base(path: str | os.PathLike, device: str = "cuda", seed: int = 0) -> str:
+    """Saves a pipeline with Stable Diffusion 2.1-base's architecture (865M UNet, OpenCLIP-H-sized text encoder,
+    512 px) and random weights: real-size timings where the real weights cannot be downloaded.
+
+    The tokenizer is the tiny test one (its vocabulary sizes the embedding); the cost per token is the same.
+    """
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from .testing import build_tiny_clip_tokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = build_tiny_clip_tokenizer()
+    with torch.device(device):  # random init on the GPU: seconds instead of minutes
+        unet = UNet2DConditionModel(
+            sample_size=64,
+            block_out_channels=(320, 640, 1280, 1280),
+            layers_per_block=2,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            cross_attention_dim=1024,
+            attention_head_dim=(5, 10, 20, 20),
+            use_linear_projection=True,
+        )
+        vae = AutoencoderKL(
+            block_out_channels=(128, 256, 512, 512),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            latent_channels=4,
+            layers_per_block=2,
+            sample_size=512,
+        )
+        text_config = {
+            "hidden_size": 1024, "intermediate_size": 4096, "num_attention_heads": 16, "num_hidden_layers": 23,
+            "projection_dim": 512, "hidden_act": "gelu", "vocab_size": len(tokenizer), "max_position_embeddings": 77,
+            "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1,
+        }  # fmt: skip
+        text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
+    scheduler = PNDMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+        set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1,
+    )  # fmt: skip
+    pipeline = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    pipeline.save_pretrained(str(path), safe_serialization=True)
+    return str(path)

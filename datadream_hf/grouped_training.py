@@ -1,0 +1,246 @@
+"""Stage 1, cls mode, grouped: the adapters of several classes trained together, one forward pass per step.
+
+Step s of a group is the concatenation of every class's own step-s batch (`make_step_batch` with that class's seed, so
+the random draws are those of the sequential path), sent through `GroupedLora`, which routes each sample to its class's
+factors. The loss is the sum over classes of each class's mean loss, so each class gets exactly its sequential
+gradient; clipping is per class and AdamW is elementwise, so each adapter equals its sequential run up to float
+rounding. Checkpoints are written per class, in the sequential path's folders and format.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from .faults import kill_point
+from .generator_checkpoint import (
+    checkpoint_step,
+    list_checkpoints,
+    load_checkpoint,
+    prune_checkpoints,
+    remove_partial_checkpoints,
+    save_checkpoint,
+)
+from .generator_config import GeneratorTrainingConfig
+from .generator_data import StepBatch, TrainingUnit, make_step_batch, total_steps
+from .generator_outputs import log_validation
+from .generator_training import (
+    GeneratorModels,
+    StepCallback,
+    UnitOptimizer,
+    _progress,
+    build_latent_cache,
+    build_unit_optimizer,
+    checkpoint_meta,
+    diffusion_loss,
+    init_lora_weights_,
+    save_adapter_atomic,
+)
+from .grouped_lora import GroupedLora, clip_grad_norm_per_group_
+from .lora import LORA_WEIGHT_NAME
+
+logger = logging.getLogger(__name__)
+
+
+def unit_steps(unit: TrainingUnit, config: GeneratorTrainingConfig) -> int:
+    return total_steps(len(unit), config.train_batch_size, config.num_train_epochs, config.max_train_steps)
+
+
+def group_units(units: list[TrainingUnit], config: GeneratorTrainingConfig) -> list[list[TrainingUnit]]:
+    """Consecutive groups of at most `classes_per_group` classes; a group's classes have equal step counts (one lr
+    schedule), which K-shot data always gives."""
+    by_steps: dict[int, list[TrainingUnit]] = {}
+    for unit in units:
+        by_steps.setdefault(unit_steps(unit, config), []).append(unit)
+    size = config.classes_per_group or len(units)
+    return [same[i : i + size] for same in by_steps.values() for i in range(0, len(same), size)]
+
+
+def grouped_training_step(
+    models: GeneratorModels,
+    grouped: GroupedLora,
+    state: UnitOptimizer,
+    batches: list[StepBatch],
+    config: GeneratorTrainingConfig,
+) -> list[float]:
+    """One optimization step of every group on its own batch; returns each group's mean loss."""
+    sizes = [len(batch) for batch in batches]
+    batch = StepBatch.concat(batches)
+    groups = torch.repeat_interleave(torch.arange(len(batches)), torch.tensor(sizes))  # (B,): each sample's group
+    # 1. The prompts, each distinct (group, prompt) once (as `encode_prompts`), through the group's text LoRA.
+    keyed = torch.cat([groups[:, None], batch.input_ids], dim=1)  # (B, 1 + T)
+    unique, inverse = torch.unique(keyed, dim=0, return_inverse=True)  # (U, 1 + T), (B,)
+    grouped.route(unique[:, 0], components=("text_encoder",))
+    with torch.set_grad_enabled(models.train_text_encoder):
+        hidden = models.text_encoder(unique[:, 1:].to(models.device), return_dict=False)[0]  # (U, T, D)
+    # 2. One super-batch through the UNet, each sample routed to its group's LoRA factors.
+    grouped.route(groups, components=("unet",))
+    per_sample = diffusion_loss(models, batch, config.weight_dtype, hidden[inverse.to(models.device)])  # (B,)
+    # 3. Sum over groups of each group's mean: group g's gradient is its sequential step's gradient.
+    means = torch.stack([part.sum() / len(part) for part in per_sample.split(sizes)])  # (G,)
+    state.grad_scaler.scale(means.sum()).backward()
+    stacks = list(state.parameters.values())
+    for p in stacks:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    kill_point("generator-step")  # test hook (datadream_hf.faults), as in the sequential training_step
+    # 4. Clip each group alone, step (AdamW acts elementwise: per group as in its own run), schedule.
+    state.grad_scaler.unscale_(state.optimizer)
+    clip_grad_norm_per_group_(stacks, config.max_grad_norm)
+    state.grad_scaler.step(state.optimizer)
+    state.grad_scaler.update()
+    state.lr_scheduler.step()
+    state.optimizer.zero_grad(set_to_none=True)
+    return means.detach().tolist()
+
+
+class _GroupOptimizerView:
+    """Group g's slice of the grouped AdamW state, offering the `state_dict`/`load_state_dict` checkpoints use.
+
+    Sliced, the state of the stacks is exactly a sequential class optimizer's state (same parameter order and
+    hyper-parameters), so group checkpoints are ordinary per-class checkpoints.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, group: int):
+        self.optimizer = optimizer
+        self.group = group
+        self.loaded: dict | None = None
+
+    def state_dict(self) -> dict:
+        full = self.optimizer.state_dict()
+        state = {
+            index: {k: v[self.group].clone() if torch.is_tensor(v) and v.dim() > 0 else v for k, v in entry.items()}
+            for index, entry in full["state"].items()
+        }  # moments (G, ...) -> (...); AdamW's scalar `step` is shared by the groups
+        return {"state": state, "param_groups": full["param_groups"]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.loaded = state_dict  # assembled with the other groups' by `_stack_optimizer_states`
+
+
+def _stack_optimizer_states(states: list[dict]) -> dict:
+    first = states[0]
+    stacked = {}
+    for index, entry in first["state"].items():
+        stacked[index] = {
+            k: torch.stack([s["state"][index][k] for s in states]) if torch.is_tensor(v) and v.dim() > 0 else v
+            for k, v in entry.items()
+        }  # (...) per group -> (G, ...)
+    return {"state": stacked, "param_groups": first["param_groups"]}
+
+
+def _resume(grouped: GroupedLora, state: UnitOptimizer, folders: list[Path], metas: list[dict]) -> int:
+    """Loads the newest checkpoint step every class of the group has (a kill may fall between two classes' writes)."""
+    common = set.intersection(*({checkpoint_step(c) for c in list_checkpoints(folder)} for folder in folders))
+    if not common:
+        return 0
+    step = max(common)
+    loaded = []
+    for group, folder in enumerate(folders):
+        view = _GroupOptimizerView(state.optimizer, group)
+        load_checkpoint(folder / f"checkpoint-{step}", grouped.group_parameters(group), view, state.lr_scheduler,
+                        state.grad_scaler, metas[group])  # fmt: skip
+        loaded.append(view.loaded)
+    state.optimizer.load_state_dict(_stack_optimizer_states(loaded))
+    return step
+
+
+def _save_checkpoints(grouped, state, folders, metas, step: int, total_limit: int | None) -> None:
+    for group, folder in enumerate(folders):
+        weights = {name: view.detach().clone() for name, view in grouped.group_parameters(group).items()}
+        save_checkpoint(folder, step, weights, _GroupOptimizerView(state.optimizer, group), state.lr_scheduler,
+                        state.grad_scaler, metas[group])  # fmt: skip
+    # Pruned only once every class has the new checkpoint, so a common step always survives a kill.
+    for folder in folders:
+        prune_checkpoints(folder, total_limit)
+
+
+def train_group(
+    models: GeneratorModels,
+    units: list[TrainingUnit],
+    config: GeneratorTrainingConfig,
+    accelerator,
+    class_names: list[str] | None = None,
+    step_callback: StepCallback | None = None,
+) -> list[Path]:
+    """Trains the adapters of `units` together from their seeded inits (or their checkpoints) and writes each one.
+
+    Returns the adapter files. `step_callback(unit, steps_done)` runs for every unit after every step; validation
+    images are made per class when `class_names` is given and `config.num_validation_images > 0`.
+    """
+    folders = [Path(config.output_dir) / unit.folder for unit in units]
+    steps = {unit_steps(unit, config) for unit in units}
+    if len(steps) != 1:
+        raise ValueError(f"A group's classes must train for the same number of steps, got {sorted(steps)}.")
+    num_steps = steps.pop()
+    # 1. Each group starts from its class's sequential init; one AdamW and lr schedule over the stacks.
+    grouped = GroupedLora(models, len(units))
+    grouped.init_groups_(lambda g: init_lora_weights_(models, config.lora_init, units[g].seed))
+    state = build_unit_optimizer(grouped.parameters(), config, num_steps, models.device.type)
+    metas = [checkpoint_meta(unit, config, num_steps) for unit in units]
+    first_step = _resume(grouped, state, folders, metas) if config.resume_from_checkpoint is not None else 0
+    if first_step:
+        logger.info("Resuming group %s from checkpoint-%d (of %d steps).", [u.name for u in units], first_step,
+                    num_steps)  # fmt: skip
+    for folder in folders:
+        remove_partial_checkpoints(folder)
+
+    # 2. Train: every step draws each class's own batch and steps all classes at once.
+    latent_shape = models.latent_shape(config.resolution)
+    num_timesteps = models.noise_scheduler.config.num_train_timesteps
+    caches = [build_latent_cache(models, unit, config) if first_step < num_steps else None for unit in units]
+    progress = _progress(accelerator, num_steps, first_step, f"group {units[0].name}..{units[-1].name}")
+    with grouped.attached():
+        for step in range(first_step, num_steps):
+            batches = [
+                make_step_batch(unit, step, config.train_batch_size, config.resolution, latent_shape, num_timesteps, c)
+                for unit, c in zip(units, caches)
+            ]
+            losses = grouped_training_step(models, grouped, state, batches, config)
+            done = step + 1
+            progress.update(1)
+            progress.set_postfix(loss=f"{sum(losses) / len(losses):.4f}")
+            lr = state.lr_scheduler.get_last_lr()[0]
+            logs = {f"{unit.folder}/{key}": value for unit, loss in zip(units, losses)
+                    for key, value in (("loss", loss), ("lr", lr))}  # fmt: skip
+            accelerator.log(logs, step=done)
+            if done % config.checkpointing_steps == 0 and done < num_steps:
+                _save_checkpoints(grouped, state, folders, metas, done, config.checkpoints_total_limit)
+            if step_callback is not None:
+                for unit in units:
+                    step_callback(unit, done)
+    progress.close()
+    del caches
+
+    # 3. Export each class through the peft layers: the same files and keys as the sequential path writes.
+    adapters = []
+    for group, (unit, folder) in enumerate(zip(units, folders)):
+        adapter = folder / LORA_WEIGHT_NAME
+        adapters.append(adapter)
+        if config.resume_from_checkpoint is not None and adapter.is_file():
+            continue  # exported by the run that was killed while exporting the group
+        grouped.copy_to_peft(group)
+        save_adapter_atomic(models, folder)
+        if class_names is not None and config.num_validation_images > 0:
+            log_validation(models, unit, config, class_names, accelerator)
+    return adapters
+
+
+def train_groups(
+    models: GeneratorModels,
+    units: list[TrainingUnit],
+    config: GeneratorTrainingConfig,
+    accelerator,
+    class_names: list[str] | None = None,
+    step_callback: StepCallback | None = None,
+) -> None:
+    """Trains this process's classes group by group (`group_units`); on resume a finished group is skipped."""
+    for group in group_units(units, config):
+        files = [Path(config.output_dir) / unit.folder / LORA_WEIGHT_NAME for unit in group]
+        if config.resume_from_checkpoint is not None and all(f.is_file() for f in files):
+            logger.info("Adapters %s are already trained: skipping them.", [unit.name for unit in group])
+            continue
+        logger.info("Training adapters %s together (grouped LoRA).", [unit.name for unit in group])
+        train_group(models, group, config, accelerator, class_names, step_callback)

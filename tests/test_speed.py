@@ -1,0 +1,354 @@
+"""Speed paths give the same results: grouped cls training == sequential, cached latents == VAE every step, prompts
+encoded once == per sample, direct adapter fusion == diffusers' fuse; grouped resume == uninterrupted; benchmarks run.
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+from peft.tuners.lora import LoraLayer
+from peft.utils import get_peft_model_state_dict
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from datadream_hf.data import load_labelled_dataset
+from datadream_hf.few_shot import draw_few_shot
+from datadream_hf.generator_checkpoint import WEIGHTS_NAME, list_checkpoints
+from datadream_hf.generator_data import make_step_batch, make_unit
+from datadream_hf.generator_outputs import FewShotData
+from datadream_hf.generator_training import (
+    GeneratorTrainingConfig,
+    build_units,
+    diffusion_loss,
+    encode_prompts,
+    load_generator_models,
+    train_generator,
+)
+from datadream_hf.grouped_lora import GroupedLoraLinear
+from datadream_hf.grouped_training import group_units, train_groups
+from datadream_hf.latent_cache import LatentCache, encode_posterior
+from datadream_hf.lora import LORA_WEIGHT_NAME, load_safetensors
+
+CLASSES = ["zero", "one", "two"]
+FOLDERS = ["0000_zero", "0001_one", "0002_two"]
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+# As test_stage1: 32 px, batch 2, 3 steps per class, a large lr so that 3 steps visibly train each adapter.
+SMALL_RUN = {"resolution": 32, "train_batch_size": 2, "max_train_steps": 3, "lr_warmup_steps": 0,
+             "learning_rate": 1e-3, "checkpointing_steps": 2, "mode": "cls", "report_to": None,
+             "cls_strategy": "grouped"}  # fmt: skip
+
+
+class Crash(RuntimeError):
+    """Stands for a process killed mid-run."""
+
+
+@pytest.fixture(scope="module")
+def accelerator():
+    return Accelerator(cpu=True)
+
+
+@pytest.fixture(scope="module")
+def data(digits):
+    dataset = load_labelled_dataset(digits, split="train", class_names=CLASSES)
+    return FewShotData.from_dataset(dataset, draw_few_shot(dataset, k=2, seed=0, source_name="digits", split="train"))
+
+
+def make_config(tiny_sd_path, output_dir, **overrides):
+    return GeneratorTrainingConfig(**{**SMALL_RUN, "pretrained_model_name_or_path": tiny_sd_path,
+                                      "output_dir": str(output_dir), **overrides})  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def models(tiny_sd_path):
+    return load_generator_models(make_config(tiny_sd_path, "unused"))
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_sd_path, data, models, accelerator, tmp_path_factory):
+    """The same 3-class cls run four ways, on one set of models (each way leaves the peft layers in place), at the
+    paper's lr: Adam turns float rounding in near-zero gradients into differences of up to ~lr/10 per step."""
+    root = tmp_path_factory.mktemp("speed-runs")
+    variants = {
+        "sequential": {"cls_strategy": "sequential"},
+        "sequential-uncached": {"cls_strategy": "sequential", "cache_latents": False},
+        "grouped": {"cls_strategy": "grouped"},
+        "grouped-by-2": {"cls_strategy": "grouped", "classes_per_group": 2},
+    }
+    for name, overrides in variants.items():
+        config = make_config(tiny_sd_path, root / name, learning_rate=1e-4, **overrides)
+        train_generator(config, data, accelerator, models=models)
+    return root
+
+
+def adapters(folder):
+    return [load_safetensors(Path(folder) / f / LORA_WEIGHT_NAME) for f in FOLDERS]
+
+
+def relative_b_difference(a, b):
+    """||B_a - B_b|| / ||B_a|| over the B ("up") factors, which start at 0 and hold all the training."""
+    ups = [k for k in a if k.endswith("up.weight")]
+    return (
+        torch.cat([(a[k] - b[k]).flatten() for k in ups]).norm() / torch.cat([a[k].flatten() for k in ups]).norm()
+    ).item()
+
+
+def assert_close_adapters(expected, actual, atol=1e-5, rtol=1e-3):
+    """Equal keys, every weight within `atol`, and the B factors within `rtol` relative to their size."""
+    for a, b in zip(expected, actual):
+        assert set(a) == set(b)
+        worst = max((a[k] - b[k]).abs().max().item() for k in a)
+        assert worst < atol, worst
+        assert relative_b_difference(a, b) < rtol
+
+
+# --- the grouped layer --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(5, 7, 6), (5, 6)])
+def test_grouped_layer_applies_each_samples_own_lora(shape):
+    torch.manual_seed(0)
+    base = torch.nn.Linear(6, 4)
+    layer = GroupedLoraLinear(base, num_groups=3, rank=2, scaling=0.5)
+    with torch.no_grad():
+        layer.lora_A.normal_()
+        layer.lora_B.normal_()
+    x = torch.randn(shape)
+    index = torch.tensor([2, 0, 0, 1, 2])
+    layer.group_index = index
+    out = layer(x)
+    for i, g in enumerate(index.tolist()):
+        expected = base(x[i]) + (x[i] @ layer.lora_A[g].T @ layer.lora_B[g].T) * 0.5  # peft: base + B(A(x)) * s
+        torch.testing.assert_close(out[i], expected)
+    layer.group_index = index[:2]
+    with pytest.raises(RuntimeError, match="group index"):
+        layer(x)
+
+
+# --- grouped training == sequential -------------------------------------------------------------------------------
+
+
+def test_grouped_equals_sequential_and_classes_differ(runs):
+    sequential = adapters(runs / "sequential")
+    for variant in ("grouped", "grouped-by-2"):
+        assert_close_adapters(sequential, adapters(runs / variant))
+    # The tolerance is far below what tells the classes apart.
+    assert relative_b_difference(sequential[0], sequential[1]) > 100 * 1e-3
+    # Same files: keys and LoRA metadata as the sequential path writes them, and the same output folder.
+    for folder in FOLDERS:
+        with safe_open(str(runs / "sequential" / folder / LORA_WEIGHT_NAME), "pt") as a:
+            with safe_open(str(runs / "grouped" / folder / LORA_WEIGHT_NAME), "pt") as b:
+                assert list(a.keys()) == list(b.keys()) and a.metadata() == b.metadata()
+    for name in ("adapter_index.json", "README.md"):
+        assert (runs / "grouped" / name).read_text() == (runs / "sequential" / name).read_text()
+
+
+def test_cached_latents_equal_vae_every_step(runs):
+    assert_close_adapters(adapters(runs / "sequential-uncached"), adapters(runs / "sequential"))
+
+
+def test_grouped_adapter_loads_in_a_fresh_pipeline_and_changes_it(runs, tiny_sd_path):
+    from diffusers import StableDiffusionPipeline
+
+    pipeline = StableDiffusionPipeline.from_pretrained(tiny_sd_path, safety_checker=None, use_safetensors=True)
+    pipeline.set_progress_bar_config(disable=True)
+
+    def sample():
+        return pipeline("a photo of a one", num_inference_steps=2, generator=torch.manual_seed(0), output_type="np")
+
+    base = sample().images
+    pipeline.load_lora_weights(str(runs / "grouped" / FOLDERS[1]), use_safetensors=True)
+    loaded = pipeline.get_active_adapters()[0]
+    saved = load_safetensors(runs / "grouped" / FOLDERS[1] / LORA_WEIGHT_NAME)
+    ups = {k: v for k, v in saved.items() if k.startswith("unet.") and k.endswith("up.weight")}
+    state = get_peft_model_state_dict(pipeline.unet, adapter_name=loaded)
+    for key, value in ups.items():
+        peft_key = key.removeprefix("unet.").replace(".lora.up.weight", ".lora_B.weight")
+        assert torch.equal(state[peft_key], value), key
+    assert not (sample().images == base).all()
+
+
+def test_models_keep_their_peft_layers_after_grouped_training(runs, models):
+    for model in (models.unet, models.text_encoder):
+        assert any(isinstance(m, LoraLayer) for m in model.modules())
+        assert not any(isinstance(m, GroupedLoraLinear) for m in model.modules())
+    assert all(".lora_A.default." in n or ".lora_B.default." in n for n in models.trainable_parameters())
+
+
+def test_groups_and_process_split(data, models, tiny_sd_path, accelerator, runs, tmp_path):
+    config = make_config(tiny_sd_path, tmp_path, classes_per_group=2, learning_rate=1e-4)
+    units = build_units(config, data, models.tokenizer)
+    assert [[u.name for u in group] for group in group_units(units, config)] == [["zero", "one"], ["two"]]
+    # Process 1 of 2 trains class "one" alone; its adapter equals the 1-process run's to tolerance.
+    mine = build_units(config, data, models.tokenizer, process_index=1, num_processes=2)
+    train_groups(models, mine, config, accelerator)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["0001_one"]
+    expected = adapters(runs / "sequential")[1]
+    assert_close_adapters([expected], [load_safetensors(tmp_path / "0001_one" / LORA_WEIGHT_NAME)])
+
+
+# --- grouped checkpoints and resume -------------------------------------------------------------------------------
+
+
+def crash_at(unit_name, step, seen):
+    def callback(unit, done):
+        seen.append((unit.name, done))
+        if (unit.name, done) == (unit_name, step):
+            raise Crash(f"killed after step {done}")
+
+    return callback
+
+
+def test_grouped_resume_equals_uninterrupted(tiny_sd_path, data, models, accelerator, runs, tmp_path):
+    """5 steps, checkpoints at 2 and 4; killed after step 5 with class two's checkpoint-4 lost (a kill between the
+    classes' writes): the group resumes from the newest step all classes have, and ends bit-identical."""
+    reference = tmp_path / "reference"
+    config = make_config(tiny_sd_path, reference, max_train_steps=5)
+    train_generator(config, data, accelerator, models=models)
+    output = tmp_path / "resumed"
+    interrupted = make_config(tiny_sd_path, output, max_train_steps=5)
+    with pytest.raises(Crash):
+        train_generator(interrupted, data, accelerator, models=models, step_callback=crash_at("two", 5, []))
+    assert not any((output / f / LORA_WEIGHT_NAME).exists() for f in FOLDERS)
+    assert [c.name for c in list_checkpoints(output / FOLDERS[0])] == ["checkpoint-2", "checkpoint-4"]
+    # Per-class checkpoints in the sequential path's format: the same parameter names.
+    sequential = list_checkpoints(runs / "sequential" / FOLDERS[0])[-1]
+    assert set(load_safetensors(sequential / WEIGHTS_NAME)) == set(
+        load_safetensors(output / FOLDERS[0] / "checkpoint-2" / WEIGHTS_NAME)
+    )
+    shutil.rmtree(output / FOLDERS[2] / "checkpoint-4")
+    seen = []
+    resumed = GeneratorTrainingConfig(**{**interrupted.to_dict(), "resume_from_checkpoint": "latest"})
+    train_generator(resumed, data, accelerator, models=models, step_callback=crash_at(None, 0, seen))
+    assert seen == [(name, step) for step in (3, 4, 5) for name in CLASSES]
+    for folder in FOLDERS:
+        a = load_safetensors(reference / folder / LORA_WEIGHT_NAME)
+        b = load_safetensors(output / folder / LORA_WEIGHT_NAME)
+        assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), folder
+    # A finished group is skipped on resume.
+    seen.clear()
+    train_generator(resumed, data, accelerator, models=models, step_callback=crash_at(None, 0, seen))
+    assert seen == []
+
+
+# --- latent cache and prompt deduplication ------------------------------------------------------------------------
+
+
+def test_latent_cache_holds_each_crops_posterior(models, data):
+    from PIL import Image
+
+    wide = [image.resize((34, 32)) for image in data.images[:2]]  # 3 crop offsets each at 32 px
+    prompt_ids = torch.arange(6).reshape(2, 3)
+    unit = make_unit("x", ".", 3, wide, [0, 1], prompt_ids, 32)
+    device, dtype = models.device, torch.float32
+    cache = LatentCache.build(models.vae, unit.images, 32, dtype, device)
+    assert len(cache) == 6
+    for step in range(3):
+        plain = make_step_batch(unit, step, 2, 32, models.latent_shape(32), 1000)
+        cached = make_step_batch(unit, step, 2, 32, models.latent_shape(32), 1000, cache)
+        assert all(torch.equal(a, b) for a, b in zip(plain.as_tuple(), cached.as_tuple()))  # same draws
+        mean, std = encode_posterior(models.vae, plain.pixel_values, dtype, device)
+        torch.testing.assert_close(cached.latent_mean, mean, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(cached.latent_std, std, atol=1e-5, rtol=1e-5)
+        with torch.no_grad():
+            torch.testing.assert_close(
+                diffusion_loss(models, cached, dtype), diffusion_loss(models, plain, dtype), atol=1e-5, rtol=1e-4
+            )
+    # Too many crop offsets: no cache (the step encodes, as the reference).
+    tall = make_unit("y", ".", 3, [Image.new("RGB", (32, 60))], [0], prompt_ids, 32)
+    assert LatentCache.build(models.vae, tall.images, 32, dtype, device) is None
+
+
+def test_prompts_encoded_once_give_the_same_states_and_gradients(models, data):
+    ids = models.tokenizer(["a photo of a one"] * 3 + ["a photo of a two"] * 2, padding="max_length",
+                           max_length=models.tokenizer.model_max_length, return_tensors="pt").input_ids  # fmt: skip
+    params = [p for n, p in models.trainable_parameters().items() if n.startswith("text_encoder.")]
+    results = []
+    for encode in (lambda: models.text_encoder(ids, return_dict=False)[0], lambda: encode_prompts(models, ids)):
+        states = encode()
+        grads = torch.autograd.grad((states * torch.linspace(0, 1, states.shape[-1])).sum(), params)
+        results.append((states.detach(), grads))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-6, rtol=1e-5)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+# --- generation: direct fusion ------------------------------------------------------------------------------------
+
+
+def test_direct_fusion_equals_diffusers_fuse_and_restores_the_base(runs, tiny_sd_path, tmp_path):
+    from datadream_hf.generation import FusedAdapterSwitcher, load_generation_pipeline
+
+    pipeline = load_generation_pipeline(tiny_sd_path)
+    switcher = FusedAdapterSwitcher(pipeline)
+
+    def weights():
+        parts = {"unet": pipeline.unet, "text_encoder": pipeline.text_encoder}
+        return {f"{c}.{n}": t.clone() for c, model in parts.items() for n, t in model.state_dict().items()}
+
+    base = weights()
+    file = runs / "grouped" / FOLDERS[1] / LORA_WEIGHT_NAME
+    switcher.use(file)
+    direct = weights()
+    assert not switcher._peft_loaded and direct.keys() == base.keys()  # no peft layer was injected
+    # Without r/alpha metadata the file goes through diffusers' load_lora_weights + fuse_lora instead.
+    plain = tmp_path / "plain" / LORA_WEIGHT_NAME
+    plain.parent.mkdir()
+    save_file(load_safetensors(file), str(plain))
+    switcher.use(plain)
+    assert switcher._peft_loaded
+    pipeline.unload_lora_weights()  # keeps the fused weights, drops the peft layers, to compare by name
+    switcher._peft_loaded = False
+    via_diffusers = weights()
+    assert sum(not torch.equal(direct[k], base[k]) for k in base) > 0
+    for key in base:
+        assert torch.equal(direct[key], via_diffusers[key]), key
+    switcher.reset()
+    assert all(torch.equal(value, base[key]) for key, value in weights().items())
+
+
+# --- configuration, script, benchmarks ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overrides, culprit", [({"cls_strategy": "batched"}, "cls_strategy"),
+                                                ({"classes_per_group": 0}, "classes_per_group")])  # fmt: skip
+def test_bad_speed_settings_name_the_field(overrides, culprit):
+    with pytest.raises(ValueError, match=culprit):
+        GeneratorTrainingConfig(pretrained_model_name_or_path="some/model", **overrides)
+
+
+def test_script_flags_reach_the_config(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS.parent / "training_scripts"))
+    import train_datadream_lora
+
+    base = ["--pretrained_model_name_or_path", "m", "--dataset", "d", "--few_shot_manifest", "f.json"]
+    args = train_datadream_lora.parse_args(base + ["--cls_strategy", "grouped", "--classes_per_group", "4",
+                                                   "--no-cache_latents"])  # fmt: skip
+    config = train_datadream_lora.config_from_args(args, "no")
+    assert (config.cls_strategy, config.classes_per_group, config.cache_latents) == ("grouped", 4, False)
+    default = train_datadream_lora.config_from_args(train_datadream_lora.parse_args(base), "no")
+    assert (default.cls_strategy, default.cache_latents) == ("sequential", True)
+
+
+def test_benchmarks_run_and_report_ratios(tiny_sd_path, tmp_path, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import bench_generation
+    import bench_stage1_cls
+
+    stage1 = bench_stage1_cls.main(bench_stage1_cls.parse_args([
+        "--pretrained_model_name_or_path", tiny_sd_path, "--resolution", "32", "--num_classes", "2", "--k", "2",
+        "--train_batch_size", "2", "--max_train_steps", "2", "--skip_ablations", "--output_dir", str(tmp_path / "s1"),
+        "--json", str(tmp_path / "s1.json"),
+    ]))  # fmt: skip
+    assert set(stage1) == {"reference", "ours"} and stage1["ours"]["max_relative_diff_B"] < 1e-3
+    generation = bench_generation.main(bench_generation.parse_args([
+        "--pretrained_model_name_or_path", tiny_sd_path, "--num_classes", "2", "--images_per_class", "1",
+        "--num_inference_steps", "2", "--output_dir", str(tmp_path / "g"),
+    ]))  # fmt: skip
+    assert {"base", "ours", "ours+write", "unfused", "reference"} <= set(generation)
+    assert generation["reference"]["max_pixel_diff_vs_ours"] <= 2
+    printed = capsys.readouterr().out
+    assert "target >= 3x" in printed and "target < 5%" in printed
+    assert json.loads((tmp_path / "s1.json").read_text())["results"]["ours"]["speedup_vs_reference"] > 0
