@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
+from .data import to_rgb
+
 AUGMENTATIONS = ("datadream", "none")
 MIX_AUGMENTATIONS = ("none", "mixup", "cutmix", "mixup_or_cutmix")
 
@@ -155,7 +157,7 @@ class DataDreamAugmentation:
     def augment(self, image: Image.Image) -> Image.Image:
         """The augmented PIL image at `size` x `size`, before normalization."""
         rng = self._rng()
-        image = rand_augment(image.convert("RGB"), rng)
+        image = rand_augment(to_rgb(image), rng)  # to_rgb: 16-bit images are rescaled, not clipped
         box = random_resized_crop_box(*image.size, rng, scale=self.crop_scale)
         image = image.resize((self.size, self.size), Image.BICUBIC, box=box)
         if rng.random() < 0.5:
@@ -181,7 +183,7 @@ class EvalTransform:
         self.image_processor = image_processor
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        return self.image_processor(images=image.convert("RGB"), return_tensors="pt")["pixel_values"][0]
+        return self.image_processor(images=to_rgb(image), return_tensors="pt")["pixel_values"][0]
 
 
 def build_transforms(image_processor, augmentation: str = "datadream", seed: int = 0) -> tuple[Callable, Callable]:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
 from transformers import AutoTokenizer, CLIPModel
 from transformers.utils import ModelOutput
@@ -147,6 +147,19 @@ class CLIPLoRAClassifier(nn.Module):
     def load_adapter_weights(self, adapter_directory: str | os.PathLike) -> None:
         """Loads LoRA weights saved by `save_pretrained` into this model (e.g. the best checkpoint)."""
         state_dict = load_safetensors(Path(adapter_directory) / ADAPTER_WEIGHTS_NAME)
+        expected = get_peft_model_state_dict(self.clip)
+        mismatched = [
+            (key, tuple(value.shape), tuple(expected[key].shape))
+            for key, value in state_dict.items()
+            if key in expected and value.shape != expected[key].shape
+        ]
+        if mismatched:
+            key, found, wanted = mismatched[0]
+            raise ValueError(
+                f"Adapter in {str(adapter_directory)!r} does not fit this model: {key} has shape {found} but the "
+                f"model's is {wanted} ({len(mismatched)} such weights). It was trained on another base model; load it "
+                f"with that one (this model is {self.base_model_name_or_path!r})."
+            )
         result = set_peft_model_state_dict(self.clip, state_dict)
         missing_lora = [key for key in result.missing_keys if "lora_" in key]
         if missing_lora or result.unexpected_keys:

@@ -176,7 +176,33 @@ def decode_images(dataset: Dataset) -> list[PILImage.Image]:
         try:
             image = PILImage.open(io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"])
             image.load()
+        except PILImage.DecompressionBombError as err:
+            raise DatasetInputError(
+                f"Image {where!r} is too large to decode safely ({err}). Downscale it, or raise "
+                "`PIL.Image.MAX_IMAGE_PIXELS` if you trust the file."
+            ) from err
         except Exception as err:  # PIL raises several unrelated types for broken files
             raise DatasetInputError(f"Image {where!r} cannot be decoded ({err}). Remove or replace the file.") from err
-        images.append(image.convert("RGB"))
+        images.append(to_rgb(image))
     return images
+
+
+def to_rgb(image: PILImage.Image) -> PILImage.Image:
+    """An RGB version of any PIL image; 16-bit, 32-bit and float grayscale are rescaled to 8 bits, not clipped.
+
+    PIL's own `convert("RGB")` clips 16-bit values (mode `I;16`, e.g. 16-bit PNG) at 255, which turns such an image
+    almost white. Alpha is dropped, as the reference's `Image.open(path).convert("RGB")` does.
+    """
+    if image.mode == "RGB":
+        return image
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        pixels = np.asarray(image, dtype=np.float64)
+        peak = float(pixels.max()) if pixels.size else 0.0
+        if image.mode.startswith("I;16") or (image.mode == "I" and 255 < peak <= 65535):
+            pixels = pixels / 257.0  # 65535 -> 255
+        elif image.mode == "I" and peak > 65535:
+            pixels = pixels * (255.0 / peak)
+        elif image.mode == "F" and peak <= 1.0:
+            pixels = pixels * 255.0  # float images in [0, 1]
+        image = PILImage.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))  # mode L
+    return image.convert("RGB")

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from .faults import kill_point
 from .lora import load_safetensors
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -62,11 +63,12 @@ def prune_checkpoints(folder: str | os.PathLike, total_limit: int | None) -> lis
 
 
 def remove_partial_checkpoints(folder: str | os.PathLike) -> None:
-    """Removes temp folders left by a process killed while writing a checkpoint."""
+    """Removes temp folders left by a process killed while writing a checkpoint or an adapter."""
     folder = Path(folder)
     if folder.is_dir():
-        for path in folder.glob(".checkpoint-*.tmp"):
-            shutil.rmtree(path, ignore_errors=True)
+        for pattern in (".checkpoint-*.tmp", ".adapter-*.tmp"):
+            for path in folder.glob(pattern):
+                shutil.rmtree(path, ignore_errors=True)
 
 
 def _split_optimizer_state(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -115,6 +117,7 @@ def save_checkpoint(
     save_file({name: p.detach().cpu().contiguous() for name, p in parameters.items()}, str(tmp / WEIGHTS_NAME))
     optimizer_tensors, optimizer_rest = _split_optimizer_state(optimizer.state_dict())
     save_file(optimizer_tensors, str(tmp / OPTIMIZER_NAME))
+    kill_point("checkpoint-write")  # test hook: the checkpoint is half written, in its temp folder only
     state = {
         "step": step,
         "meta": meta,

@@ -260,6 +260,7 @@ def log_validation(models: GeneratorModels, unit, config: GeneratorTrainingConfi
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
+        use_safetensors=True,
     )  # only the sampling scheduler is read from disk; the trained modules are reused
     pipeline.set_progress_bar_config(disable=True)
     template = config.prompt_template()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 LOCK_NAME = ".datadream.lock"
@@ -59,3 +60,31 @@ class OutputDirLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+@contextmanager
+def output_dir_lock(output_dir: str | os.PathLike, state=None):
+    """Holds `OutputDirLock(output_dir)` on the main process of a (possibly distributed) run, for the `with` block.
+
+    Args:
+        state: an `accelerate.PartialState` or `Accelerator` (anything with `is_main_process` and
+            `num_processes`); None for a single process. If another run holds the folder, every process of this run
+            raises `OutputDirLockedError` (the main process tells the others), so none is left waiting at a barrier.
+    """
+    lock, error = OutputDirLock(output_dir), None
+    if state is None or state.is_main_process:
+        try:
+            lock.acquire()
+        except OutputDirLockedError as err:
+            error = str(err)
+    if state is not None and state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        error = broadcast_object_list([error])[0]
+    if error is not None:
+        lock.release()
+        raise OutputDirLockedError(error)
+    try:
+        yield lock
+    finally:
+        lock.release()

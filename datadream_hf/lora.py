@@ -18,6 +18,7 @@ TEXT_ENCODER_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj"]
 CLASSIFIER_TARGET_MODULES = ["q_proj", "v_proj"]
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 def generator_lora_configs(rank: int = 16, alpha: int | None = None, init: str | bool = "gaussian"):
@@ -85,5 +86,11 @@ def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             "Convert it with `safetensors.torch.save_file`."
         )
     if not path.is_file():
+        pickles = sorted(p.name for p in path.parent.glob("*") if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise ValueError(
+                f"Refusing to load {pickles} from {str(path.parent)!r}: pickled weights can execute code when loaded, "
+                f"and {path.name} (safetensors) is missing. Convert the weights with `safetensors.torch.save_file`."
+            )
         raise FileNotFoundError(f"Weights file {str(path)!r} does not exist.")
     return load_file(str(path))

@@ -23,6 +23,7 @@ from PIL import Image as PILImage
 
 from . import hub
 from .cards import render_card
+from .faults import kill_point
 from .layout import class_folder_name, write_json_atomic, write_text_atomic
 
 GENERATION_CONFIG_NAME = "generation_config.json"
@@ -103,9 +104,11 @@ def write_shard(
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:
         pq.write_table(table, f)
+        kill_point("shard-write")  # test hook (datadream_hf.faults): the temp file may be partly written
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    kill_point("shard-manifest")  # test hook: a Parquet file without its manifest is not a finished shard
     manifest = {
         "format_version": SHARD_FORMAT_VERSION,
         "run_fingerprint": run_fingerprint,

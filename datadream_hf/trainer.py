@@ -3,24 +3,36 @@ fixed number of real and synthetic images and whose loss is lambda * CE(real) + 
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import os
+import re
+import shutil
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image as PILImage
 from torch.utils.data import DataLoader, Sampler
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import seed_worker
 
 from .augment import AUGMENTATIONS, MIX_AUGMENTATIONS, mix_batch
+from .classifier import ADAPTER_WEIGHTS_NAME
 from .data import DatasetInputError, class_names_of, labels_of, load_labelled_dataset
+from .faults import kill_point
 from .synthetic import is_generation_dir
 from .synthetic import load_synthetic_dataset as build_synthetic_dataset
 
+logger = logging.getLogger(__name__)
+
 TRAIN_MODES = ("real+synthetic", "synthetic", "real")
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+TRAINER_STATE_NAME = "trainer_state.json"
 
 
 @dataclass
@@ -201,7 +213,13 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         is_real = index < self.num_real
-        row = self.real[index] if is_real else self.synthetic[index - self.num_real]
+        try:  # datasets decodes the image here
+            row = self.real[index] if is_real else self.synthetic[index - self.num_real]
+        except (OSError, ValueError, PILImage.DecompressionBombError) as err:
+            side, row_index = ("real", index) if is_real else ("synthetic", index - self.num_real)
+            raise DatasetInputError(
+                f"Image of row {row_index} of the {side} data cannot be decoded ({err}). Remove or replace it."
+            ) from err
         return {"pixel_values": self.transform(row["image"]), "labels": int(row["label"]), "is_real": is_real}
 
 
@@ -322,6 +340,30 @@ class MixedRealSyntheticTrainer(Trainer):
         self._partial_losses: dict[str, list[torch.Tensor]] = {}
         self._mix_rng = np.random.default_rng([self.args.seed, self.args.process_index, 1])
 
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        """`Trainer.train`, except that resuming never takes a checkpoint a killed run left half written.
+
+        Args:
+            resume_from_checkpoint: `"latest"` (or `True`) resumes from the newest complete checkpoint in `output_dir`
+                and starts from scratch when there is none (the main process deletes incomplete ones first); a path
+                must be a complete checkpoint.
+        """
+        if resume_from_checkpoint is True or resume_from_checkpoint == "latest":
+            if self.args.should_save:
+                for path in remove_incomplete_checkpoints(self.args.output_dir):
+                    logger.info(f"Removed {path}: a run was killed while writing it.")
+            latest = latest_complete_checkpoint(self.args.output_dir)
+            if latest is None:
+                logger.info(f"No complete checkpoint in {self.args.output_dir}: training from the start.")
+            resume_from_checkpoint = str(latest) if latest is not None else None
+        elif resume_from_checkpoint and not is_complete_checkpoint(resume_from_checkpoint):
+            raise ValueError(
+                f"`resume_from_checkpoint` {str(resume_from_checkpoint)!r} is not a complete checkpoint (no valid "
+                f"{TRAINER_STATE_NAME}: a run was killed while writing it, or it is no Trainer checkpoint). Pass "
+                "'latest' to resume from the newest complete one."
+            )
+        return super().train(resume_from_checkpoint or None, *args, **kwargs)
+
     # ---- data ----
 
     def _get_train_sampler(self, train_dataset=None) -> RealSyntheticBatchSampler:
@@ -384,6 +426,7 @@ class MixedRealSyntheticTrainer(Trainer):
         loss, parts = real_synthetic_loss(
             outputs.logits, labels, is_real, self.args.real_loss_weight, partner_labels, mix_weight
         )
+        kill_point("trainer-step")  # test hook (datadream_hf.faults): a kill here loses only this step
         for name, value in parts.items():
             self._partial_losses.setdefault(name, []).append(value)
         outputs["loss"] = loss
@@ -406,6 +449,7 @@ class MixedRealSyntheticTrainer(Trainer):
             return
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         self.accelerator.unwrap_model(self.model).save_pretrained(output_dir)
+        kill_point("trainer-save")  # test hook: the adapter is saved, the optimizer and trainer state are not
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
 
@@ -416,3 +460,45 @@ class MixedRealSyntheticTrainer(Trainer):
 
     def _load_best_model(self) -> None:
         self._load_from_checkpoint(self.state.best_model_checkpoint)
+
+
+def checkpoint_step(path: str | os.PathLike) -> int | None:
+    match = CHECKPOINT_PATTERN.match(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def is_complete_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether a Trainer checkpoint was fully written.
+
+    The Trainer writes `trainer_state.json` last (after the adapter, optimizer, scheduler and RNG states), without a
+    rename: a checkpoint counts as complete only when that file parses and names the checkpoint's own step.
+    """
+    path = Path(path)
+    try:
+        state = json.loads((path / TRAINER_STATE_NAME).read_text())
+    except (OSError, ValueError):
+        return False
+    step = checkpoint_step(path)
+    return (step is None or state.get("global_step") == step) and (path / ADAPTER_WEIGHTS_NAME).is_file()
+
+
+def _checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = [p for p in output_dir.iterdir() if p.is_dir() and checkpoint_step(p) is not None]
+    return sorted(found, key=checkpoint_step)
+
+
+def latest_complete_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The newest complete `checkpoint-<step>` in `output_dir` (see `is_complete_checkpoint`), or None."""
+    complete = [p for p in _checkpoints(output_dir) if is_complete_checkpoint(p)]
+    return complete[-1] if complete else None
+
+
+def remove_incomplete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Deletes the checkpoints a killed run left half written; returns them."""
+    removed = [p for p in _checkpoints(output_dir) if not is_complete_checkpoint(p)]
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    return removed

@@ -142,8 +142,8 @@ def main(args: argparse.Namespace) -> None:
         resolution=args.resolution,
         no_adapter=args.no_adapter,
     )
-    # The token is left out of the recorded command.
-    argv = [a for i, a in enumerate(sys.argv) if a != "--hub_token" and sys.argv[i - 1] != "--hub_token"]
+    # The token is masked in the recorded command however it was passed (`--hub_token X`, `--hub_token=X`, ...).
+    argv = ["<hub_token>" if args.hub_token and args.hub_token in a else a for a in sys.argv]
 
     # 2. Generation (resumes from the finished shards in --output_dir).
     generate_synthetic_dataset(

@@ -20,6 +20,9 @@ Real-only baseline (same K images): `--train_mode real` without `--synthetic_dat
 `--train_mode synthetic`. Several GPUs: `accelerate launch --num_processes 4 ...` or `torchrun --nproc_per_node 4`.
 Offline tiny run: `datadream-hf tiny-models --output_dir models && datadream-hf digits --output_dir digits`, then
 `--model_name_or_path models/tiny-clip --real_dataset digits --few_shot_manifest <manifest> --train_mode real`.
+
+A killed run continues with the same command plus `--resume_from_checkpoint latest` (the newest complete checkpoint;
+one the kill left half written is deleted, never loaded). A second run into a busy `--output_dir` is refused.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from transformers import CLIPProcessor, HfArgumentParser
+from transformers import CLIPProcessor, HfArgumentParser, set_seed
 
 from datadream_hf.augment import build_transforms
 from datadream_hf.cards import render_card
@@ -39,6 +42,7 @@ from datadream_hf.data import DatasetInputError, class_names_of, load_labelled_d
 from datadream_hf.few_shot import FewShotManifest
 from datadream_hf.hub import push_folder_to_hub
 from datadream_hf.layout import TRAINING_CONFIG_NAME, write_json_atomic, write_text_atomic
+from datadream_hf.locking import output_dir_lock
 from datadream_hf.lora import classifier_lora_config
 from datadream_hf.metrics import classification_report, report_markdown
 from datadream_hf.prompts import DEFAULT_TEMPLATE, PromptTemplate, domain_for_preset
@@ -113,6 +117,8 @@ class ScriptArguments:
             )
         if self.lora_rank < 1:
             raise ValueError(f"`--lora_rank` must be >= 1, got {self.lora_rank}.")
+        if self.dataset_preset is not None:
+            domain_for_preset(self.dataset_preset)  # an unknown preset fails here, before any data is read
 
 
 def parse_args(input_args: list[str] | None = None) -> tuple[ScriptArguments, DataDreamTrainingArguments]:
@@ -193,9 +199,17 @@ def main(args: tuple[ScriptArguments, DataDreamTrainingArguments]) -> dict:
 
     # 1. Data (every input check happens here, before the model loads).
     data = load_data(script_args, training_args)
+    # The main process holds the output folder for the rest of the run: a second run into it is refused.
+    with output_dir_lock(training_args.output_dir, training_args.distributed_state):
+        return train_and_report(script_args, training_args, data, push_to_hub, hub_token)
+
+
+def train_and_report(script_args, training_args, data: dict, push_to_hub: bool, hub_token: str | None) -> dict:
+    """Phases 2-5 of `main`: model, training, final evaluation, outputs and the optional upload."""
     class_names = data["class_names"]
 
-    # 2. Model and transforms.
+    # 2. Model and transforms; seeded first, since the LoRA init draws from the global RNG (the Trainer seeds later).
+    set_seed(training_args.seed)
     prompt_template = prompt_template_of(script_args)
     lora_config = classifier_lora_config(
         rank=script_args.lora_rank,

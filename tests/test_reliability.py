@@ -1,0 +1,887 @@
+"""Reliability and security across the three stages: SIGKILL at named points + resume, one table of bad inputs, safe
+weight loading, no Hub token in any output, class names that cannot escape, and one run per output folder.
+
+Kills are deterministic: the real scripts run as subprocesses with `DATADREAM_TEST_KILL_AT=<point>:<n>`
+(`datadream_hf.faults`), and each kill is followed by a resume that must end where an uninterrupted run ends.
+"""
+
+import ast
+import importlib.util
+import io
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from datasets import ClassLabel, Dataset, Features, Value
+from datasets import Image as ImageFeature
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from datadream_hf.data import DatasetInputError, decode_images, load_image_folder, load_labelled_dataset
+from datadream_hf.faults import KILL_AT_ENV, kill_point, parse_kill_spec
+from datadream_hf.few_shot import draw_few_shot
+from datadream_hf.generation import GenerationConfig, GenerationInputError, generate_synthetic_dataset
+from datadream_hf.generator_checkpoint import STATE_NAME, list_checkpoints
+from datadream_hf.layout import ADAPTER_INDEX_NAME, class_folder_name, read_adapter_index
+from datadream_hf.locking import LOCK_NAME, OutputDirLockedError
+from datadream_hf.lora import LORA_WEIGHT_NAME
+from datadream_hf.synthetic import SyntheticDataDreamBuilder, SyntheticDatasetError, is_shard_finished, missing_shards
+from datadream_hf.testing import write_fake_stage1_output
+from datadream_hf.trainer import is_complete_checkpoint, latest_complete_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = {
+    "stage1": REPO / "training_scripts" / "train_datadream_lora.py",
+    "stage2": REPO / "training_scripts" / "generate_synthetic.py",
+    "stage3": REPO / "training_scripts" / "train_classifier.py",
+}
+CLASSES = ["zero", "one"]
+SENTINEL = "hf_SENTINELtokenNEVERwrittenANYWHERE42"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Subprocesses run with OMP_NUM_THREADS=1; CPU reductions may round differently with other thread counts, and
+    # resumed runs are compared bit for bit with in-process ones.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def load_script(stage: str):
+    name = SCRIPTS[stage].stem
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS[stage])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses resolve the script's annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_main(stage: str, args: list[str]):
+    script = load_script(stage)
+    return script.main(script.parse_args([str(a) for a in args]))
+
+
+def run_killed(stage: str, args: list[str], kill_at: str) -> subprocess.CompletedProcess:
+    """Runs a stage's script in a fresh process that SIGKILLs itself at `kill_at` (`<point>:<n>`)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", KILL_AT_ENV: kill_at}
+    command = [sys.executable, str(SCRIPTS[stage]), *[str(a) for a in args]]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == -signal.SIGKILL, f"not killed at {kill_at}: {result.stderr[-3000:]}"
+    return result
+
+
+def temp_files(folder: Path) -> list[Path]:
+    return sorted(p for p in Path(folder).rglob(".*") if p.name.endswith(".tmp"))
+
+
+def assert_same_tensors(first: Path, second: Path):
+    a, b = load_file(str(first)), load_file(str(second))
+    assert set(a) == set(b)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.fixture(scope="module")
+def stage1_data(digits, digits_path, tmp_path_factory):
+    """Two digit classes, K=2: the manifest stage 1 trains on (over `digits_path` with --class_names zero,one)."""
+    dataset = load_labelled_dataset(digits, split="train", class_names=CLASSES)
+    path = tmp_path_factory.mktemp("stage1-data") / "manifest.json"
+    draw_few_shot(dataset, k=2, seed=0, source_name="digits", split="train").save(path)
+    return {"dataset": digits_path, "manifest": str(path)}
+
+
+def stage1_args(tiny_sd_path, stage1_data, output_dir, *extra):
+    return [
+        "--pretrained_model_name_or_path", tiny_sd_path, "--dataset", stage1_data["dataset"], "--class_names",
+        ",".join(CLASSES), "--few_shot_manifest", stage1_data["manifest"], "--output_dir", output_dir,
+        "--resolution", "32", "--train_batch_size", "2", "--max_train_steps", "3", "--lr_warmup_steps", "0",
+        "--learning_rate", "1e-3", "--checkpointing_steps", "1", "--mode", "cls", "--report_to", "none", *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def fake_stage1(tiny_sd_path, tmp_path_factory):
+    return write_fake_stage1_output(tmp_path_factory.mktemp("fake-stage1") / "cls", tiny_sd_path, CLASSES, seed=0)
+
+
+STAGE2_FLAGS = ["--images_per_class", "4", "--num_inference_steps", "2", "--batch_size", "2", "--shard_size", "2"]
+
+
+def stage3_args(tiny_clip_path, digits_path, digits_manifest_path, output_dir, *extra):
+    return [
+        "--model_name_or_path", tiny_clip_path, "--real_dataset", digits_path, "--few_shot_manifest",
+        digits_manifest_path, "--train_mode", "real", "--output_dir", output_dir, "--per_device_train_batch_size",
+        "8", "--max_steps", "6", "--save_strategy", "steps", "--save_steps", "2", "--eval_strategy", "steps",
+        "--eval_steps", "2", "--validation_per_class", "2", "--augmentation", "none", "--learning_rate", "1e-3",
+        "--logging_steps", "1", "--disable_tqdm", "true", "--seed", "0", "--report_to", "none", *extra,
+    ]  # fmt: skip
+
+
+# --- 1. kill at a named point, resume, compare with an uninterrupted run ------------------------------------------
+
+
+def test_kill_hook_is_inert_unless_set_and_validates_its_spec(monkeypatch):
+    monkeypatch.delenv(KILL_AT_ENV, raising=False)
+    kill_point("checkpoint-write")  # no variable: nothing happens
+    monkeypatch.setenv(KILL_AT_ENV, "shard-write:2")
+    kill_point("checkpoint-write")  # another point: nothing happens
+    assert parse_kill_spec("trainer-save:3") == ("trainer-save", 3)
+    for bad in ("nowhere:1", "checkpoint-write", "checkpoint-write:0", "checkpoint-write:x"):
+        with pytest.raises(ValueError, match=KILL_AT_ENV):
+            parse_kill_spec(bad)
+
+
+def test_stage1_cls_killed_mid_step_mid_checkpoint_and_mid_adapter_write_resumes_bit_exactly(
+    tiny_sd_path, stage1_data, tmp_path
+):
+    """cls mode (grouped: both classes step together), 3 steps, a checkpoint after every step; three kills in a row,
+    each followed by a resume, then a last resume that must end with the uninterrupted run's adapters bit for bit."""
+    reference, out = tmp_path / "reference", tmp_path / "killed"
+    grouped = ("--cls_strategy", "grouped")
+    run_main("stage1", stage1_args(tiny_sd_path, stage1_data, reference, *grouped))
+    zero, one = out / class_folder_name(0, "zero"), out / class_folder_name(1, "one")
+
+    def checkpoints(folder):
+        return [c.name for c in list_checkpoints(folder)]
+
+    # 1. Mid-step 2: both classes have checkpoint-1 and no adapter; the folder has no index, so stage 2 refuses it.
+    run_killed("stage1", stage1_args(tiny_sd_path, stage1_data, out, *grouped), "generator-step:2")
+    assert checkpoints(zero) == checkpoints(one) == ["checkpoint-1"]
+    assert not list(out.rglob(LORA_WEIGHT_NAME))
+    with pytest.raises(FileNotFoundError, match=ADAPTER_INDEX_NAME):
+        read_adapter_index(out)
+
+    # 2. Mid-checkpoint write, between the two classes' checkpoint-2: `one`'s is only a temp folder.
+    resume = stage1_args(tiny_sd_path, stage1_data, out, *grouped, "--resume_from_checkpoint", "latest")
+    run_killed("stage1", resume, "checkpoint-write:2")
+    assert checkpoints(zero) == ["checkpoint-1", "checkpoint-2"] and checkpoints(one) == ["checkpoint-1"]
+    half = one / ".checkpoint-2.tmp"
+    assert half.is_dir() and not (half / STATE_NAME).exists()  # never listed as a checkpoint
+
+    # 3. Mid-adapter write: `zero`'s adapter is in place, `one`'s only in its temp folder.
+    run_killed("stage1", resume, "adapter-write:2")
+    assert (zero / LORA_WEIGHT_NAME).is_file() and not (one / LORA_WEIGHT_NAME).exists() and temp_files(one)
+    assert not (out / ADAPTER_INDEX_NAME).exists()
+
+    # 4. The last resume finishes: the same adapters, bit for bit, and no temp file left.
+    run_main("stage1", resume)
+    for i, name in enumerate(CLASSES):
+        folder = class_folder_name(i, name)
+        assert_same_tensors(reference / folder / LORA_WEIGHT_NAME, out / folder / LORA_WEIGHT_NAME)
+    assert read_adapter_index(out) == read_adapter_index(reference)
+    assert not temp_files(out)
+
+
+def test_stage1_dset_killed_mid_checkpoint_write_resumes_bit_exactly(tiny_sd_path, stage1_data, tmp_path):
+    """dset mode (the one-adapter path): killed while writing checkpoint-2, resumed from checkpoint-1."""
+    reference, out = tmp_path / "reference", tmp_path / "killed"
+    run_main("stage1", stage1_args(tiny_sd_path, stage1_data, reference, "--mode", "dset"))
+    run_killed("stage1", stage1_args(tiny_sd_path, stage1_data, out, "--mode", "dset"), "checkpoint-write:2")
+    assert [c.name for c in list_checkpoints(out)] == ["checkpoint-1"] and temp_files(out)
+    assert not (out / LORA_WEIGHT_NAME).exists()
+    run_main("stage1", stage1_args(tiny_sd_path, stage1_data, out, "--mode", "dset", "--resume_from_checkpoint",
+                                   "latest"))  # fmt: skip
+    assert_same_tensors(reference / LORA_WEIGHT_NAME, out / LORA_WEIGHT_NAME)
+    assert not temp_files(out)
+
+
+def test_stage2_killed_mid_shard_write_and_before_its_manifest_resumes_bit_exactly(
+    tiny_sd_path, fake_stage1, tmp_path
+):
+    """2 classes x 4 images in shards of 2: killed inside a shard's Parquet write, then before its manifest."""
+    reference, out = tmp_path / "reference", tmp_path / "killed"
+    config = GenerationConfig(images_per_class=4, num_inference_steps=2, batch_size=2, shard_size=2)
+    generate_synthetic_dataset(reference, tiny_sd_path, config, adapter_path=fake_stage1)
+    args = ["--pretrained_model_name_or_path", tiny_sd_path, "--adapter_path", fake_stage1, "--output_dir", out]
+    args += STAGE2_FLAGS
+    second_shard = out / "shards" / class_folder_name(0, "zero") / "shard-000002-000004.parquet"
+
+    # 1. Inside the second shard's Parquet write: only a temp file exists for it.
+    run_killed("stage2", args, "shard-write:2")
+    assert temp_files(out) and not second_shard.exists()
+    assert len(missing_shards(out)) == 3
+    with pytest.raises(SyntheticDatasetError, match="incomplete"):
+        SyntheticDataDreamBuilder(generation_dir=out, cache_dir=str(tmp_path / "cache"))
+
+    # 2. The re-run redoes that shard and dies after its Parquet rename, before its manifest.
+    run_killed("stage2", args, "shard-manifest:1")
+    assert second_shard.is_file() and not second_shard.with_suffix(".json").exists() and not temp_files(out)
+    info = json.loads((out / "generation_config.json").read_text())
+    from datadream_hf.synthetic import Shard
+
+    assert not is_shard_finished(out, Shard(0, 2, 4), CLASSES, info["fingerprint"])
+    with pytest.raises(SyntheticDatasetError, match="incomplete"):
+        SyntheticDataDreamBuilder(generation_dir=out, cache_dir=str(tmp_path / "cache"))
+
+    # 3. The last re-run completes: every shard byte-identical to the uninterrupted run's.
+    run_main("stage2", args)
+
+    def shard_bytes(folder):
+        root = Path(folder) / "shards"
+        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+    assert shard_bytes(out) == shard_bytes(reference) and not temp_files(out)
+    assert not missing_shards(out)
+
+
+def test_stage3_killed_mid_step_and_mid_checkpoint_resumes_bit_exactly(
+    tiny_clip_path, digits_path, digits_manifest_path, tmp_path
+):
+    """6 Trainer steps, a checkpoint every 2; killed inside step 5, then while checkpoint-6 is being written.
+
+    Bit-exact with `--augmentation none` and no MixUp/CutMix: the Trainer restores the model, optimizer, scheduler and
+    torch RNG (LoRA dropout) from a checkpoint, but the augmentation's and MixUp's own random streams are not
+    checkpointed, so with them a resumed run is statistically equivalent, not bit-identical.
+    """
+    from transformers.trainer_utils import get_last_checkpoint
+
+    reference, out = tmp_path / "reference", tmp_path / "killed"
+    reference_report = run_main("stage3", stage3_args(tiny_clip_path, digits_path, digits_manifest_path, reference))
+
+    # 1. Mid-step 5: checkpoints 2 and 4 are complete.
+    args = stage3_args(tiny_clip_path, digits_path, digits_manifest_path, out)
+    run_killed("stage3", args, "trainer-step:5")
+    assert latest_complete_checkpoint(out).name == "checkpoint-4"
+
+    # 2. Resumed, then killed while writing checkpoint-6: its adapter is there, its optimizer and state are not.
+    resume = args + ["--resume_from_checkpoint", "latest"]
+    run_killed("stage3", resume, "trainer-save:1")
+    assert (out / "checkpoint-6" / "adapter_model.safetensors").is_file()
+    assert not is_complete_checkpoint(out / "checkpoint-6")
+    assert Path(get_last_checkpoint(str(out))).name == "checkpoint-6"  # what the stock Trainer would resume from
+    assert latest_complete_checkpoint(out).name == "checkpoint-4"  # what we resume from
+
+    # 3. The last resume finishes with the uninterrupted run's adapter and numbers.
+    report = run_main("stage3", resume)
+    assert_same_tensors(reference / "adapter_model.safetensors", out / "adapter_model.safetensors")
+    assert report["evaluations"] == reference_report["evaluations"]
+    selection, expected = report["selection"], reference_report["selection"]
+    assert selection["best_metric"] == expected["best_metric"]
+    assert Path(selection["best_checkpoint"]).name == Path(expected["best_checkpoint"]).name
+
+
+# --- 2. bad input: one table, every case named -------------------------------------------------------------------
+
+
+def noise_image(size=(16, 16), mode="RGB", seed=0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).convert(mode)
+
+
+def png_bytes(image: Image.Image, format="PNG") -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=format)
+    return buffer.getvalue()
+
+
+def sixteen_bit_image() -> Image.Image:
+    gradient = np.tile(np.linspace(0, 65535, 16), (16, 1)).astype(np.uint16)  # (16, 16), mean 32767
+    return Image.fromarray(gradient)
+
+
+def bomb_png(side=40000) -> bytes:
+    """A valid PNG header that claims `side` x `side` pixels (1.6 gigapixels): a decompression bomb."""
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def write_image_folder(root: Path, classes: dict[str, list]) -> Path:
+    """`root/<class>/<i>.<ext>` from PIL images, raw bytes, or `(bytes, ext)` pairs."""
+    for name, items in classes.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i, item in enumerate(items):
+            data, ext = item if isinstance(item, tuple) else (item, "png")
+            (root / name / f"{i}.{ext}").write_bytes(png_bytes(data) if isinstance(data, Image.Image) else data)
+    return root
+
+
+def folder_with(tmp_path: Path, odd, k: int = 2, odd_ext: str = "png") -> tuple[Path, Path]:
+    """An image folder (cat: 2 noise images; dog: 1 noise image + `odd`) and a K-shot manifest drawn over it."""
+    root = write_image_folder(tmp_path / "images", {"cat": [noise_image(), noise_image(seed=1)],
+                                                    "dog": [noise_image(seed=2), (odd, odd_ext)]})  # fmt: skip
+    dataset = load_image_folder(root)  # paths only: nothing is decoded yet
+    manifest = tmp_path / "manifest.json"
+    draw_few_shot(dataset, k=k, seed=0).save(manifest)
+    return root, manifest
+
+
+@dataclass
+class Ctx:
+    tmp: Path
+    out: Path
+    tiny_sd: str
+    tiny_clip: str
+    digits_path: str
+    digits_manifest: str
+    stage1_data: dict
+    fake_stage1: str
+
+    def stage1(self, dataset, manifest, *extra):
+        return run_main("stage1", [
+            "--pretrained_model_name_or_path", self.tiny_sd, "--dataset", dataset, "--few_shot_manifest", manifest,
+            "--output_dir", self.out, "--resolution", "32", "--max_train_steps", "1", "--report_to", "none", *extra,
+        ])  # fmt: skip
+
+    def stage1_digits(self, *extra):
+        return self.stage1(self.stage1_data["dataset"], self.stage1_data["manifest"], "--class_names", "zero,one",
+                           *extra)  # fmt: skip
+
+    def stage2(self, adapters=None, *extra):
+        adapters = self.adapters() if adapters is None else adapters
+        return run_main("stage2", ["--pretrained_model_name_or_path", self.tiny_sd, "--adapter_path", adapters,
+                                   "--output_dir", self.out, *STAGE2_FLAGS, *extra])  # fmt: skip
+
+    def adapters(self, damage=None) -> Path:
+        """A copy of the fake stage-1 output, damaged by `damage(folder)`."""
+        folder = self.tmp / "adapters"
+        if not folder.exists():
+            shutil.copytree(self.fake_stage1, folder)
+        if damage is not None:
+            damage(folder)
+        return folder
+
+    def stage3(self, *extra, mode="real"):
+        return run_main("stage3", [
+            "--model_name_or_path", self.tiny_clip, "--real_dataset", self.digits_path, "--few_shot_manifest",
+            self.digits_manifest, "--output_dir", self.out, "--train_mode", mode, "--max_steps", "1",
+            "--report_to", "none", *extra,
+        ])  # fmt: skip
+
+
+@pytest.fixture
+def ctx(tmp_path, tiny_sd_path, tiny_clip_path, digits_path, digits_manifest_path, stage1_data, fake_stage1):
+    return Ctx(tmp_path, tmp_path / "out", tiny_sd_path, tiny_clip_path, digits_path, digits_manifest_path,
+               stage1_data, fake_stage1)  # fmt: skip
+
+
+def saved_dataset(ctx: Ctx, label_feature, labels) -> str:
+    images = [noise_image(seed=i) for i in range(len(labels))]
+    features = Features({"image": ImageFeature(), "label": label_feature})
+    path = ctx.tmp / "dataset"
+    Dataset.from_dict({"image": images, "label": labels}, features=features).save_to_disk(str(path))
+    return str(path)
+
+
+def odd_image_case(image: Image.Image, ext: str = "png"):
+    """An accepted input: the odd image loads as RGB through stage 1's loader and every stage-3 transform."""
+
+    def run(ctx: Ctx):
+        from transformers import CLIPProcessor
+
+        from datadream_hf.augment import build_transforms
+        from datadream_hf.generator_config import GeneratorTrainingConfig
+        from datadream_hf.generator_outputs import load_few_shot_data
+
+        root, manifest = folder_with(ctx.tmp, png_bytes(image, "TIFF" if ext == "tif" else "PNG"), odd_ext=ext)
+        config = GeneratorTrainingConfig(pretrained_model_name_or_path=ctx.tiny_sd, dataset=str(root),
+                                         few_shot_manifest=str(manifest), output_dir=str(ctx.out))  # fmt: skip
+        data = load_few_shot_data(config)
+        odd = data.images[-1]
+        assert odd.mode == "RGB" and odd.size == image.size
+        processor = CLIPProcessor.from_pretrained(ctx.tiny_clip)
+        raw = load_image_folder(root)[-1]["image"]  # what stage 3 gets from `datasets`, not converted yet
+        for transform in build_transforms(processor.image_processor, "datadream", seed=0):
+            pixels = transform(raw)
+            assert pixels.shape == (3, 32, 32) and torch.isfinite(pixels).all()
+        return odd
+
+    return run
+
+
+def check_sixteen_bit(odd: Image.Image):
+    # PIL's convert("RGB") clips 16-bit values at 255 (a white image); `to_rgb` rescales the gradient instead.
+    assert abs(np.asarray(odd, dtype=np.float64).mean() - 127.5) < 2
+
+
+def hostile_name_case(name: str):
+    """An accepted class name: kept verbatim in the labels and prompts, a safe single folder name on disk."""
+
+    def run(ctx: Ctx):
+        from datadream_hf.prompts import PromptTemplate
+
+        path = saved_dataset(ctx, Value("string"), [name, name, "plain", "plain"])
+        dataset = load_labelled_dataset(path)
+        assert name in dataset.features["label"].names
+        folder = class_folder_name(dataset.features["label"].names.index(name), name)
+        assert (ctx.out / folder).resolve().parent == ctx.out.resolve() and len(folder) <= 53
+        assert "/" not in folder and folder not in (".", "..") and folder.isascii()
+        assert PromptTemplate()(name) == f"a photo of a {name}"
+
+    return run
+
+
+def _edit_json(path: Path, **changes):
+    payload = json.loads(path.read_text())
+    for key, value in changes.items():
+        target = payload
+        *parents, last = key.split(".")
+        for parent in parents:
+            target = target[parent]
+        target[last] = value
+    path.write_text(json.dumps(payload))
+
+
+def _reshape_lora_weight(folder: Path):
+    path = folder / class_folder_name(1, "one") / LORA_WEIGHT_NAME
+    weights = load_file(str(path))
+    key = next(k for k in sorted(weights) if k.startswith("unet.") and k.endswith("down.weight"))
+    weights[key] = torch.zeros(weights[key].shape[0], weights[key].shape[1] + 8)  # as if cross_attention_dim differed
+    save_file(weights, str(path))
+
+
+def _classifier_for_another_base(ctx: Ctx):
+    from datadream_hf.classifier import CLIPLoRAClassifier
+
+    folder = ctx.tmp / "classifier"
+    CLIPLoRAClassifier.from_clip_pretrained(ctx.tiny_clip, CLASSES).save_pretrained(folder)
+    weights = load_file(str(folder / "adapter_model.safetensors"))
+    key = sorted(weights)[0]
+    weights[key] = torch.zeros(weights[key].shape[0], weights[key].shape[1] + 8)  # a wider CLIP's LoRA A
+    save_file(weights, str(folder / "adapter_model.safetensors"))
+    CLIPLoRAClassifier.from_pretrained(folder)
+
+
+def _synthetic_with_other_classes(ctx: Ctx):
+    path = saved_dataset(ctx, ClassLabel(names=["cat", "dog"]), [0, 1])
+    ctx.stage3("--synthetic_dataset", path, mode="real+synthetic")
+
+
+def _half_written_checkpoint(ctx: Ctx):
+    checkpoint = ctx.tmp / "run" / "checkpoint-4"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "adapter_model.safetensors").write_bytes(b"")  # killed before trainer_state.json
+    ctx.stage3("--resume_from_checkpoint", checkpoint)
+
+
+def _cli_few_shot(ctx: Ctx, k: int):
+    from datadream_hf.cli import main
+
+    root, _ = folder_with(ctx.tmp, png_bytes(noise_image(seed=3)))
+    main(["few-shot", "--dataset", str(root), "--k", str(k), "--output", str(ctx.out / "manifest.json")])
+
+
+@dataclass
+class Case:
+    run: object  # (ctx) -> result
+    error: type | None = None  # None: the input is accepted
+    match: str = ""
+    check: object = None  # (result) -> None, for accepted inputs
+    loads_model: bool = False  # the check needs the base model (e.g. weight shapes): may run after loading it
+
+
+CASES = {
+    # Images
+    "corrupt image": Case(lambda c: c.stage1(*map(str, folder_with(c.tmp, b"definitely not a png"))),
+                          DatasetInputError, r"dog/1\.png.*cannot be decoded.*Remove or replace the file"),
+    "truncated image": Case(
+        lambda c: c.stage1(*map(str, folder_with(c.tmp, png_bytes(noise_image((64, 64)))[:2000]))),
+        DatasetInputError, r"dog/1\.png.*cannot be decoded"),
+    "huge image (decompression bomb)": Case(lambda c: c.stage1(*map(str, folder_with(c.tmp, bomb_png()))),
+                                            DatasetInputError, r"dog/1\.png.*too large.*MAX_IMAGE_PIXELS"),
+    "grayscale image": Case(odd_image_case(noise_image(mode="L"))),
+    "grayscale + alpha image": Case(odd_image_case(noise_image(mode="LA"))),
+    "RGBA image": Case(odd_image_case(noise_image(mode="RGBA"))),
+    "palette image": Case(odd_image_case(noise_image(mode="P"))),
+    "CMYK TIFF image": Case(odd_image_case(noise_image(mode="CMYK"), ext="tif")),
+    "16-bit grayscale image": Case(odd_image_case(sixteen_bit_image()), check=check_sixteen_bit),
+    "1-pixel image": Case(odd_image_case(noise_image(size=(1, 1)))),
+    "1 x 300 pixel image": Case(odd_image_case(noise_image(size=(1, 300)))),
+    # Folders and classes
+    "missing class folder": Case(
+        lambda c: c.stage1(*map(str, folder_with(c.tmp, b"")), "--class_names", "cat,dog,bird"),
+        DatasetInputError, r"\['bird'\] have no sub-folder"),
+    "empty class folder": Case(
+        lambda c: c.stage1(str(write_image_folder(c.tmp / "images", {"cat": [noise_image()], "dog": []})),
+                           c.stage1_data["manifest"]), DatasetInputError, r"dog'? holds no image file"),
+    "K larger than a class has": Case(lambda c: _cli_few_shot(c, k=3), DatasetInputError,
+                                      r"Class 'cat' has 2 images but K=3.*lower K"),
+    "duplicate class names": Case(lambda c: c.stage1_digits("--class_names", "zero,zero"), DatasetInputError,
+                                  r"'zero' appears twice.*unique"),
+    "unknown class name": Case(lambda c: c.stage1_digits("--class_names", "zero,eleven"), DatasetInputError,
+                               r"Unknown class name\(s\) \['eleven'\]"),
+    "class name with /": Case(hostile_name_case("stealth/bomber")),
+    "class name ..": Case(hostile_name_case("..")),
+    "class name ../../escape": Case(hostile_name_case("../../escape")),
+    "class name with spaces": Case(hostile_name_case("boeing 747 400")),
+    "unicode class name": Case(hostile_name_case("Cessna Citation ✈ — Ünïcødé 飞机")),
+    "very long class name": Case(hostile_name_case("x" * 300)),
+    # Columns, manifests, presets
+    "label column of the wrong type": Case(
+        lambda c: c.stage1(saved_dataset(c, Value("float32"), [0.5, 1.5]), c.stage1_data["manifest"]),
+        DatasetInputError, r"Label column 'label' has type.*expected a ClassLabel, integer or string column"),
+    "integer labels without class names": Case(
+        lambda c: c.stage1(saved_dataset(c, Value("int64"), [0, 1]), c.stage1_data["manifest"]),
+        DatasetInputError, r"holds integers without class names; pass `class_names`"),
+    "missing image column": Case(lambda c: c.stage1_digits("--image_column", "picture"), DatasetInputError,
+                                 r"Column 'picture' \(image_column\) not found.*Pass `image_column=...`"),
+    "manifest of another dataset": Case(
+        lambda c: c.stage1(c.stage1_data["dataset"], c.digits_manifest, "--class_names", "zero,one"),
+        DatasetInputError, r"manifest's classes .* differ from the dataset's"),
+    "malformed manifest": Case(lambda c: (c.tmp / "m.json").write_text("{not json") and c.stage1_digits(
+        "--few_shot_manifest", c.tmp / "m.json"), DatasetInputError, r"m\.json' cannot be read"),
+    "unknown dataset preset (stage 1)": Case(lambda c: c.stage1_digits("--dataset_preset", "birds"), ValueError,
+                                             r"Unknown dataset preset 'birds'. Choose one of"),
+    "unknown dataset preset (stage 3)": Case(lambda c: c.stage3("--dataset_preset", "birds"), ValueError,
+                                             r"Unknown dataset preset 'birds'. Choose one of"),
+    "resolution not a multiple of 8": Case(lambda c: c.stage1_digits("--resolution", "30"), ValueError,
+                                           r"`resolution` = 30 is invalid: use a positive multiple of 8"),
+    # Adapters and index files (stage 2)
+    "adapter for another base model (recorded id)": Case(
+        lambda c: c.stage2(c.adapters(lambda d: _edit_json(
+            d / "datadream_config.json", **{"base_model.pretrained_model_name_or_path": "other-org/other-model"}))),
+        GenerationInputError, r"trained on base model 'other-org/other-model'.*Pass the model stage 1 used"),
+    "adapter for another base model (weight shapes)": Case(
+        lambda c: c.stage2(c.adapters(_reshape_lora_weight)), GenerationInputError,
+        r"0001_one.*does not fit the base model.*pass the base model stage 1 used", loads_model=True),
+    "classifier adapter for another CLIP": Case(_classifier_for_another_base, ValueError,
+                                                r"does not fit this model.*trained on another base model",
+                                                loads_model=True),
+    "missing index file": Case(lambda c: c.stage2(c.adapters(lambda d: (d / ADAPTER_INDEX_NAME).unlink())),
+                               FileNotFoundError, r"No adapter_index\.json in .*train_datadream_lora\.py"),
+    "malformed index file": Case(
+        lambda c: c.stage2(c.adapters(lambda d: (d / ADAPTER_INDEX_NAME).write_text('{"mode": "cls",'))),
+        ValueError, r"adapter_index\.json' is not valid JSON.*re-run stage 1"),
+    "index entry escaping the folder": Case(
+        lambda c: c.stage2(c.adapters(lambda d: _edit_json(d / ADAPTER_INDEX_NAME, **{"adapters.1": "../../etc"}))),
+        ValueError, r"adapter folder '../../etc' of '1' points outside"),
+    "missing adapter of a class": Case(
+        lambda c: c.stage2(c.adapters(lambda d: (d / class_folder_name(1, "one") / LORA_WEIGHT_NAME).unlink())),
+        GenerationInputError, r"Missing adapter for class 'one'.*Finish stage 1"),
+    "unknown scheduler": Case(lambda c: c.stage2(None, "--scheduler", "NoSuchScheduler"), GenerationInputError,
+                              r"`scheduler`: 'NoSuchScheduler' is not a diffusers scheduler class"),
+    "zero images per class": Case(lambda c: c.stage2(None, "--images_per_class", "0"), GenerationInputError,
+                                  r"`images_per_class` must be an integer >= 1, got 0"),
+    # Classifier training (stage 3)
+    "lambda above 1": Case(lambda c: c.stage3("--real_loss_weight", "1.5"), ValueError,
+                           r"`real_loss_weight` \(lambda\) must lie in \[0, 1\], got 1.5"),
+    "lambda below 0": Case(lambda c: c.stage3("--real_loss_weight", "-0.2"), ValueError,
+                           r"`real_loss_weight` \(lambda\) must lie in \[0, 1\], got -0.2"),
+    "validation split = test split": Case(lambda c: c.stage3("--validation_split", "test"), ValueError,
+                                          r"both 'test': selecting the model on the test split"),
+    "synthetic data with other classes": Case(_synthetic_with_other_classes, DatasetInputError,
+                                              r"has classes \['cat', 'dog'\].*Generate it from the same class list"),
+    "resume from a half-written checkpoint": Case(_half_written_checkpoint, ValueError,
+                                                  r"checkpoint-4' is not a complete checkpoint.*'latest'",
+                                                  loads_model=True),
+    # Batch sizes
+    "batch of 1 cannot hold real and synthetic": Case(
+        lambda c: c.stage3("--synthetic_dataset", c.digits_path, "--per_device_train_batch_size", "1",
+                           mode="real+synthetic"), ValueError, r"`real_samples_per_batch` must be in 1..0"),
+    "batch larger than the data (stage 1: K=2, batch 8)": Case(
+        lambda c: _stage1_batch_steps(c), check=lambda steps: steps == [2]),
+    "batch larger than the data (stage 3: 8 real images, batch 16)": Case(
+        lambda c: _stage3_batches(16), check=lambda batches: all(len(b) == 16 for b in batches)),
+}  # fmt: skip
+
+
+def _stage1_batch_steps(ctx: Ctx):
+    """Stage 1 with a batch larger than a class's K images trains on all of them each step (as the reference's
+    DataLoader without drop_last); returns the batch sizes of a unit's first epoch."""
+    from datadream_hf.generator_data import batch_indices, make_unit
+
+    unit = make_unit("zero", "0000_zero", 0, [noise_image(), noise_image(seed=1)], [0, 0],
+                     torch.zeros(1, 4, dtype=torch.long), resolution=16)  # fmt: skip
+    return [len(batch_indices(unit, 0, batch_size=8))]
+
+
+def _stage3_batches(batch_size: int):
+    """The stage-3 sampler with more batch slots than images cycles the images (the reference repeats the K shots)."""
+    from datadream_hf.trainer import RealSyntheticBatchSampler
+
+    sampler = RealSyntheticBatchSampler(num_real=8, num_synthetic=0, real_per_batch=batch_size, synthetic_per_batch=0)
+    return list(sampler)
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Makes every base-model load fail loudly: a bad input must be refused before it."""
+    import datadream_hf.classifier
+    import datadream_hf.generation
+    import datadream_hf.generator_training
+
+    def expensive(*args, **kwargs):
+        raise AssertionError("a base model was loaded before the bad input was refused")
+
+    monkeypatch.setattr(datadream_hf.generator_training, "load_generator_models", expensive)
+    monkeypatch.setattr(datadream_hf.generation, "load_generation_pipeline", expensive)
+    monkeypatch.setattr(datadream_hf.classifier.CLIPLoRAClassifier, "from_clip_pretrained", classmethod(expensive))
+
+
+def assert_nothing_written(folder: Path):
+    written = [p for p in folder.rglob("*") if p.is_file() and p.name != LOCK_NAME] if folder.exists() else []
+    assert not written, f"left behind: {written}"
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_input_case(name, ctx, request):
+    case = CASES[name]
+    if not case.loads_model:
+        request.getfixturevalue("no_model_loading")
+    if case.error is None:
+        result = case.run(ctx)
+        if case.check is not None:
+            assert case.check(result) is not False
+        return
+    with pytest.raises(case.error, match=case.match):
+        case.run(ctx)
+    assert_nothing_written(ctx.out)
+
+
+def test_the_table_covers_the_issue():
+    errors = [name for name, case in CASES.items() if case.error is not None]
+    assert len(errors) >= 20 and len(CASES) >= 40
+
+
+def test_odd_images_train_in_stage1_end_to_end(tiny_sd_path, tmp_path):
+    """Grayscale, RGBA, 16-bit, palette and 1-pixel images (and a batch larger than the data) really train."""
+    root = write_image_folder(tmp_path / "images", {
+        "gray": [noise_image(mode="L"), noise_image(mode="LA", seed=1)],
+        "deep": [sixteen_bit_image(), noise_image(mode="RGBA", seed=2)],
+        "tiny": [noise_image(size=(1, 1), seed=3), noise_image(mode="P", seed=4)],
+    })  # fmt: skip
+    manifest = tmp_path / "manifest.json"
+    draw_few_shot(load_image_folder(root), k=2, seed=0).save(manifest)
+    out = tmp_path / "out"
+    run_main("stage1", ["--pretrained_model_name_or_path", tiny_sd_path, "--dataset", root, "--few_shot_manifest",
+                        manifest, "--output_dir", out, "--resolution", "32", "--mode", "dset", "--train_batch_size",
+                        "8", "--max_train_steps", "2", "--report_to", "none"])  # fmt: skip
+    weights = load_file(str(out / LORA_WEIGHT_NAME))
+    assert weights and all(torch.isfinite(w).all() for w in weights.values())
+    images = decode_images(load_image_folder(root))
+    assert all(image.mode == "RGB" for image in images)
+    check_sixteen_bit(images[0])  # classes in alphabetical order: deep (16-bit first), gray, tiny
+
+
+# --- 3. security ---------------------------------------------------------------------------------------------------
+
+WEIGHT_CLASS_SUFFIXES = ("Model", "Pipeline", "KL", "ModelWithProjection")
+
+
+def _python_files():
+    for folder in ("datadream_hf", "training_scripts", "benchmarks"):
+        yield from sorted((REPO / folder).rglob("*.py"))
+
+
+def test_code_loads_weights_only_as_safetensors_and_never_trusts_remote_code():
+    """A static scan of the package, scripts and benchmarks (tests excluded): no pickle loading, no remote code."""
+    problems = []
+    for path in _python_files():
+        tree = ast.parse(path.read_text(), filename=str(path))
+        # `f(**weights)` with `weights = {..., "use_safetensors": True}` in the same file counts as passing it.
+        safe_dicts = {
+            target.id
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Assign) and isinstance(node.value, ast.Dict)
+            for key, value in zip(node.value.keys, node.value.values)
+            if isinstance(key, ast.Constant)
+            and key.value == "use_safetensors"
+            and isinstance(value, ast.Constant)
+            and value.value is True
+            for target in node.targets
+            if isinstance(target, ast.Name)
+        }
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Call):
+                continue
+            where = f"{path.relative_to(REPO)}:{node.lineno}"
+            function = node.func
+            name = function.attr if isinstance(function, ast.Attribute) else getattr(function, "id", "")
+            receiver = function.value if isinstance(function, ast.Attribute) else None
+            receiver_name = getattr(receiver, "id", getattr(receiver, "attr", ""))
+            keywords = {k.arg: k.value for k in node.keywords}
+            if name == "load" and receiver_name in ("torch", "pickle", "dill", "joblib"):
+                problems.append(f"{where}: {receiver_name}.load (pickle)")
+            if name in ("loads", "Unpickler") and receiver_name == "pickle":
+                problems.append(f"{where}: pickle.{name}")
+            remote_code = keywords.get("trust_remote_code")
+            if remote_code is not None and not (isinstance(remote_code, ast.Constant) and remote_code.value is False):
+                problems.append(f"{where}: trust_remote_code")
+            explicit, spread = keywords.get("use_safetensors"), keywords.get(None)  # None: a `**kwargs` argument
+            safetensors_only = (isinstance(explicit, ast.Constant) and explicit.value is True) or (
+                isinstance(spread, ast.Name) and spread.id in safe_dicts
+            )
+            if name == "from_pretrained" and receiver_name.endswith(WEIGHT_CLASS_SUFFIXES) and not safetensors_only:
+                problems.append(f"{where}: {receiver_name}.from_pretrained without use_safetensors=True")
+            if name in ("load_lora_weights", "load_adapter", "load_lora_adapter") and not safetensors_only:
+                problems.append(f"{where}: {name} without use_safetensors=True")
+    assert not problems, "\n".join(problems)
+
+
+@pytest.fixture
+def torch_load_forbidden(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.load was called: a pickle was about to be unpickled")
+
+    monkeypatch.setattr(torch, "load", refuse)
+
+
+def test_pickled_weights_are_refused_by_stage2_and_the_classifier(
+    tiny_sd_path, tiny_clip_path, fake_stage1, tmp_path, torch_load_forbidden
+):
+    from datadream_hf.classifier import CLIPLoRAClassifier
+    from datadream_hf.generation import load_generation_pipeline
+
+    # Stage 2: a class folder that holds only `pytorch_lora_weights.bin`.
+    adapters = tmp_path / "adapters"
+    shutil.copytree(fake_stage1, adapters)
+    folder = adapters / class_folder_name(1, "one")
+    (folder / LORA_WEIGHT_NAME).rename(folder / "pytorch_lora_weights.bin")
+    config = GenerationConfig(images_per_class=1, num_inference_steps=1)
+    with pytest.raises(GenerationInputError, match=r"\['pytorch_lora_weights\.bin'\]: pickled weights can execute"):
+        generate_synthetic_dataset(tmp_path / "out", tiny_sd_path, config, adapter_path=str(adapters))
+
+    # Classifier: a saved adapter folder that holds only `adapter_model.bin`.
+    classifier = tmp_path / "classifier"
+    CLIPLoRAClassifier.from_clip_pretrained(tiny_clip_path, CLASSES).save_pretrained(classifier)
+    (classifier / "adapter_model.safetensors").rename(classifier / "adapter_model.bin")
+    with pytest.raises(ValueError, match=r"Refusing to load \['adapter_model\.bin'\].*pickled weights can execute"):
+        CLIPLoRAClassifier.from_pretrained(classifier)
+
+    # Base models whose weights exist only as pickles are refused too, by stage 1, stage 2 and the classifier.
+    sd = tmp_path / "pickled-sd"
+    shutil.copytree(tiny_sd_path, sd)
+    for weights in sd.glob("*/*.safetensors"):
+        weights.rename(weights.with_suffix(".bin"))
+    with pytest.raises(GenerationInputError, match="safetensors"):
+        load_generation_pipeline(str(sd))
+    from datadream_hf.generator_training import GeneratorTrainingConfig, load_generator_models
+
+    with pytest.raises(OSError):
+        load_generator_models(GeneratorTrainingConfig(pretrained_model_name_or_path=str(sd)))
+    clip = tmp_path / "pickled-clip"
+    shutil.copytree(tiny_clip_path, clip)
+    (clip / "model.safetensors").rename(clip / "pytorch_model.bin")
+    with pytest.raises(OSError):
+        CLIPLoRAClassifier.from_clip_pretrained(str(clip), CLASSES)
+
+
+def test_hub_token_is_never_written_by_any_stage(
+    tiny_sd_path, tiny_clip_path, digits_path, digits_manifest_path, stage1_data, tmp_path, monkeypatch, capsys, caplog
+):
+    """Each script's main with a sentinel token, TensorBoard and checkpoints on, the Hub upload mocked: the token
+    reaches the upload call, and no file under any output folder (events, checkpoints, configs, cards) nor any log
+    line holds it."""
+    import datasets
+
+    import datadream_hf.hub
+
+    uploads = []
+    monkeypatch.setattr(datadream_hf.hub, "push_folder_to_hub", lambda folder, repo_id, **kw: uploads.append(kw))
+    monkeypatch.setattr(datasets.Dataset, "push_to_hub", lambda self, repo_id, **kw: uploads.append(kw))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    caplog.set_level("INFO")
+
+    stage1 = tmp_path / "stage1"
+    run_main("stage1", stage1_args(tiny_sd_path, stage1_data, stage1) + [
+        "--report_to", "tensorboard", "--max_train_steps", "2", "--num_validation_images", "1",
+        "--validation_num_inference_steps", "1", "--push_to_hub", "--hub_model_id", "u/a", "--hub_token", SENTINEL,
+    ])  # fmt: skip
+    stage2 = tmp_path / "stage2"
+    run_main("stage2", ["--pretrained_model_name_or_path", tiny_sd_path, "--adapter_path", stage1, "--output_dir",
+                        stage2, *STAGE2_FLAGS, "--push_to_hub", "--hub_dataset_id", "u/b",
+                        f"--hub_token={SENTINEL}"])  # fmt: skip
+    stage3 = tmp_path / "stage3"
+    script = load_script("stage3")
+    monkeypatch.setattr(script, "push_folder_to_hub", lambda folder, repo_id, **kw: uploads.append(kw))
+    hub = ["--push_to_hub", "--hub_model_id", "u/c", "--hub_token", SENTINEL]
+    args = stage3_args(tiny_clip_path, digits_path, digits_manifest_path, stage3, "--max_steps", "2", *hub)
+    args += ["--report_to", "tensorboard"]
+    script.main(script.parse_args([str(a) for a in args]))
+
+    assert [kw.get("token") for kw in uploads] == [SENTINEL] * 4  # stage 1, stage 2 card + Parquet, stage 3
+    files = [p for folder in (stage1, stage2, stage3) for p in folder.rglob("*") if p.is_file()]
+    assert any("tfevents" in p.name for p in files) and any("checkpoint-" in str(p) for p in files)
+    leaks = [p for p in files if SENTINEL.encode() in p.read_bytes()]
+    assert not leaks, f"token written to {leaks}"
+    captured = capsys.readouterr()
+    assert SENTINEL not in captured.out + captured.err + caplog.text
+
+
+def test_hostile_class_names_stay_inside_the_output_folders(digits, tiny_sd_path, tiny_clip_path, tmp_path):
+    """Class names that look like paths go through stage 1 (cls), stage 2 and the classifier: every file lands inside
+    the output folders, and the names themselves survive unchanged into labels and prompts."""
+    from datadream_hf.classifier import CLIPLoRAClassifier
+    from datadream_hf.synthetic import load_synthetic_dataset
+
+    names = ["a/b", "..", "../../escape", "/etc/passwd", "with space", "Café ✈ 飞机", "y" * 300]
+    rows = digits["train"].select(range(2 * len(names)))
+    dataset = Dataset.from_dict(
+        {"image": rows["image"], "label": [names[i // 2] for i in range(len(rows))]},
+        features=Features({"image": ImageFeature(), "label": Value("string")}),
+    )
+    dataset.save_to_disk(str(tmp_path / "data"))
+    normalized = load_labelled_dataset(str(tmp_path / "data"))
+    manifest = tmp_path / "manifest.json"
+    draw_few_shot(normalized, k=2, seed=0).save(manifest)
+    before = set(tmp_path.parent.rglob("*"))
+
+    stage1, stage2 = tmp_path / "runs" / "stage1", tmp_path / "runs" / "stage2"
+    run_main("stage1", ["--pretrained_model_name_or_path", tiny_sd_path, "--dataset", tmp_path / "data",
+                        "--few_shot_manifest", manifest, "--output_dir", stage1, "--resolution", "32",
+                        "--max_train_steps", "1", "--train_batch_size", "2", "--report_to", "none"])  # fmt: skip
+    config = GenerationConfig(images_per_class=1, num_inference_steps=1, shard_size=1)
+    generate_synthetic_dataset(stage2, tiny_sd_path, config, adapter_path=str(stage1))
+
+    created = set(tmp_path.parent.rglob("*")) - before
+    outside = [p for p in created if not p.resolve().is_relative_to((tmp_path / "runs").resolve())]
+    assert not outside, f"written outside the output folders: {outside}"
+    class_names = normalized.features["label"].names
+    folders = [class_folder_name(i, name) for i, name in enumerate(class_names)]
+    assert sorted(p.name for p in stage1.iterdir() if p.is_dir()) == sorted(folders)
+    assert sorted(p.name for p in (stage2 / "shards").iterdir()) == sorted(folders)
+    assert list(read_adapter_index(stage1)["adapters"].values()) == folders
+
+    synthetic = load_synthetic_dataset(stage2, cache_dir=str(tmp_path / "cache"))
+    assert synthetic.features["label"].names == class_names == sorted(names)
+    assert {row["prompt"] for row in synthetic} == {f"a photo of a {name}" for name in names}
+    classifier = CLIPLoRAClassifier.from_clip_pretrained(tiny_clip_path, class_names).eval()
+    logits = classifier(pixel_values=torch.zeros(2, 3, 32, 32)).logits
+    assert logits.shape == (2, len(names)) and torch.isfinite(logits).all()
+
+
+# --- 4. one run per output folder ---------------------------------------------------------------------------------
+
+
+def test_every_stage_refuses_an_output_folder_another_run_holds(
+    tiny_sd_path, tiny_clip_path, digits_path, digits_manifest_path, stage1_data, fake_stage1, tmp_path
+):
+    folders = {stage: tmp_path / stage for stage in ("stage1", "stage2", "stage3")}
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time\nfrom datadream_hf.locking import OutputDirLock\n"
+         "locks = [OutputDirLock(p) for p in sys.argv[1:]]\n"
+         "for lock in locks: lock.acquire()\n"
+         "print('held', flush=True)\ntime.sleep(120)\n", *map(str, folders.values())],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        busy = rf"in use by another run \(pid {holder.pid}\).*another --output_dir"
+        with pytest.raises(OutputDirLockedError, match=busy):
+            run_main("stage1", stage1_args(tiny_sd_path, stage1_data, folders["stage1"]))
+        with pytest.raises(OutputDirLockedError, match=busy):
+            run_main("stage2", ["--pretrained_model_name_or_path", tiny_sd_path, "--adapter_path", fake_stage1,
+                                "--output_dir", folders["stage2"], *STAGE2_FLAGS])  # fmt: skip
+        with pytest.raises(OutputDirLockedError, match=busy):
+            run_main("stage3", stage3_args(tiny_clip_path, digits_path, digits_manifest_path, folders["stage3"]))
+    finally:
+        holder.kill()
+        holder.wait()
+    for folder in folders.values():
+        assert_nothing_written(folder)
