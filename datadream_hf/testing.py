@@ -35,7 +35,8 @@ TINY_VOCAB_WORDS = (
 
 def build_tiny_clip_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
     """A real byte-level BPE `CLIPTokenizer` whose merges spell out `TINY_VOCAB_WORDS` (no download)."""
-    byte_chars = pre_tokenizers.ByteLevel.alphabet()
+    # alphabet() comes from a Rust HashSet: its order changes from call to call, so sort it for stable token ids.
+    byte_chars = sorted(pre_tokenizers.ByteLevel.alphabet())
     tokens = list(SPECIAL_TOKENS) + byte_chars + [c + "</w>" for c in byte_chars]
     merges = []
     for word in TINY_VOCAB_WORDS:
