@@ -227,7 +227,7 @@ def check_generator(
 ) -> tuple[dict, list[list[Image.Image]]]:
     """Class fidelity of the frozen generator prompted with `a photo of a {class}`: ~chance if it does not know the
     classes, with high probe confidence if its samples look like digits. Returns the metrics and the samples."""
-    pipe = StableDiffusionPipeline.from_pretrained(str(generator_path))
+    pipe = StableDiffusionPipeline.from_pretrained(str(generator_path), use_safetensors=True)
     pipe.set_progress_bar_config(disable=True)
     samples = [
         sample_images(pipe, f"a photo of a {name}", images_per_class, seed + c) for c, name in enumerate(class_names)
@@ -254,7 +254,7 @@ def check_generator_lora(
 ) -> tuple[dict, list[list[Image.Image]]]:
     """Trains one LoRA on the few shots of `classes` (one class: cls mode; several, each with its own prompt: dset
     mode) and measures the class fidelity of samples of those classes' prompts. Returns the metrics and the samples."""
-    pipe = StableDiffusionPipeline.from_pretrained(str(generator_path))
+    pipe = StableDiffusionPipeline.from_pretrained(str(generator_path), use_safetensors=True)
     pipe.set_progress_bar_config(disable=True)
     chosen = [i for i, label in enumerate(shot_labels) if label in set(classes)]
     images = [shots[i] for i in chosen]
@@ -298,7 +298,10 @@ def check_clip(
     (`lora_*`); plus a linear probe on raw 8x8 pixels for scale."""
     from .testing import build_tiny_clip
 
-    model, processor = CLIPModel.from_pretrained(str(clip_path)).eval(), CLIPProcessor.from_pretrained(str(clip_path))
+    model, processor = (
+        CLIPModel.from_pretrained(str(clip_path), use_safetensors=True).eval(),
+        CLIPProcessor.from_pretrained(str(clip_path)),
+    )
     random_model = build_tiny_clip(seed)[0].eval()
     prompts = [f"a photo of a {name}" for name in class_names]
     result = {}
