@@ -25,7 +25,7 @@ style:
 	$(PY) -m ruff format .
 
 demo:
-	$(PY) -m datadream_hf.demo --output_dir demo_output
+	$(PY) training_scripts/run_demo.py --output_dir demo_output
 
 benchmark:
 	$(PY) benchmarks/bench_stage1_cls.py
