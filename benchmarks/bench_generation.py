@@ -41,14 +41,13 @@ from datadream_hf.benchmarking import measure, synchronize, write_random_class_a
 from datadream_hf.digits import DIGIT_NAMES
 from datadream_hf.generation import (
     DTYPES,
-    AdapterSet,
     GenerationConfig,
     SyntheticImageGenerator,
     describe_run,
     generate_shards,
     load_generation_pipeline,
-    resolve_adapters,
 )
+from datadream_hf.generation_adapters import AdapterSet, resolve_adapters
 from datadream_hf.generator_training import GeneratorTrainingConfig, load_generator_models
 from datadream_hf.prompts import PromptTemplate
 from datadream_hf.synthetic import plan_shards

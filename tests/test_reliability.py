@@ -30,7 +30,8 @@ from safetensors.torch import load_file, save_file
 from datadream_hf.data import DatasetInputError, decode_images, load_image_folder, load_labelled_dataset
 from datadream_hf.faults import KILL_AT_ENV, kill_point, parse_kill_spec
 from datadream_hf.few_shot import draw_few_shot
-from datadream_hf.generation import GenerationConfig, GenerationInputError, generate_synthetic_dataset
+from datadream_hf.generation import GenerationConfig, generate_synthetic_dataset
+from datadream_hf.generation_adapters import GenerationInputError
 from datadream_hf.generator_checkpoint import STATE_NAME, list_checkpoints
 from datadream_hf.layout import ADAPTER_INDEX_NAME, class_folder_name, read_adapter_index
 from datadream_hf.locking import LOCK_NAME, OutputDirLockedError

@@ -18,15 +18,13 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from datadream_hf.generation import (
-    FusedAdapterSwitcher,
     GenerationConfig,
-    GenerationInputError,
     SyntheticImageGenerator,
     generate_synthetic_dataset,
     image_seed,
     load_generation_pipeline,
-    resolve_adapters,
 )
+from datadream_hf.generation_adapters import FusedAdapterSwitcher, GenerationInputError, resolve_adapters
 from datadream_hf.prompts import PromptTemplate
 from datadream_hf.synthetic import (
     SyntheticDataDreamBuilder,
