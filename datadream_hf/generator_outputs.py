@@ -22,6 +22,7 @@ from .cards import render_card
 from .data import DatasetInputError, decode_images, labels_of, load_labelled_dataset
 from .few_shot import FewShotManifest
 from .generator_data import class_seed, seeded_generator, total_steps
+from .grids import chunk, image_grid, save_png_atomic
 from .layout import ADAPTER_INDEX_NAME, TRAINING_CONFIG_NAME, adapter_index, write_json_atomic, write_text_atomic
 from .lora import LORA_WEIGHT_NAME, TEXT_ENCODER_TARGET_MODULES, UNET_TARGET_MODULES
 from .versions import library_versions
@@ -235,16 +236,6 @@ def render_adapter_card(output_dir: str | os.PathLike) -> str:
     )
 
 
-def image_grid(images: list[Image.Image], columns: int = 4) -> Image.Image:
-    columns = min(columns, len(images))
-    rows = -(-len(images) // columns)
-    width, height = images[0].size
-    grid = Image.new("RGB", (columns * width, rows * height))
-    for i, image in enumerate(images):
-        grid.paste(image, ((i % columns) * width, (i // columns) * height))
-    return grid
-
-
 @torch.no_grad()
 def log_validation(models: GeneratorModels, unit, config: GeneratorTrainingConfig, class_names, accelerator) -> Path:
     """Samples `num_validation_images` with the freshly trained adapter, saves a grid and logs it to TensorBoard."""
@@ -281,10 +272,7 @@ def log_validation(models: GeneratorModels, unit, config: GeneratorTrainingConfi
     models.unet.train()
     models.text_encoder.train()
     folder = Path(config.output_dir) / unit.folder
-    path = folder / SAMPLES_NAME
-    tmp = folder / f".{SAMPLES_NAME}.tmp"
-    image_grid(images).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    path = save_png_atomic(image_grid(chunk(images, 4)), folder / SAMPLES_NAME)
     tag = "validation" if config.mode == "dset" else f"{unit.folder}/validation"
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":

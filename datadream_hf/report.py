@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image as PILImage
 
 from .data import decode_images, labels_of, load_labelled_dataset
 from .few_shot import FewShotManifest
+from .grids import image_grid, save_png_atomic
 from .layout import write_text_atomic
 from .synthetic import load_synthetic_dataset
 
@@ -37,17 +37,9 @@ def write_image_grid(out: Path, data_dir: Path, manifest_path: Path, synthetic: 
         per_source[name] = [
             [im for im, y in zip(images, labels) if y == c][:GRID_IMAGES] for c in range(len(manifest.class_names))
         ]
-    size = 32
-    gap = 8
-    width = len(columns) * (GRID_IMAGES * size + gap)
-    grid = PILImage.new("RGB", (width, len(manifest.class_names) * size), "white")
-    for c in range(len(manifest.class_names)):
-        for s, name in enumerate(columns):
-            for i, image in enumerate(per_source[name][c]):
-                grid.paste(image.resize((size, size)), (s * (GRID_IMAGES * size + gap) + i * size, c * size))
-    path = out / "grid.png"
-    grid.resize((grid.width * 2, grid.height * 2), PILImage.NEAREST).save(path)
-    return path
+    # One block per source, side by side; in each block a row per class.
+    blocks = [image_grid(per_source[name], scale=2) for name in columns]
+    return save_png_atomic(image_grid([blocks], gap=16), out / "grid.png")
 
 
 def write_alignment_figure(out: Path, alignment: dict[str, list[dict]], class_names: list[str]) -> Path:

@@ -24,6 +24,7 @@ from PIL import Image as PILImage
 from . import hub
 from .cards import render_card
 from .faults import kill_point
+from .grids import image_grid, save_png_atomic
 from .layout import class_folder_name, write_json_atomic, write_text_atomic
 
 GENERATION_CONFIG_NAME = "generation_config.json"
@@ -299,21 +300,11 @@ def make_sample_grid(
         shard = Shard(c, 0, min(params["shard_size"], params["images_per_class"]))  # the class's first shard
         table = read_shard(generation_dir, shard, names).slice(0, images_per_class)
         rows.append([PILImage.open(io.BytesIO(b)).convert("RGB") for b in table.column("image").to_pylist()])
-    width, height = rows[0][0].size
-    columns = max(len(r) for r in rows)
-    grid = PILImage.new("RGB", (columns * width, len(rows) * height), "white")
-    for i, row in enumerate(rows):
-        for j, image in enumerate(row):
-            grid.paste(image, (j * width, i * height))
-    return grid
+    return image_grid(rows)
 
 
 def write_sample_grid(generation_dir: str | os.PathLike, **kwargs) -> Path:
-    path = Path(generation_dir) / SAMPLE_GRID_NAME
-    tmp = path.with_name(f".{path.name}.tmp")
-    make_sample_grid(generation_dir, **kwargs).save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    return save_png_atomic(make_sample_grid(generation_dir, **kwargs), Path(generation_dir) / SAMPLE_GRID_NAME)
 
 
 DATADREAM_CITATION = """@inproceedings{kim2024datadream,

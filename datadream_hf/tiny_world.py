@@ -30,7 +30,7 @@ from transformers import CLIPModel, CLIPProcessor
 from .data import decode_images
 from .digits import load_digits_dataset
 from .few_shot import FewShotManifest, draw_few_shot
-from .layout import write_json_atomic
+from .layout import write_json_atomic, write_text_atomic
 from .testing import TINY_IMAGE_SIZE, TINY_VOCAB_WORDS, build_tiny_clip, build_tiny_stable_diffusion
 from .versions import library_versions
 
@@ -523,9 +523,7 @@ def render_tiny_world_card(root: str | os.PathLike, metadata: dict) -> Path:
     from .cards import render_card
 
     path = Path(root) / "README.md"
-    tmp = path.with_name(".README.md.tmp")
-    tmp.write_text(render_card("tiny_world_card.md", **metadata), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, render_card("tiny_world_card.md", **metadata))
     return path
 
 

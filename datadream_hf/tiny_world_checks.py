@@ -209,19 +209,6 @@ def split_images(dataset) -> tuple[list[Image.Image], np.ndarray]:
     return decode_images(dataset), labels_of(dataset)
 
 
-def image_grid(rows: Sequence[Sequence[Image.Image]], scale: int = 2) -> Image.Image:
-    """Pastes rows of equally sized images into one image (row r = e.g. class r), upscaled by `scale`."""
-    width, height = rows[0][0].size
-    columns = max(len(row) for row in rows)
-    grid = Image.new("RGB", (columns * width * scale, len(rows) * height * scale))
-    for r, row in enumerate(rows):
-        for c, image in enumerate(row):
-            grid.paste(
-                image.resize((width * scale, height * scale), Image.NEAREST), (c * width * scale, r * height * scale)
-            )
-    return grid
-
-
 def check_generator(
     generator_path, probe, class_names: Sequence[str], images_per_class: int = 50, seed: int = 0
 ) -> tuple[dict, list[list[Image.Image]]]:

@@ -97,7 +97,7 @@ def main(args: argparse.Namespace) -> dict:
     results["frozen_generator"], samples = check_generator(
         generator_path, probe, class_names, args.images_per_class, args.seed
     )
-    image_grid([row[:16] for row in samples]).save(output_dir / "frozen_generator.png")
+    image_grid([row[:16] for row in samples], scale=2).save(output_dir / "frozen_generator.png")
 
     # Phase 3: LoRA nudges, one per class (cls mode), learning rate and UNet target set.
     results["lora"] = []
@@ -126,7 +126,9 @@ def main(args: argparse.Namespace) -> dict:
                 )
                 results["lora"].append(metrics)
                 suffix = "" if targets is None else "_" + "_".join(targets)
-                image_grid([row[:16] for row in samples]).save(output_dir / f"lora_class{c}_lr{lr:g}{suffix}.png")
+                image_grid([row[:16] for row in samples], scale=2).save(
+                    output_dir / f"lora_class{c}_lr{lr:g}{suffix}.png"
+                )
 
     # Phase 4: the CLIP backbone.
     logger.info("CLIP linear probe")
