@@ -84,6 +84,35 @@ class measure:
             self.result.peak_bytes = max(self.result.peak_bytes, _rss_bytes())
 
 
+class StepClock:
+    """A stage-1 `step_callback` that timestamps every step of every unit (class adapter), GPU synchronized.
+
+    `seconds_per_class_step()` is the steady-state cost of one class's step: the wall time covered by the units' spans
+    from their first to their last step (units trained together share one span) over the class-steps in those spans.
+    One-off work (model loads, latent caches, exports, each unit's first step) falls outside the spans, so the ratio of
+    two clocks is what the paper's 400 steps per class approach, whatever the benchmark's step count.
+    """
+
+    def __init__(self, device: torch.device | str):
+        self.device = device
+        self.times: dict[str, list[float]] = {}
+
+    def __call__(self, unit, steps_done: int) -> None:
+        synchronize(self.device)
+        self.times.setdefault(unit.folder, []).append(time.perf_counter())
+
+    def seconds_per_class_step(self) -> float:
+        spans = sorted((times[0], times[-1]) for times in self.times.values() if len(times) > 1)
+        class_steps = sum(len(times) - 1 for times in self.times.values())
+        if not class_steps:
+            raise ValueError("Steady-state timing needs at least 2 steps per class (--max_train_steps >= 2).")
+        covered, covered_until = 0.0, float("-inf")
+        for start, stop in spans:  # length of the union of the spans
+            covered += max(0.0, stop - max(start, covered_until))
+            covered_until = max(covered_until, stop)
+        return covered / class_steps
+
+
 def max_adapter_difference(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> tuple[float, float]:
     """(max abs difference, relative 2-norm difference of the LoRA B/up factors) between two adapter state dicts."""
     if set(first) != set(second):

@@ -348,7 +348,9 @@ def build_latent_cache(
     """The unit's cached VAE posteriors (`latent_cache`), or None when disabled or its images have too many crops."""
     if not config.cache_latents:
         return None
-    return LatentCache.build(models.vae, unit.images, config.resolution, config.weight_dtype, models.device)
+    # Chunks of the training batch size: the VAE never sees a larger batch than the reference's every-step encode.
+    return LatentCache.build(models.vae, unit.images, config.resolution, config.weight_dtype, models.device,
+                             batch_size=config.train_batch_size)  # fmt: skip
 
 
 def _progress(accelerator, total: int, initial: int, name: str):

@@ -25,6 +25,11 @@ ADAPTER_NAME = "default"  # the peft adapter stage 1 trains (generator_training.
 class GroupedLoraLinear(nn.Module):
     """`base(x) + scaling * B_g(A_g(x))` with g = `group_index[sample]`: peft's vanilla LoRA forward, per sample.
 
+    When the samples come in equal contiguous blocks, one per group in order (as grouped training builds its batches;
+    `GroupedLora.route` detects it), each group's block is multiplied by its factors as one matrix: the same matmul
+    shapes as peft's layer on that class's batch, and no per-sample copies of the factors (nor their scatter-add in
+    the backward). Other layouts gather each sample's factors.
+
     Args:
         base_layer: the frozen `nn.Linear` (any dtype); the factors are fp32, as peft keeps them in stage 1.
         num_groups: G, the number of adapters (classes) held.
@@ -40,6 +45,7 @@ class GroupedLoraLinear(nn.Module):
         self.lora_A = nn.Parameter(torch.zeros(num_groups, rank, d_in, device=device))  # (G, r, in)
         self.lora_B = nn.Parameter(torch.zeros(num_groups, d_out, rank, device=device))  # (G, out, r)
         self.group_index: torch.Tensor | None = None  # (B,), set by `GroupedLora.route` before each forward
+        self.block_size: int | None = None  # n when group_index is [0]*n + [1]*n + ... + [G-1]*n (`route` detects it)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
@@ -49,10 +55,15 @@ class GroupedLoraLinear(nn.Module):
                 f"GroupedLoraLinear got a batch of {x.shape[0]} but a group index of "
                 f"{None if index is None else tuple(index.shape)}: call `GroupedLora.route` with one group per sample."
             )
-        a = self.lora_A[index]  # (B, r, in): each sample's A
-        b = self.lora_B[index]  # (B, out, r)
-        h = x.to(a.dtype).reshape(x.shape[0], -1, x.shape[-1])  # (B, T, in); (B, in) inputs get T = 1
-        lora = torch.bmm(torch.bmm(h, a.transpose(1, 2)), b.transpose(1, 2))  # (B, T, r) -> (B, T, out)
+        h = x.to(self.lora_A.dtype)
+        if self.block_size is not None:
+            # Every group's samples form one contiguous block of n: one (n * T, in) matrix per group, no gather.
+            h = h.reshape(self.lora_A.shape[0], -1, x.shape[-1])  # (G, n * T, in)
+            a, b = self.lora_A, self.lora_B  # (G, r, in), (G, out, r)
+        else:
+            h = h.reshape(x.shape[0], -1, x.shape[-1])  # (B, T, in); (B, in) inputs get T = 1
+            a, b = self.lora_A[index], self.lora_B[index]  # (B, r, in), (B, out, r): each sample's factors
+        lora = torch.bmm(torch.bmm(h, a.transpose(1, 2)), b.transpose(1, 2))  # (., ., r) -> (., ., out)
         # The same order of operations as peft: result + lora_B(lora_A(x)) * scaling, back in the base dtype.
         return (result + lora.reshape(result.shape) * self.scaling).to(result.dtype)
 
@@ -161,13 +172,26 @@ class GroupedLora:
 
     def route(self, group_index: torch.Tensor | None, components: tuple[str, ...] = ("unet", "text_encoder")) -> None:
         """Sets which group each sample of the next forward (and its backward) uses in `components`: (B,) ints."""
+        block_size = None
         if group_index is not None:
-            group_index = group_index.to(self.slots[0].grouped.lora_A.device, dtype=torch.long)
+            group_index = group_index.to(dtype=torch.long)  # checked where it was made (the CPU): no GPU sync
             if group_index.numel() and not 0 <= int(group_index.min()) <= int(group_index.max()) < self.num_groups:
                 raise ValueError(f"Group indices must lie in [0, {self.num_groups}), got {group_index.tolist()}.")
+            block_size = contiguous_block_size(group_index, self.num_groups)
+            group_index = group_index.to(self.slots[0].grouped.lora_A.device)
         for slot in self.slots:
             if slot.component in components:
                 slot.grouped.group_index = group_index
+                slot.grouped.block_size = block_size
+
+
+def contiguous_block_size(group_index: torch.Tensor, num_groups: int) -> int | None:
+    """n if `group_index` is n samples of group 0, then n of group 1, ..., then n of group G-1; else None."""
+    size, remainder = divmod(group_index.numel(), num_groups)
+    if size == 0 or remainder:
+        return None
+    blocks = torch.arange(num_groups, device=group_index.device).repeat_interleave(size)
+    return size if torch.equal(group_index, blocks) else None
 
 
 @torch.no_grad()

@@ -46,20 +46,23 @@ class LatentCache:
         dtype: torch.dtype,
         device: torch.device,
         max_crops: int = MAX_CACHED_CROPS,
+        batch_size: int = 8,
     ) -> LatentCache | None:
-        """Encodes every crop of every image, one at a time (so a value never depends on what it was batched with).
+        """Encodes every crop of every image, `batch_size` crops at a time in (image, offset) order.
 
-        Returns None (do not cache) when an image has more than `max_crops` crop offsets.
+        The chunks depend only on the images, so the cache is the same in every process and every run. Returns None
+        (do not cache) when an image has more than `max_crops` crop offsets.
         """
         offsets = [crop_offsets(image, resolution) for image in images]
         if any(len(o) > max_crops for o in offsets):
             return None
+        keys = [(i, top, left) for i, image_offsets in enumerate(offsets) for top, left in image_offsets]
         posteriors = {}
-        for i, (image, image_offsets) in enumerate(zip(images, offsets)):
-            for top, left in image_offsets:
-                crop = image[None, :, top : top + resolution, left : left + resolution]  # (1, 3, R, R)
-                mean, std = encode_posterior(vae, crop, dtype, device)
-                posteriors[(i, top, left)] = (mean[0], std[0])
+        for start in range(0, len(keys), batch_size):
+            chunk = keys[start : start + batch_size]
+            crops = [images[i][:, top : top + resolution, left : left + resolution] for i, top, left in chunk]
+            mean, std = encode_posterior(vae, torch.stack(crops), dtype, device)  # each (b, C, h, w)
+            posteriors.update({key: (mean[j], std[j]) for j, key in enumerate(chunk)})
         return cls(posteriors)
 
     def lookup(self, keys: list[tuple[int, int, int]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,7 +27,7 @@ from datadream_hf.generator_training import (
     load_generator_models,
     train_generator,
 )
-from datadream_hf.grouped_lora import GroupedLoraLinear
+from datadream_hf.grouped_lora import GroupedLoraLinear, contiguous_block_size
 from datadream_hf.grouped_training import group_units, train_groups
 from datadream_hf.latent_cache import LatentCache, encode_posterior
 from datadream_hf.lora import LORA_WEIGHT_NAME, load_safetensors
@@ -125,6 +125,36 @@ def test_grouped_layer_applies_each_samples_own_lora(shape):
     layer.group_index = index[:2]
     with pytest.raises(RuntimeError, match="group index"):
         layer(x)
+
+
+@pytest.mark.parametrize("shape", [(6, 7, 6), (6, 6)])
+def test_grouped_layer_block_path_equals_the_per_sample_path(shape):
+    """Samples in equal contiguous blocks per group take the no-gather path: same outputs and gradients."""
+    torch.manual_seed(0)
+    layer = GroupedLoraLinear(torch.nn.Linear(6, 4), num_groups=3, rank=2, scaling=0.5)
+    with torch.no_grad():
+        layer.lora_A.normal_()
+        layer.lora_B.normal_()
+    x = torch.randn(shape)
+    layer.group_index = torch.tensor([0, 0, 1, 1, 2, 2])
+    results = []
+    for block_size in (None, contiguous_block_size(layer.group_index, 3)):
+        layer.block_size = block_size
+        out = layer(x)
+        results.append((out, torch.autograd.grad((out * torch.arange(4.0)).sum(), [layer.lora_A, layer.lora_B])))
+    assert layer.block_size == 2
+    torch.testing.assert_close(results[1][0], results[0][0])
+    for block, gathered in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(block, gathered)
+
+
+@pytest.mark.parametrize(
+    "index, num_groups, expected",
+    [([0, 0, 1, 1, 2, 2], 3, 2), ([0, 1, 2], 3, 1), ([0, 1, 0, 1], 2, None), ([0, 0, 1], 2, None),
+     ([0, 0, 1, 1], 3, None), ([1, 1, 0, 0], 2, None)],
+)  # fmt: skip
+def test_contiguous_block_size_detects_only_ordered_equal_blocks(index, num_groups, expected):
+    assert contiguous_block_size(torch.tensor(index), num_groups) == expected
 
 
 # --- grouped training == sequential -------------------------------------------------------------------------------
@@ -352,4 +382,20 @@ def test_benchmarks_run_and_report_ratios(tiny_sd_path, tmp_path, monkeypatch, c
     assert generation["reference"]["max_pixel_diff_vs_ours"] <= 2
     printed = capsys.readouterr().out
     assert "target >= 3x" in printed and "target < 5%" in printed
-    assert json.loads((tmp_path / "s1.json").read_text())["results"]["ours"]["speedup_vs_reference"] > 0
+    ours = json.loads((tmp_path / "s1.json").read_text())["results"]["ours"]
+    assert ours["speedup_vs_reference"] > 0 and ours["steady_speedup_vs_reference"] > 0
+
+
+def test_step_clock_counts_shared_spans_once():
+    from datadream_hf.benchmarking import StepClock
+
+    clock = StepClock("cpu")
+    # Sequential: two classes one after the other, 3 steps each, 1 s per step, a 5 s load between them.
+    clock.times = {"a": [0.0, 1.0, 2.0], "b": [7.0, 8.0, 9.0]}
+    assert clock.seconds_per_class_step() == 1.0
+    # Grouped: two classes stepped together, 2 s per shared step, so 1 s per class-step.
+    clock.times = {"a": [0.0, 2.0, 4.0], "b": [0.0, 2.0, 4.0]}
+    assert clock.seconds_per_class_step() == 1.0
+    clock.times = {"a": [0.0], "b": [3.0]}
+    with pytest.raises(ValueError, match="max_train_steps"):
+        clock.seconds_per_class_step()
