@@ -136,8 +136,10 @@ class DataDreamAugmentation:
     normalization: RandAugment(2, 9) -> RandomResizedCrop(size, scale 0.25-1, bicubic) -> horizontal flip ->
     ColorJitter(.4, .4, .2, .1) p=.8 -> Grayscale p=.2 -> GaussianBlur(radius 0.1-2) p=.2 -> Solarize(128) p=.2.
 
-    Randomness comes from a `random.Random` seeded by `seed` and the dataloader worker id, so runs repeat under a
-    seed and workers do not draw the same crops. Give each process its own `seed` (e.g. seed + rank).
+    Called with a per-draw `seed` (what `RealSyntheticBatchSampler` gives each sample, through
+    `ImageClassificationDataset`), the augmentation depends on that seed alone: the same in a resumed run and for any
+    number of workers or processes. Without one, draws come from a `random.Random` stream seeded by `seed` and the
+    dataloader worker id, so runs repeat under a seed and workers do not draw the same crops.
     """
 
     def __init__(self, image_processor, seed: int = 0, size: int | None = None, crop_scale=(0.25, 1.0)):
@@ -154,9 +156,9 @@ class DataDreamAugmentation:
             self._rngs[worker] = random.Random(f"datadream-augment-{self.seed}-{worker}")
         return self._rngs[worker]
 
-    def augment(self, image: Image.Image) -> Image.Image:
-        """The augmented PIL image at `size` x `size`, before normalization."""
-        rng = self._rng()
+    def augment(self, image: Image.Image, seed: int | None = None) -> Image.Image:
+        """The augmented PIL image at `size` x `size`, before normalization; `seed` fixes this draw."""
+        rng = random.Random(seed) if seed is not None else self._rng()
         image = rand_augment(to_rgb(image), rng)  # to_rgb: 16-bit images are rescaled, not clipped
         box = random_resized_crop_box(*image.size, rng, scale=self.crop_scale)
         image = image.resize((self.size, self.size), Image.BICUBIC, box=box)
@@ -172,8 +174,8 @@ class DataDreamAugmentation:
             image = ImageOps.solarize(image, 128)
         return image
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        return self.normalize(self.augment(image))
+    def __call__(self, image: Image.Image, seed: int | None = None) -> torch.Tensor:
+        return self.normalize(self.augment(image, seed))
 
 
 class EvalTransform:

@@ -11,7 +11,9 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from functools import partial
+from inspect import signature
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -133,14 +135,25 @@ def _has_accelerator() -> bool:
     return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
 
 
-class RealSyntheticBatchSampler(Sampler[list[int]]):
-    """Batches of exactly `real_per_batch` real and `synthetic_per_batch` synthetic indices.
+class SampleKey(NamedTuple):
+    """What the training sampler yields per sample: the dataset row and the seed of that draw's augmentation."""
+
+    index: int
+    seed: int
+
+
+class RealSyntheticBatchSampler(Sampler[list[SampleKey]]):
+    """Batches of exactly `real_per_batch` real and `synthetic_per_batch` synthetic samples, as `SampleKey`s.
 
     Indices `0..num_real-1` are real and `num_real..num_real+num_synthetic-1` synthetic (the layout of
     `ImageClassificationDataset`). Each side is a stream of reshuffled passes, so the smaller side (the K-shot real
     images) is cycled as the reference repeats it. An epoch lasts until the side that needs the most batches has
     been seen once. With `num_replicas` processes, all ranks draw the same global batches (shared seed) and rank r
     takes global batches r, r + num_replicas, ...: distinct batches, same ratio, same length on every rank.
+
+    Every slot of every global batch also gets its own augmentation seed from (seed, epoch), so an image's
+    augmentation depends on where it is drawn, not on dataloader workers or on what ran before: a run resumed from a
+    checkpoint (the Trainer replays the sampler and skips the done batches) augments exactly as the uninterrupted one.
     """
 
     def __init__(
@@ -189,15 +202,23 @@ class RealSyntheticBatchSampler(Sampler[list[int]]):
         num_global = len(self) * self.num_replicas
         real = self._stream(self.num_real, num_global * self.real_per_batch, side=0)
         synthetic = self._stream(self.num_synthetic, num_global * self.synthetic_per_batch, side=1) + self.num_real
+        seeds = np.random.default_rng([self.seed, self.epoch, 2]).integers(
+            2**63 - 1, size=(num_global, self.batch_size)
+        )
         r, s = self.real_per_batch, self.synthetic_per_batch
         for step in range(len(self)):
             g = step * self.num_replicas + self.rank  # this rank's global batch
-            yield real[g * r : (g + 1) * r].tolist() + synthetic[g * s : (g + 1) * s].tolist()
+            indices = real[g * r : (g + 1) * r].tolist() + synthetic[g * s : (g + 1) * s].tolist()
+            yield [SampleKey(index, seed) for index, seed in zip(indices, seeds[g].tolist())]
 
 
 class ImageClassificationDataset(torch.utils.data.Dataset):
     """Real rows then synthetic rows of two normalized datasets (`image`, `label`), each item transformed to
-    `{"pixel_values", "labels", "is_real"}`."""
+    `{"pixel_values", "labels", "is_real"}`.
+
+    Items are fetched by row index or by `SampleKey` (the training sampler's); a key's seed goes to a `transform`
+    that takes a `seed` argument (`DataDreamAugmentation`) and comes back as the item's `augmentation_seed`.
+    """
 
     def __init__(self, real=None, synthetic=None, transform=None):
         if real is None and synthetic is None:
@@ -205,13 +226,15 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
         if transform is None:
             raise ValueError("`transform` (PIL image -> pixel tensor) is required.")
         self.real, self.synthetic, self.transform = real, synthetic, transform
+        self._transform_takes_seed = "seed" in signature(transform).parameters
         self.num_real = len(real) if real is not None else 0
         self.num_synthetic = len(synthetic) if synthetic is not None else 0
 
     def __len__(self) -> int:
         return self.num_real + self.num_synthetic
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, key: int | SampleKey) -> dict:
+        index, seed = (key.index, key.seed) if isinstance(key, SampleKey) else (key, None)
         is_real = index < self.num_real
         try:  # datasets decodes the image here
             row = self.real[index] if is_real else self.synthetic[index - self.num_real]
@@ -220,7 +243,14 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
             raise DatasetInputError(
                 f"Image of row {row_index} of the {side} data cannot be decoded ({err}). Remove or replace it."
             ) from err
-        return {"pixel_values": self.transform(row["image"]), "labels": int(row["label"]), "is_real": is_real}
+        if seed is not None and self._transform_takes_seed:
+            pixel_values = self.transform(row["image"], seed=seed)
+        else:
+            pixel_values = self.transform(row["image"])
+        item = {"pixel_values": pixel_values, "labels": int(row["label"]), "is_real": is_real}
+        if seed is not None:
+            item["augmentation_seed"] = seed
+        return item
 
 
 def per_class_subset(dataset, per_class: int | None, seed: int = 0):
@@ -263,12 +293,16 @@ def load_synthetic_dataset(
 
 
 def collate_image_batch(features: list[dict]) -> dict[str, torch.Tensor]:
-    """Stacks items into `pixel_values` (B, 3, H, W), `labels` (B,) and `is_real` (B,) bool."""
-    return {
+    """Stacks items into `pixel_values` (B, 3, H, W), `labels` (B,), `is_real` (B,) bool and, when every item has
+    one, `augmentation_seeds` (B,)."""
+    batch = {
         "pixel_values": torch.stack([f["pixel_values"] for f in features]),
         "labels": torch.tensor([f["labels"] for f in features], dtype=torch.long),
         "is_real": torch.tensor([bool(f.get("is_real", True)) for f in features], dtype=torch.bool),
     }
+    if all("augmentation_seed" in f for f in features):
+        batch["augmentation_seeds"] = torch.tensor([f["augmentation_seed"] for f in features], dtype=torch.long)
+    return batch
 
 
 def real_synthetic_loss(
@@ -418,10 +452,12 @@ class MixedRealSyntheticTrainer(Trainer):
             return (outputs.loss, outputs) if return_outputs else outputs.loss
 
         partner_labels = mix_weight = None
-        if self.args.mix_augmentation != "none" and self._mix_rng.random() < self.args.mix_probability:
-            pixel_values, partner_labels, mix_weight = mix_batch(
-                pixel_values, labels, is_real, self.args.mix_augmentation, self._mix_rng, self.args.mix_alpha
-            )
+        if self.args.mix_augmentation != "none":
+            rng = self._mix_rng_for(inputs)
+            if rng.random() < self.args.mix_probability:
+                pixel_values, partner_labels, mix_weight = mix_batch(
+                    pixel_values, labels, is_real, self.args.mix_augmentation, rng, self.args.mix_alpha
+                )
         outputs = model(pixel_values=pixel_values)
         loss, parts = real_synthetic_loss(
             outputs.logits, labels, is_real, self.args.real_loss_weight, partner_labels, mix_weight
@@ -431,6 +467,14 @@ class MixedRealSyntheticTrainer(Trainer):
             self._partial_losses.setdefault(name, []).append(value)
         outputs["loss"] = loss
         return (loss, outputs) if return_outputs else loss
+
+    def _mix_rng_for(self, inputs: dict) -> np.random.Generator:
+        """The MixUp/CutMix draws of this batch: seeded by its first sample's augmentation seed (the sampler's, so a
+        resumed run mixes as the uninterrupted one), else the trainer's own stream (batches from another sampler)."""
+        seeds = inputs.get("augmentation_seeds")
+        if seeds is None:
+            return self._mix_rng
+        return np.random.default_rng([self.args.seed, 1, int(seeds[0])])
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # Training logs (the ones with "loss") get the real and synthetic CE averaged since the last log, over
@@ -502,3 +546,17 @@ def remove_incomplete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     for path in removed:
         shutil.rmtree(path, ignore_errors=True)
     return removed
+
+
+def check_fresh_output_dir(output_dir: str | os.PathLike, resume_from_checkpoint: str | None) -> None:
+    """Refuses to start a new run (no `resume_from_checkpoint`) in a folder that holds another run's checkpoints or
+    adapter: the Trainer would train beside them, and `--resume_from_checkpoint latest` would later mix the runs."""
+    output_dir = Path(output_dir)
+    if resume_from_checkpoint is not None or not output_dir.is_dir():
+        return
+    found = _checkpoints(output_dir) + [p for p in (output_dir / ADAPTER_WEIGHTS_NAME,) if p.is_file()]
+    if found:
+        raise ValueError(
+            f"--output_dir {str(output_dir)!r} already holds a classifier run ({found[0].name}, ...). Pass "
+            "--resume_from_checkpoint latest to continue it, or choose an empty --output_dir."
+        )

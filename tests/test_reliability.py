@@ -242,17 +242,20 @@ def test_stage3_killed_mid_step_and_mid_checkpoint_resumes_bit_exactly(
 ):
     """6 Trainer steps, a checkpoint every 2; killed inside step 5, then while checkpoint-6 is being written.
 
-    Bit-exact with `--augmentation none` and no MixUp/CutMix: the Trainer restores the model, optimizer, scheduler and
-    torch RNG (LoRA dropout) from a checkpoint, but the augmentation's and MixUp's own random streams are not
-    checkpointed, so with them a resumed run is statistically equivalent, not bit-identical.
+    Bit-exact with the reference augmentation and MixUp/CutMix on: the Trainer restores the model, optimizer, scheduler
+    and torch RNG (LoRA dropout) from a checkpoint, and the augmentation and mixing draws follow the sampler's
+    per-sample seeds, which the resumed run replays.
     """
     from transformers.trainer_utils import get_last_checkpoint
 
+    augmented = ["--augmentation", "datadream", "--mix_augmentation", "mixup_or_cutmix", "--mix_probability", "0.5"]
     reference, out = tmp_path / "reference", tmp_path / "killed"
-    reference_report = run_main("stage3", stage3_args(tiny_clip_path, digits_path, digits_manifest_path, reference))
+    reference_report = run_main(
+        "stage3", stage3_args(tiny_clip_path, digits_path, digits_manifest_path, reference, *augmented)
+    )
 
     # 1. Mid-step 5: checkpoints 2 and 4 are complete.
-    args = stage3_args(tiny_clip_path, digits_path, digits_manifest_path, out)
+    args = stage3_args(tiny_clip_path, digits_path, digits_manifest_path, out, *augmented)
     run_killed("stage3", args, "trainer-step:5")
     assert latest_complete_checkpoint(out).name == "checkpoint-4"
 
@@ -264,8 +267,17 @@ def test_stage3_killed_mid_step_and_mid_checkpoint_resumes_bit_exactly(
     assert Path(get_last_checkpoint(str(out))).name == "checkpoint-6"  # what the stock Trainer would resume from
     assert latest_complete_checkpoint(out).name == "checkpoint-4"  # what we resume from
 
-    # 3. The last resume finishes with the uninterrupted run's adapter and numbers.
+    # 3. The last resume finishes with the uninterrupted run's weights, step losses, adapter and numbers. (The
+    # final adapter is the best checkpoint's, which may predate the kill; checkpoint-6 holds the weights after step 6.)
     report = run_main("stage3", resume)
+    last = Path("checkpoint-6") / "adapter_model.safetensors"
+    assert_same_tensors(reference / last, out / last)
+
+    def step_losses(folder):
+        history = json.loads((folder / "checkpoint-6" / "trainer_state.json").read_text())["log_history"]
+        return [(entry["step"], entry["loss"]) for entry in history if "loss" in entry]
+
+    assert step_losses(out) == step_losses(reference) and len(step_losses(reference)) == 6
     assert_same_tensors(reference / "adapter_model.safetensors", out / "adapter_model.safetensors")
     assert report["evaluations"] == reference_report["evaluations"]
     selection, expected = report["selection"], reference_report["selection"]
@@ -470,6 +482,13 @@ def _half_written_checkpoint(ctx: Ctx):
     ctx.stage3("--resume_from_checkpoint", checkpoint)
 
 
+def _stage3_into_a_used_folder(ctx: Ctx):
+    used = ctx.tmp / "used"
+    (used / "checkpoint-2").mkdir(parents=True)
+    (used / "checkpoint-2" / "adapter_model.safetensors").write_bytes(b"")
+    ctx.stage3("--output_dir", used)
+
+
 def _cli_few_shot(ctx: Ctx, k: int):
     from datadream_hf.cli import main
 
@@ -573,6 +592,8 @@ CASES = {
                            r"`real_loss_weight` \(lambda\) must lie in \[0, 1\], got 1.5"),
     "lambda below 0": Case(lambda c: c.stage3("--real_loss_weight", "-0.2"), ValueError,
                            r"`real_loss_weight` \(lambda\) must lie in \[0, 1\], got -0.2"),
+    "new stage-3 run into a folder holding one": Case(
+        _stage3_into_a_used_folder, ValueError, r"used'.*already holds a classifier run \(checkpoint-2.*resume_from"),
     "validation split = test split": Case(lambda c: c.stage3("--validation_split", "test"), ValueError,
                                           r"both 'test': selecting the model on the test split"),
     "synthetic data with other classes": Case(_synthetic_with_other_classes, DatasetInputError,

@@ -26,6 +26,7 @@ from datadream_hf.trainer import (
     ImageClassificationDataset,
     MixedRealSyntheticTrainer,
     RealSyntheticBatchSampler,
+    SampleKey,
     accuracy_compute_metrics,
     collate_image_batch,
     load_synthetic_dataset,
@@ -200,8 +201,10 @@ def test_sampler_holds_the_real_synthetic_counts_in_every_batch(world_size):
     per_rank = []
     for rank in range(world_size):
         sampler = RealSyntheticBatchSampler(num_real, num_synthetic, r, s, num_replicas=world_size, rank=rank, seed=7)
-        batches = list(sampler)
+        keys = list(sampler)
+        batches = [[key.index for key in batch] for batch in keys]
         assert len(batches) == len(sampler) == math.ceil(math.ceil(num_synthetic / s) / world_size)
+        assert len({key.seed for batch in keys for key in batch}) == len(keys) * (r + s)  # a seed per draw
         for batch in batches:
             assert sum(i < num_real for i in batch) == r and sum(i >= num_real for i in batch) == s
             assert all(0 <= i < num_real + num_synthetic for i in batch)
@@ -216,6 +219,36 @@ def test_sampler_holds_the_real_synthetic_counts_in_every_batch(world_size):
     assert list(sampler) == first  # deterministic under the seed
     sampler.set_epoch(1)
     assert list(sampler) != first
+
+
+def test_augmentation_follows_the_samplers_seeds_whatever_the_workers(digits, processor):
+    """The sampler's per-draw seeds fix each image's augmentation: 0 or 2 dataloader workers give the same batches,
+    another epoch other ones, and a key's seed reproduces its item alone (what a resumed run relies on)."""
+    dataset = ImageClassificationDataset(
+        digits["train"].select(range(6)), digits["train"].select(range(6, 16)),
+        DataDreamAugmentation(processor.image_processor, seed=0),
+    )  # fmt: skip
+    sampler = RealSyntheticBatchSampler(6, 10, 2, 3, seed=5)
+
+    def batches(num_workers, epoch=0):
+        sampler.set_epoch(epoch)
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=sampler, collate_fn=collate_image_batch, num_workers=num_workers
+        )
+        return list(loader)
+
+    alone, parallel = batches(0), batches(2)
+    assert len(alone) == len(sampler) == 4
+    for a, b in zip(alone, parallel):
+        assert torch.equal(a["pixel_values"], b["pixel_values"]) and torch.equal(a["labels"], b["labels"])
+        assert torch.equal(a["augmentation_seeds"], b["augmentation_seeds"])
+    assert not torch.equal(batches(0, epoch=1)[0]["pixel_values"], alone[0]["pixel_values"])
+    sampler.set_epoch(0)
+    key = list(sampler)[2][4]
+    assert torch.equal(dataset[key]["pixel_values"], alone[2]["pixel_values"][4])
+    assert not torch.equal(dataset[SampleKey(key.index, key.seed + 1)]["pixel_values"], alone[2]["pixel_values"][4])
+    # Plain indices (evaluation, a user's own sampler) still work and carry no seed.
+    assert "augmentation_seed" not in dataset[0] and dataset[0]["pixel_values"].shape == (3, 32, 32)
 
 
 def test_trainer_batches_and_train_modes(tiny_clip_path, digits, fake_synthetic, processor, tmp_path):

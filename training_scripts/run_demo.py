@@ -151,7 +151,7 @@ def stage3(out: Path, clip: str, data_dir: Path, manifest: Path, synthetic: dict
                 "--eval_steps", str(max(settings.classifier_steps // 3, 1)),
                 "--save_steps", str(max(settings.classifier_steps // 3, 1)),
                 "--warmup_steps", str(settings.classifier_steps // 10), "--seed", str(seed), "--use_cpu",
-                "--disable_tqdm", "true",
+                "--disable_tqdm", "true", "--resume_from_checkpoint", "latest",  # a killed demo continues
             ]  # fmt: skip
             if synthetic_dir is not None:
                 argv += ["--synthetic_dataset", str(synthetic_dir)]

@@ -51,6 +51,7 @@ from datadream_hf.trainer import (
     ImageClassificationDataset,
     MixedRealSyntheticTrainer,
     accuracy_compute_metrics,
+    check_fresh_output_dir,
     load_synthetic_dataset,
     per_class_subset,
 )
@@ -198,6 +199,7 @@ def main(args: tuple[ScriptArguments, DataDreamTrainingArguments]) -> dict:
     training_args.push_to_hub, training_args.hub_token = False, None
 
     # 1. Data (every input check happens here, before the model loads).
+    check_fresh_output_dir(training_args.output_dir, training_args.resume_from_checkpoint)
     data = load_data(script_args, training_args)
     # The main process holds the output folder for the rest of the run: a second run into it is refused.
     with output_dir_lock(training_args.output_dir, training_args.distributed_state):
