@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install test quality style demo benchmark
+.PHONY: install test quality style demo benchmark benchmark-gpu
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -30,3 +30,9 @@ demo:
 benchmark:
 	$(PY) benchmarks/bench_stage1_cls.py
 	$(PY) benchmarks/bench_generation.py
+
+# On one GPU (>= 80 GB): both benchmarks at SD 2.1-base size with random weights, nothing downloaded.
+benchmark-gpu:
+	$(PY) benchmarks/bench_stage1_cls.py --pretrained_model_name_or_path random-sd21-base --max_train_steps 8 \
+		--mixed_precision bf16 --classes_per_group 5
+	$(PY) benchmarks/bench_generation.py --pretrained_model_name_or_path random-sd21-base --num_inference_steps 20

@@ -17,6 +17,9 @@ Real Stable Diffusion 2.1-base on a GPU, 10 classes, 16 shots, 20 steps per clas
     python benchmarks/bench_stage1_cls.py --pretrained_model_name_or_path stabilityai/stable-diffusion-2-1-base \
         --resolution 512 --k 16 --max_train_steps 20 --mixed_precision bf16 --classes_per_group 4
 
+`--pretrained_model_name_or_path random-sd21-base` times the same architecture with random weights (no download;
+`make benchmark-gpu` runs both benchmarks so).
+
 Measured on this repo's 2-core CPU, tiny model, defaults (8 steps, one group of 10), two runs: 3.01x and 3.20x in wall
 time, 2.38x and 2.51x per class-step at steady state; with 40 steps 2.22x wall, 2.10x steady. The CPU is compute-bound
 (a batch of 80 costs nearly 10 batches of 8), so what grouping saves there is the small-batch inefficiency of using
@@ -42,7 +45,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from datadream_hf.benchmarking import StepClock, max_adapter_difference, measure
+from datadream_hf.benchmarking import RANDOM_SD21_BASE, StepClock, benchmark_model, max_adapter_difference, measure
 from datadream_hf.data import load_labelled_dataset
 from datadream_hf.digits import DIGIT_NAMES, load_digits_dataset
 from datadream_hf.few_shot import draw_few_shot
@@ -56,12 +59,14 @@ from datadream_hf.generator_training import (
 )
 from datadream_hf.layout import class_folder_name
 from datadream_hf.lora import LORA_WEIGHT_NAME, load_safetensors
-from datadream_hf.testing import save_tiny_stable_diffusion
 
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Stage-1 cls benchmark: reference-style loop vs grouped LoRA.")
-    parser.add_argument("--pretrained_model_name_or_path", type=str, default=None, help="Default: the tiny model.")
+    parser.add_argument(
+        "--pretrained_model_name_or_path", type=str, default=None,
+        help=f"Default: the tiny model. {RANDOM_SD21_BASE!r}: SD 2.1-base's architecture with random weights.",
+    )  # fmt: skip
     parser.add_argument("--revision", type=str, default=None)
     parser.add_argument("--num_classes", type=int, default=10)
     parser.add_argument("--k", type=int, default=16, help="Shots per class (paper: 16).")
@@ -111,8 +116,8 @@ def main(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.num_threads)
     work = Path(args.output_dir or tempfile.mkdtemp(prefix="bench-stage1-"))
     work.mkdir(parents=True, exist_ok=True)
-    model = args.pretrained_model_name_or_path or save_tiny_stable_diffusion(work / "tiny-sd")
-    resolution = args.resolution or (32 if args.pretrained_model_name_or_path is None else 512)
+    model, tiny = benchmark_model(args.pretrained_model_name_or_path, work, device)
+    resolution = args.resolution or (32 if tiny else 512)
     data = few_shot_digits(args.num_classes, args.k, resolution)
     accelerator = Accelerator(cpu=device == "cpu", mixed_precision=args.mixed_precision)
     common = {

@@ -149,6 +149,24 @@ def write_random_class_adapters(models, output_dir: str | os.PathLike, class_nam
     return output_dir
 
 
+RANDOM_SD21_BASE = "random-sd21-base"  # `--pretrained_model_name_or_path` value of the benchmarks: see below
+
+
+def benchmark_model(name_or_path: str | None, work_dir: Path, device: str) -> tuple[str, bool]:
+    """The benchmarks' model: (path or id, whether it is the tiny test model).
+
+    None builds the tiny test model; `RANDOM_SD21_BASE` builds Stable Diffusion 2.1-base's architecture with random
+    weights (`save_random_sd21_base`: real-size timings without a download); anything else is used as given.
+    """
+    from .testing import save_tiny_stable_diffusion
+
+    if name_or_path is None:
+        return save_tiny_stable_diffusion(Path(work_dir) / "tiny-sd"), True
+    if name_or_path == RANDOM_SD21_BASE:
+        return save_random_sd21_base(Path(work_dir) / RANDOM_SD21_BASE, device=device), False
+    return name_or_path, False
+
+
 def save_random_sd21_base(path: str | os.PathLike, device: str = "cuda", seed: int = 0) -> str:
     """Saves a pipeline with Stable Diffusion 2.1-base's architecture (865M UNet, OpenCLIP-H-sized text encoder,
     512 px) and random weights: real-size timings where the real weights cannot be downloaded.

@@ -386,6 +386,20 @@ def test_benchmarks_run_and_report_ratios(tiny_sd_path, tmp_path, monkeypatch, c
     assert ours["speedup_vs_reference"] > 0 and ours["steady_speedup_vs_reference"] > 0
 
 
+def test_benchmark_model_choices(tmp_path, monkeypatch):
+    import datadream_hf.benchmarking as benchmarking
+
+    built = []
+    monkeypatch.setattr(
+        benchmarking, "save_random_sd21_base", lambda path, device: built.append((path, device)) or "r"
+    )
+    assert benchmarking.benchmark_model(benchmarking.RANDOM_SD21_BASE, tmp_path, "cuda") == ("r", False)
+    assert built == [(tmp_path / benchmarking.RANDOM_SD21_BASE, "cuda")]
+    assert benchmarking.benchmark_model("some/model", tmp_path, "cpu") == ("some/model", False)
+    path, tiny = benchmarking.benchmark_model(None, tmp_path, "cpu")
+    assert tiny and (Path(path) / "model_index.json").is_file() and len(built) == 1
+
+
 def test_step_clock_counts_shared_spans_once():
     from datadream_hf.benchmarking import StepClock
 
