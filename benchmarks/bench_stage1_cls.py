@@ -20,13 +20,13 @@ Real Stable Diffusion 2.1-base on a GPU, 10 classes, 16 shots, 20 steps per clas
 `--pretrained_model_name_or_path random-sd21-base` times the same architecture with random weights (no download;
 `make benchmark-gpu` runs both benchmarks so).
 
-Measured on this repo's 2-core CPU, tiny model, defaults (8 steps, one group of 10), two runs: 3.01x and 3.20x in wall
-time, 2.38x and 2.51x per class-step at steady state; with 40 steps 2.22x wall, 2.10x steady. The CPU is compute-bound
-(a batch of 80 costs nearly 10 batches of 8), so what grouping saves there is the small-batch inefficiency of using
-both cores. On one H200 (an earlier version, which encoded the latent cache one image at a time and gathered each
-sample's LoRA factors): an SD-2.1-base-shaped model with random weights (`datadream_hf.benchmarking
-.save_random_sd21_base`), 512 px, bf16, 4 steps, groups of 4: 38.9 s -> 13.1 s (2.96x), peak 10.5 -> 35.1 GB; the
-tiny model, 8 steps, one group of 10: 11.7 s -> 2.0 s (5.8x).
+Measured on this repo's 2-core CPU, tiny model, defaults (8 steps, one group of 10), six runs: 2.65x to 3.20x in wall
+time (the three full runs 2.99x, 3.01x, 3.20x; with --skip_ablations 2.65x, 2.70x, 2.81x), 2.38x and 2.51x per
+class-step at steady state; with 40 steps 2.22x wall, 2.10x steady. The CPU is compute-bound (a batch of 80 costs
+nearly 10 batches of 8), so what grouping saves there is the small-batch inefficiency of using both cores. On one H200,
+with an earlier version (latent cache encoded one image at a time, each sample's LoRA factors gathered), an
+SD-2.1-base-shaped model with random weights, 512 px, bf16, 4 steps, groups of 4: 38.9 s -> 13.1 s (2.96x), peak
+10.5 -> 35.1 GB; the tiny model, 8 steps, one group of 10: 11.7 s -> 2.0 s (5.8x).
 
 The few-shot images are the bundled digits (square, so one crop offset each: the latent cache is exact and complete).
 The baseline does not pay the reference's per-class process start-up (~5 s of imports each), so the ratio is a lower
