@@ -226,7 +226,7 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
         if transform is None:
             raise ValueError("`transform` (PIL image -> pixel tensor) is required.")
         self.real, self.synthetic, self.transform = real, synthetic, transform
-        self._transform_takes_seed = "seed" in signature(transform).parameters
+        self._transform_takes_seed = _takes_seed(transform)
         self.num_real = len(real) if real is not None else 0
         self.num_synthetic = len(synthetic) if synthetic is not None else 0
 
@@ -251,6 +251,13 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
         if seed is not None:
             item["augmentation_seed"] = seed
         return item
+
+
+def _takes_seed(transform) -> bool:
+    try:
+        return "seed" in signature(transform).parameters
+    except (TypeError, ValueError):  # a callable without a readable signature (some C extensions)
+        return False
 
 
 def per_class_subset(dataset, per_class: int | None, seed: int = 0):
