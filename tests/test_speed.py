@@ -3,7 +3,9 @@ encoded once == per sample, direct adapter fusion == diffusers' fuse; grouped re
 """
 
 import json
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -31,6 +33,7 @@ from datadream_hf.grouped_lora import GroupedLoraLinear, contiguous_block_size
 from datadream_hf.grouped_training import group_units, train_groups
 from datadream_hf.latent_cache import LatentCache, encode_posterior
 from datadream_hf.lora import LORA_WEIGHT_NAME, load_safetensors
+from datadream_hf.testing import accelerate_launch_command
 
 CLASSES = ["zero", "one", "two"]
 FOLDERS = ["0000_zero", "0001_one", "0002_two"]
@@ -173,6 +176,25 @@ def test_grouped_equals_sequential_and_classes_differ(runs):
                 assert list(a.keys()) == list(b.keys()) and a.metadata() == b.metadata()
     for name in ("adapter_index.json", "README.md"):
         assert (runs / "grouped" / name).read_text() == (runs / "sequential" / name).read_text()
+
+
+def test_grouped_with_two_processes_matches_sequential(runs, digits, digits_path, tiny_sd_path, tmp_path):
+    """A real 2-process `accelerate launch`: each process groups its own classes (process 0: zero and two in one
+    forward pass; process 1: one alone), and every adapter equals the 1-process sequential run's to tolerance."""
+    dataset = load_labelled_dataset(digits, split="train", class_names=CLASSES)
+    manifest = tmp_path / "manifest.json"
+    draw_few_shot(dataset, k=2, seed=0, source_name="digits", split="train").save(manifest)
+    flags = {**SMALL_RUN, "learning_rate": 1e-4, "pretrained_model_name_or_path": tiny_sd_path, "dataset": digits_path,
+             "class_names": ",".join(CLASSES), "few_shot_manifest": manifest, "output_dir": tmp_path / "out",
+             "report_to": "none"}  # fmt: skip
+    script = BENCHMARKS.parent / "training_scripts" / "train_datadream_lora.py"
+    command = accelerate_launch_command(script, 2) + [str(a) for k, v in flags.items() for a in (f"--{k}", v)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Training adapters ['zero', 'two'] together" in result.stderr
+    assert "Training adapters ['one'] together" in result.stderr
+    assert_close_adapters(adapters(runs / "sequential"), adapters(tmp_path / "out"))
 
 
 def test_cached_latents_equal_vae_every_step(runs):
