@@ -101,12 +101,14 @@ def save_checkpoint(
     lr_scheduler,
     grad_scaler: torch.amp.GradScaler,
     meta: dict,
+    log_history: list[dict] | None = None,
 ) -> Path:
     """Writes `folder/checkpoint-<step>` atomically and returns its path.
 
     Args:
         parameters: the trainable (LoRA) parameters by name; nothing else of the model is saved.
         meta: what the checkpoint belongs to (unit, seed, total steps, ...); checked again on resume.
+        log_history: the adapter's logged steps so far (`read_log_history` gives them back on resume).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -124,6 +126,7 @@ def save_checkpoint(
         "optimizer": optimizer_rest,
         "lr_scheduler": lr_scheduler.state_dict(),
         "grad_scaler": grad_scaler.state_dict() if grad_scaler.is_enabled() else None,
+        "log_history": list(log_history or []),
     }
     with open(tmp / STATE_NAME, "w") as f:
         json.dump(state, f, indent=1)
@@ -173,3 +176,9 @@ def load_checkpoint(
     if state["grad_scaler"] is not None and grad_scaler.is_enabled():
         grad_scaler.load_state_dict(state["grad_scaler"])
     return int(state["step"])
+
+
+def read_log_history(path: str | os.PathLike) -> list[dict]:
+    """The log entries (`{"step", "loss", "lr"}`) saved with a checkpoint; [] for checkpoints written without."""
+    with open(Path(path) / STATE_NAME) as f:
+        return list(json.load(f).get("log_history", []))

@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 CARD_TEMPLATE = "adapter_card.md"
 SAMPLES_NAME = "samples.png"
+TRAINING_LOG_NAME = "training_log.json"  # per adapter folder: its loss and lr at every step
 # Config fields that do not change the trained weights: they may differ between a run and its resumption.
 RUN_ONLY_FIELDS = frozenset(
     {
@@ -194,6 +195,26 @@ def write_outputs(output_dir: Path, mode: str, class_names: list[str]) -> None:
     """Writes `adapter_index.json` and the model card; call once every adapter file exists."""
     write_json_atomic(output_dir / ADAPTER_INDEX_NAME, adapter_index(mode, class_names))
     write_text_atomic(output_dir / "README.md", render_adapter_card(output_dir))
+
+
+def write_training_log(folder: Path, log_history: list[dict]) -> None:
+    """Writes an adapter's `training_log.json` (`{"log_history": [{"step", "loss", "lr"}, ...]}`), atomically."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    write_json_atomic(Path(folder) / TRAINING_LOG_NAME, {"log_history": log_history})
+
+
+def replay_training_logs(output_dir: Path, folders: list[str], accelerator) -> None:
+    """Sends the training logs of `folders` (adapters other processes trained) to the main process's trackers, under
+    the tags their own process would have used: trackers live on the main process only."""
+    for folder in folders:
+        path = Path(output_dir) / folder / TRAINING_LOG_NAME
+        if not path.is_file():  # an adapter written before training logs existed
+            logger.warning("No %s in %s: its curves are not in the trackers.", TRAINING_LOG_NAME, path.parent)
+            continue
+        with open(path) as f:
+            entries = json.load(f)["log_history"]
+        for entry in entries:
+            accelerator.log({f"{folder}/loss": entry["loss"], f"{folder}/lr": entry["lr"]}, step=entry["step"])
 
 
 def render_adapter_card(output_dir: str | os.PathLike) -> str:

@@ -27,6 +27,7 @@ from .generator_checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     prune_checkpoints,
+    read_log_history,
     remove_partial_checkpoints,
     save_checkpoint,
 )
@@ -293,7 +294,7 @@ def train_unit(
     init_lora_weights_(models, config.lora_init, unit.seed)
     state = build_unit_optimizer(models.trainable_parameters(), config, num_steps, models.device.type)
     meta = checkpoint_meta(unit, config, num_steps)
-    first_step = 0
+    first_step, log_history = 0, []
     if config.resume_from_checkpoint is not None:
         checkpoint = (
             latest_checkpoint(folder)
@@ -305,6 +306,7 @@ def train_unit(
         else:
             first_step = load_checkpoint(checkpoint, state.parameters, state.optimizer, state.lr_scheduler,
                                          state.grad_scaler, meta)  # fmt: skip
+            log_history = read_log_history(checkpoint)
             logger.info("Resuming %r from %s (step %d of %d).", unit.name, checkpoint, first_step, num_steps)
     if writes:
         remove_partial_checkpoints(folder)
@@ -320,16 +322,18 @@ def train_unit(
         done = step + 1
         progress.update(1)
         progress.set_postfix(loss=f"{loss:.4f}")
-        accelerator.log({f"{prefix}loss": loss, f"{prefix}lr": state.lr_scheduler.get_last_lr()[0]}, step=done)
+        log_history.append({"step": done, "loss": loss, "lr": state.lr_scheduler.get_last_lr()[0]})
+        accelerator.log({f"{prefix}loss": loss, f"{prefix}lr": log_history[-1]["lr"]}, step=done)
         if writes and done % config.checkpointing_steps == 0 and done < num_steps:
             save_checkpoint(folder, done, state.parameters, state.optimizer, state.lr_scheduler, state.grad_scaler,
-                            meta)  # fmt: skip
+                            meta, log_history)  # fmt: skip
             prune_checkpoints(folder, config.checkpoints_total_limit)
         if step_callback is not None:
             step_callback(unit, done)
     progress.close()
     adapter = folder / LORA_WEIGHT_NAME
     if writes:
+        generator_outputs.write_training_log(folder, log_history)  # before the adapter, which marks the unit done
         save_adapter_atomic(models, folder)
     return adapter
 
@@ -452,12 +456,17 @@ def _train_generator(config, data, accelerator, models, step_callback) -> Path:
             if config.num_validation_images > 0 and shard[0] == 0:
                 generator_outputs.log_validation(models, unit, config, data.class_names, accelerator)
 
-    # 4. Once every process is done: the index (which marks the output complete) and the card.
+    # 4. Once every process is done: the index (which marks the output complete) and the card; the curves of the
+    #    classes other processes trained go to the trackers, which live on the main process.
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         missing = generator_outputs.missing_adapters(output_dir, config.mode, data.class_names)
         if missing:
             raise CheckpointError(f"Adapters missing after training: {missing}; re-run with --resume_from_checkpoint.")
         generator_outputs.write_outputs(output_dir, config.mode, data.class_names)
+        if config.mode == "cls" and config.report_to and accelerator.num_processes > 1:
+            others = [class_folder_name(i, name) for i, name in enumerate(data.class_names)
+                      if i % accelerator.num_processes != accelerator.process_index]  # fmt: skip
+            generator_outputs.replay_training_logs(output_dir, others, accelerator)
     accelerator.wait_for_everyone()
     return output_dir

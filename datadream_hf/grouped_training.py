@@ -20,12 +20,13 @@ from .generator_checkpoint import (
     list_checkpoints,
     load_checkpoint,
     prune_checkpoints,
+    read_log_history,
     remove_partial_checkpoints,
     save_checkpoint,
 )
 from .generator_config import GeneratorTrainingConfig
 from .generator_data import StepBatch, TrainingUnit, make_step_batch, total_steps
-from .generator_outputs import log_validation
+from .generator_outputs import log_validation, write_training_log
 from .generator_training import (
     GeneratorModels,
     StepCallback,
@@ -131,8 +132,11 @@ def _stack_optimizer_states(states: list[dict]) -> dict:
     return {"state": stacked, "param_groups": first["param_groups"]}
 
 
-def _resume(grouped: GroupedLora, state: UnitOptimizer, folders: list[Path], metas: list[dict]) -> int:
-    """Loads the newest checkpoint step every class of the group has (a kill may fall between two classes' writes)."""
+def _resume(
+    grouped: GroupedLora, state: UnitOptimizer, folders: list[Path], metas: list[dict], histories: list[list[dict]]
+) -> int:
+    """Loads the newest checkpoint step every class of the group has (a kill may fall between two classes' writes),
+    and each class's log history into `histories`."""
     common = set.intersection(*({checkpoint_step(c) for c in list_checkpoints(folder)} for folder in folders))
     if not common:
         return 0
@@ -140,18 +144,20 @@ def _resume(grouped: GroupedLora, state: UnitOptimizer, folders: list[Path], met
     loaded = []
     for group, folder in enumerate(folders):
         view = _GroupOptimizerView(state.optimizer, group)
-        load_checkpoint(folder / f"checkpoint-{step}", grouped.group_parameters(group), view, state.lr_scheduler,
-                        state.grad_scaler, metas[group])  # fmt: skip
+        checkpoint = folder / f"checkpoint-{step}"
+        load_checkpoint(checkpoint, grouped.group_parameters(group), view, state.lr_scheduler, state.grad_scaler,
+                        metas[group])  # fmt: skip
+        histories[group][:] = read_log_history(checkpoint)
         loaded.append(view.loaded)
     state.optimizer.load_state_dict(_stack_optimizer_states(loaded))
     return step
 
 
-def _save_checkpoints(grouped, state, folders, metas, step: int, total_limit: int | None) -> None:
+def _save_checkpoints(grouped, state, folders, metas, histories, step: int, total_limit: int | None) -> None:
     for group, folder in enumerate(folders):
         weights = {name: view.detach().clone() for name, view in grouped.group_parameters(group).items()}
         save_checkpoint(folder, step, weights, _GroupOptimizerView(state.optimizer, group), state.lr_scheduler,
-                        state.grad_scaler, metas[group])  # fmt: skip
+                        state.grad_scaler, metas[group], histories[group])  # fmt: skip
     # Pruned only once every class has the new checkpoint, so a common step always survives a kill.
     for folder in folders:
         prune_checkpoints(folder, total_limit)
@@ -180,7 +186,8 @@ def train_group(
     grouped.init_groups_(lambda g: init_lora_weights_(models, config.lora_init, units[g].seed))
     state = build_unit_optimizer(grouped.parameters(), config, num_steps, models.device.type)
     metas = [checkpoint_meta(unit, config, num_steps) for unit in units]
-    first_step = _resume(grouped, state, folders, metas) if config.resume_from_checkpoint is not None else 0
+    histories: list[list[dict]] = [[] for _ in units]  # each class's {"step", "loss", "lr"} entries
+    first_step = _resume(grouped, state, folders, metas, histories) if config.resume_from_checkpoint is not None else 0
     if first_step:
         logger.info("Resuming group %s from checkpoint-%d (of %d steps).", [u.name for u in units], first_step,
                     num_steps)  # fmt: skip
@@ -203,11 +210,13 @@ def train_group(
             progress.update(1)
             progress.set_postfix(loss=f"{sum(losses) / len(losses):.4f}")
             lr = state.lr_scheduler.get_last_lr()[0]
+            for history, loss in zip(histories, losses):
+                history.append({"step": done, "loss": loss, "lr": lr})
             logs = {f"{unit.folder}/{key}": value for unit, loss in zip(units, losses)
                     for key, value in (("loss", loss), ("lr", lr))}  # fmt: skip
             accelerator.log(logs, step=done)
             if done % config.checkpointing_steps == 0 and done < num_steps:
-                _save_checkpoints(grouped, state, folders, metas, done, config.checkpoints_total_limit)
+                _save_checkpoints(grouped, state, folders, metas, histories, done, config.checkpoints_total_limit)
             if step_callback is not None:
                 for unit in units:
                     step_callback(unit, done)
@@ -222,6 +231,7 @@ def train_group(
         if config.resume_from_checkpoint is not None and adapter.is_file():
             continue  # exported by the run that was killed while exporting the group
         grouped.copy_to_peft(group)
+        write_training_log(folder, histories[group])  # before the adapter, which marks the class done
         save_adapter_atomic(models, folder)
         if class_names is not None and config.num_validation_images > 0:
             log_validation(models, unit, config, class_names, accelerator)

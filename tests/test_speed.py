@@ -20,7 +20,7 @@ from datadream_hf.data import load_labelled_dataset
 from datadream_hf.few_shot import draw_few_shot
 from datadream_hf.generator_checkpoint import WEIGHTS_NAME, list_checkpoints
 from datadream_hf.generator_data import make_step_batch, make_unit
-from datadream_hf.generator_outputs import FewShotData
+from datadream_hf.generator_outputs import TRAINING_LOG_NAME, FewShotData
 from datadream_hf.generator_training import (
     GeneratorTrainingConfig,
     build_units,
@@ -279,6 +279,8 @@ def test_grouped_resume_equals_uninterrupted(tiny_sd_path, data, models, acceler
         a = load_safetensors(reference / folder / LORA_WEIGHT_NAME)
         b = load_safetensors(output / folder / LORA_WEIGHT_NAME)
         assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), folder
+        logs = [json.loads((run / folder / TRAINING_LOG_NAME).read_text()) for run in (reference, output)]
+        assert logs[0] == logs[1] and [e["step"] for e in logs[0]["log_history"]] == [1, 2, 3, 4, 5]
     # A finished group is skipped on resume.
     seen.clear()
     train_generator(resumed, data, accelerator, models=models, step_callback=crash_at(None, 0, seen))

@@ -24,7 +24,7 @@ from datadream_hf.generator_data import (
     resize_shorter_side,
     tokenize_prompts,
 )
-from datadream_hf.generator_outputs import FewShotData, push_adapters_to_hub
+from datadream_hf.generator_outputs import TRAINING_LOG_NAME, FewShotData, push_adapters_to_hub
 from datadream_hf.generator_training import (
     GeneratorTrainingConfig,
     build_units,
@@ -107,6 +107,10 @@ def assert_same_adapters(first, second):
     assert set(a) == set(b)
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def training_log(folder):
+    return json.loads((Path(folder) / TRAINING_LOG_NAME).read_text())["log_history"]
 
 
 def subprocess_env():
@@ -384,6 +388,9 @@ def test_cls_resume_skips_finished_classes_and_equals_uninterrupted(cls_run, few
     assert finished.stat().st_mtime_ns == stamp
     for folder in ("0000_zero", "0001_one", "0002_two"):
         assert_same_adapters(reference / folder, tmp_path / folder)
+        # The training log survives the crash through the checkpoint: the same steps, losses and lrs.
+        assert training_log(tmp_path / folder) == training_log(reference / folder)
+        assert [entry["step"] for entry in training_log(reference / folder)] == [1, 2, 3]
 
 
 def test_output_dir_of_another_run_is_refused(dset_run, few_shot, accelerator):
@@ -443,15 +450,27 @@ def test_sigkill_after_checkpoint_then_resume(dset_run, few_shot, tiny_sd_path, 
 
 
 def test_two_processes_split_classes_and_match_one_process(cls_run, few_shot, tiny_sd_path, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     _, _, reference = cls_run
     _, data_path, manifest_path = few_shot
-    command = accelerate_launch_command(SCRIPT, 2) + script_args(tiny_sd_path, data_path, manifest_path, tmp_path)
-    result = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    args = script_args(tiny_sd_path, data_path, manifest_path, tmp_path, report_to="tensorboard")
+    result = subprocess.run(accelerate_launch_command(SCRIPT, 2) + args, env=subprocess_env(), capture_output=True,
+                            text=True, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Process 0 of 2 trains adapter(s) ['zero', 'two']" in result.stderr
     assert "Process 1 of 2 trains adapter(s) ['one']" in result.stderr
     for folder in ("0000_zero", "0001_one", "0002_two"):
         assert_same_adapters(reference / folder, tmp_path / folder)
+        assert training_log(tmp_path / folder) == training_log(reference / folder)
+    # The trackers live on process 0; the curves of the class process 1 trained reach them too.
+    accumulator = EventAccumulator(str(tmp_path / "logs" / "datadream-lora"))  # --logging_dir / the project name
+    accumulator.Reload()
+    for folder in ("0000_zero", "0001_one"):
+        logged = [(e.step, e.value) for e in accumulator.Scalars(f"{folder}/loss")]
+        expected = [(entry["step"], entry["loss"]) for entry in training_log(reference / folder)]
+        assert [step for step, _ in logged] == [1, 2, 3]
+        assert all(abs(value - loss) <= 1e-6 * abs(loss) for (_, value), (_, loss) in zip(logged, expected))
     assert json.loads((tmp_path / "adapter_index.json").read_text()) == json.loads(
         (reference / "adapter_index.json").read_text()
     )
