@@ -5,30 +5,24 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import re
 import shutil
 from dataclasses import dataclass, field
 from functools import partial
-from inspect import signature
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image as PILImage
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import seed_worker
 
 from .augment import AUGMENTATIONS, MIX_AUGMENTATIONS, mix_batch
 from .classifier import ADAPTER_WEIGHTS_NAME
-from .data import DatasetInputError, class_names_of, labels_of, load_labelled_dataset
+from .classifier_data import ImageClassificationDataset, RealSyntheticBatchSampler, collate_image_batch
 from .faults import kill_point
-from .synthetic import is_generation_dir
-from .synthetic import load_synthetic_dataset as build_synthetic_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -133,183 +127,6 @@ class DataDreamTrainingArguments(TrainingArguments):
 def _has_accelerator() -> bool:
     accelerator = getattr(torch, "accelerator", None)
     return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
-
-
-class SampleKey(NamedTuple):
-    """What the training sampler yields per sample: the dataset row and the seed of that draw's augmentation."""
-
-    index: int
-    seed: int
-
-
-class RealSyntheticBatchSampler(Sampler[list[SampleKey]]):
-    """Batches of exactly `real_per_batch` real and `synthetic_per_batch` synthetic samples, as `SampleKey`s.
-
-    Indices `0..num_real-1` are real and `num_real..num_real+num_synthetic-1` synthetic (the layout of
-    `ImageClassificationDataset`). Each side is a stream of reshuffled passes, so the smaller side (the K-shot real
-    images) is cycled as the reference repeats it. An epoch lasts until the side that needs the most batches has
-    been seen once. With `num_replicas` processes, all ranks draw the same global batches (shared seed) and rank r
-    takes global batches r, r + num_replicas, ...: distinct batches, same ratio, same length on every rank.
-
-    Every slot of every global batch also gets its own augmentation seed from (seed, epoch), so an image's
-    augmentation depends on where it is drawn, not on dataloader workers or on what ran before: a run resumed from a
-    checkpoint (the Trainer replays the sampler and skips the done batches) augments exactly as the uninterrupted one.
-    """
-
-    def __init__(
-        self,
-        num_real: int,
-        num_synthetic: int,
-        real_per_batch: int,
-        synthetic_per_batch: int,
-        num_replicas: int = 1,
-        rank: int = 0,
-        seed: int = 0,
-    ):
-        for name, count, per_batch in (
-            ("real", num_real, real_per_batch),
-            ("synthetic", num_synthetic, synthetic_per_batch),
-        ):
-            if per_batch < 0 or (per_batch > 0 and count == 0):
-                raise ValueError(f"Batches need {per_batch} {name} images but the training set has {count}.")
-        if real_per_batch + synthetic_per_batch < 1:
-            raise ValueError("A batch needs at least one image: real_per_batch + synthetic_per_batch must be >= 1.")
-        if not 0 <= rank < num_replicas:
-            raise ValueError(f"`rank` must be in 0..{num_replicas - 1}, got {rank}.")
-        self.num_real, self.num_synthetic = num_real, num_synthetic
-        self.real_per_batch, self.synthetic_per_batch = real_per_batch, synthetic_per_batch
-        self.batch_size = real_per_batch + synthetic_per_batch  # read by accelerate
-        self.num_replicas, self.rank, self.seed = num_replicas, rank, seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        passes = [
-            math.ceil(n / k)
-            for n, k in ((self.num_real, self.real_per_batch), (self.num_synthetic, self.synthetic_per_batch))
-            if k
-        ]
-        return math.ceil(max(passes) / self.num_replicas)
-
-    def _stream(self, size: int, length: int, side: int) -> np.ndarray:
-        rng = np.random.default_rng([self.seed, self.epoch, side])
-        passes = [rng.permutation(size) for _ in range(math.ceil(length / size))] if length else []
-        return np.concatenate(passes)[:length] if passes else np.zeros(0, dtype=np.int64)
-
-    def __iter__(self):
-        num_global = len(self) * self.num_replicas
-        real = self._stream(self.num_real, num_global * self.real_per_batch, side=0)
-        synthetic = self._stream(self.num_synthetic, num_global * self.synthetic_per_batch, side=1) + self.num_real
-        seeds = np.random.default_rng([self.seed, self.epoch, 2]).integers(
-            2**63 - 1, size=(num_global, self.batch_size)
-        )
-        r, s = self.real_per_batch, self.synthetic_per_batch
-        for step in range(len(self)):
-            g = step * self.num_replicas + self.rank  # this rank's global batch
-            indices = real[g * r : (g + 1) * r].tolist() + synthetic[g * s : (g + 1) * s].tolist()
-            yield [SampleKey(index, seed) for index, seed in zip(indices, seeds[g].tolist())]
-
-
-class ImageClassificationDataset(torch.utils.data.Dataset):
-    """Real rows then synthetic rows of two normalized datasets (`image`, `label`), each item transformed to
-    `{"pixel_values", "labels", "is_real"}`.
-
-    Items are fetched by row index or by `SampleKey` (the training sampler's); a key's seed goes to a `transform`
-    that takes a `seed` argument (`DataDreamAugmentation`) and comes back as the item's `augmentation_seed`.
-    """
-
-    def __init__(self, real=None, synthetic=None, transform=None):
-        if real is None and synthetic is None:
-            raise ValueError("ImageClassificationDataset needs real or synthetic rows, got neither.")
-        if transform is None:
-            raise ValueError("`transform` (PIL image -> pixel tensor) is required.")
-        self.real, self.synthetic, self.transform = real, synthetic, transform
-        self._transform_takes_seed = _takes_seed(transform)
-        self.num_real = len(real) if real is not None else 0
-        self.num_synthetic = len(synthetic) if synthetic is not None else 0
-
-    def __len__(self) -> int:
-        return self.num_real + self.num_synthetic
-
-    def __getitem__(self, key: int | SampleKey) -> dict:
-        index, seed = (key.index, key.seed) if isinstance(key, SampleKey) else (key, None)
-        is_real = index < self.num_real
-        try:  # datasets decodes the image here
-            row = self.real[index] if is_real else self.synthetic[index - self.num_real]
-        except (OSError, ValueError, PILImage.DecompressionBombError) as err:
-            side, row_index = ("real", index) if is_real else ("synthetic", index - self.num_real)
-            raise DatasetInputError(
-                f"Image of row {row_index} of the {side} data cannot be decoded ({err}). Remove or replace it."
-            ) from err
-        if seed is not None and self._transform_takes_seed:
-            pixel_values = self.transform(row["image"], seed=seed)
-        else:
-            pixel_values = self.transform(row["image"])
-        item = {"pixel_values": pixel_values, "labels": int(row["label"]), "is_real": is_real}
-        if seed is not None:
-            item["augmentation_seed"] = seed
-        return item
-
-
-def _takes_seed(transform) -> bool:
-    try:
-        return "seed" in signature(transform).parameters
-    except (TypeError, ValueError):  # a callable without a readable signature (some C extensions)
-        return False
-
-
-def per_class_subset(dataset, per_class: int | None, seed: int = 0):
-    """Up to `per_class` rows of each class, chosen with a seeded generator (all rows when `per_class` is None)."""
-    if per_class is None:
-        return dataset
-    if per_class < 1:
-        raise ValueError(f"`per_class` must be >= 1 (or None for all rows), got {per_class}.")
-    labels = labels_of(dataset)
-    rng = np.random.default_rng([seed, 3])
-    keep = []
-    for label in range(len(class_names_of(dataset))):
-        rows = np.flatnonzero(labels == label)
-        keep += sorted(int(i) for i in rng.permutation(rows)[:per_class])
-    return dataset.select(sorted(keep))
-
-
-def load_synthetic_dataset(
-    source: str,
-    class_names: list[str],
-    split: str = "train",
-    image_column: str = "image",
-    label_column: str = "label",
-    images_per_class: int | None = None,
-    seed: int = 0,
-):
-    """Loads a stage-2 dataset (a `generate_synthetic.py` output folder, a `save_to_disk` folder or a Hub id) as
-    `image` + `label`, dropping provenance columns, and checks that its classes are `class_names` in the same order."""
-    if is_generation_dir(source):
-        source = build_synthetic_dataset(source)
-    synthetic = load_labelled_dataset(source, split=split, image_column=image_column, label_column=label_column)
-    names = class_names_of(synthetic)
-    if names != list(class_names):
-        raise DatasetInputError(
-            f"The synthetic dataset {source!r} has classes {names[:5]}{'...' if len(names) > 5 else ''} "
-            f"({len(names)}), but the real data has {list(class_names)[:5]}{'...' if len(class_names) > 5 else ''} "
-            f"({len(class_names)}). Generate it from the same class list (stage 2 reads it from the stage-1 output)."
-        )
-    return per_class_subset(synthetic, images_per_class, seed)
-
-
-def collate_image_batch(features: list[dict]) -> dict[str, torch.Tensor]:
-    """Stacks items into `pixel_values` (B, 3, H, W), `labels` (B,), `is_real` (B,) bool and, when every item has
-    one, `augmentation_seeds` (B,)."""
-    batch = {
-        "pixel_values": torch.stack([f["pixel_values"] for f in features]),
-        "labels": torch.tensor([f["labels"] for f in features], dtype=torch.long),
-        "is_real": torch.tensor([bool(f.get("is_real", True)) for f in features], dtype=torch.bool),
-    }
-    if all("augmentation_seed" in f for f in features):
-        batch["augmentation_seeds"] = torch.tensor([f["augmentation_seed"] for f in features], dtype=torch.long)
-    return batch
 
 
 def real_synthetic_loss(

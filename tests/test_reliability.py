@@ -624,7 +624,7 @@ def _stage1_batch_steps(ctx: Ctx):
 
 def _stage3_batches(batch_size: int):
     """The stage-3 sampler with more batch slots than images cycles the images (the reference repeats the K shots)."""
-    from datadream_hf.trainer import RealSyntheticBatchSampler
+    from datadream_hf.classifier_data import RealSyntheticBatchSampler
 
     sampler = RealSyntheticBatchSampler(num_real=8, num_synthetic=0, real_per_batch=batch_size, synthetic_per_batch=0)
     return list(sampler)

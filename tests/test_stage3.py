@@ -16,6 +16,13 @@ from transformers import CLIPProcessor
 
 from datadream_hf.augment import DataDreamAugmentation, EvalTransform, build_transforms, mix_batch
 from datadream_hf.classifier import CLASSIFIER_CONFIG_NAME, CLIPLoRAClassifier
+from datadream_hf.classifier_data import (
+    ImageClassificationDataset,
+    RealSyntheticBatchSampler,
+    SampleKey,
+    collate_image_batch,
+    load_synthetic_dataset,
+)
 from datadream_hf.data import DatasetInputError
 from datadream_hf.digits import DIGIT_NAMES
 from datadream_hf.lora import classifier_lora_config, lora_parameters
@@ -23,13 +30,8 @@ from datadream_hf.metrics import accuracy_metric_path
 from datadream_hf.testing import accelerate_launch_command
 from datadream_hf.trainer import (
     DataDreamTrainingArguments,
-    ImageClassificationDataset,
     MixedRealSyntheticTrainer,
-    RealSyntheticBatchSampler,
-    SampleKey,
     accuracy_compute_metrics,
-    collate_image_batch,
-    load_synthetic_dataset,
     real_synthetic_loss,
 )
 

@@ -38,6 +38,7 @@ from transformers import CLIPProcessor, HfArgumentParser, set_seed
 from datadream_hf.augment import build_transforms
 from datadream_hf.cards import render_card
 from datadream_hf.classifier import DEFAULT_CLASSIFIER_BASE, CLIPLoRAClassifier
+from datadream_hf.classifier_data import ImageClassificationDataset, load_synthetic_dataset, per_class_subset
 from datadream_hf.data import DatasetInputError, class_names_of, load_labelled_dataset
 from datadream_hf.few_shot import FewShotManifest
 from datadream_hf.hub import push_folder_to_hub
@@ -48,12 +49,9 @@ from datadream_hf.metrics import classification_report, report_markdown
 from datadream_hf.prompts import DEFAULT_TEMPLATE, PromptTemplate, domain_for_preset
 from datadream_hf.trainer import (
     DataDreamTrainingArguments,
-    ImageClassificationDataset,
     MixedRealSyntheticTrainer,
     accuracy_compute_metrics,
     check_fresh_output_dir,
-    load_synthetic_dataset,
-    per_class_subset,
 )
 from datadream_hf.versions import library_versions
 
