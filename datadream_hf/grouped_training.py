@@ -247,6 +247,12 @@ def train_groups(
     step_callback: StepCallback | None = None,
 ) -> None:
     """Trains this process's classes group by group (`group_units`); on resume a finished group is skipped."""
+    if config.mixed_precision == "fp16":
+        logger.warning(
+            "Grouped cls training under fp16 shares one loss scaler per group: a step that overflows for one class is "
+            "skipped for every class of its group, so adapters can differ from --cls_strategy sequential by those "
+            "steps (and not only by float rounding). Use --mixed_precision bf16 (no loss scaling) to keep them equal."
+        )
     for group in group_units(units, config):
         files = [Path(config.output_dir) / unit.folder / LORA_WEIGHT_NAME for unit in group]
         if config.resume_from_checkpoint is not None and all(f.is_file() for f in files):

@@ -374,6 +374,15 @@ def test_bad_speed_settings_name_the_field(overrides, culprit):
         GeneratorTrainingConfig(pretrained_model_name_or_path="some/model", **overrides)
 
 
+def test_grouped_fp16_warns_that_overflow_skips_are_shared(models, accelerator, tiny_sd_path, tmp_path, caplog):
+    config = make_config(tiny_sd_path, tmp_path, mixed_precision="fp16")
+    train_groups(models, [], config, accelerator)  # no classes: only the up-front check runs
+    assert "skipped for every class of its group" in caplog.text and "bf16" in caplog.text
+    caplog.clear()
+    train_groups(models, [], make_config(tiny_sd_path, tmp_path, mixed_precision="bf16"), accelerator)
+    assert "loss scaler" not in caplog.text
+
+
 def test_script_flags_reach_the_config(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCHMARKS.parent / "training_scripts"))
     import train_datadream_lora
