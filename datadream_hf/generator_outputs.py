@@ -203,9 +203,10 @@ def write_training_log(folder: Path, log_history: list[dict]) -> None:
     write_json_atomic(Path(folder) / TRAINING_LOG_NAME, {"log_history": log_history})
 
 
-def replay_training_logs(output_dir: Path, folders: list[str], accelerator) -> None:
-    """Sends the training logs of `folders` (adapters other processes trained) to the main process's trackers, under
-    the tags their own process would have used: trackers live on the main process only."""
+def replay_to_trackers(output_dir: Path, folders: list[str], accelerator) -> None:
+    """Sends what other processes wrote for `folders` (their adapters) to the main process's trackers, under the tags
+    their own process would have used: each training log, and the validation grid (`samples.png`) to TensorBoard.
+    Trackers live on the main process only."""
     for folder in folders:
         path = Path(output_dir) / folder / TRAINING_LOG_NAME
         if not path.is_file():  # an adapter written before training logs existed
@@ -215,6 +216,12 @@ def replay_training_logs(output_dir: Path, folders: list[str], accelerator) -> N
             entries = json.load(f)["log_history"]
         for entry in entries:
             accelerator.log({f"{folder}/loss": entry["loss"], f"{folder}/lr": entry["lr"]}, step=entry["step"])
+        samples = Path(output_dir) / folder / SAMPLES_NAME
+        if samples.is_file():
+            grid = np.asarray(Image.open(samples).convert("RGB"))  # (H, W, 3)
+            for tracker in accelerator.trackers:
+                if tracker.name == "tensorboard":
+                    tracker.writer.add_image(f"{folder}/validation", grid, 0, dataformats="HWC")
 
 
 def render_adapter_card(output_dir: str | os.PathLike) -> str:

@@ -467,6 +467,6 @@ def _train_generator(config, data, accelerator, models, step_callback) -> Path:
         if config.mode == "cls" and config.report_to and accelerator.num_processes > 1:
             others = [class_folder_name(i, name) for i, name in enumerate(data.class_names)
                       if i % accelerator.num_processes != accelerator.process_index]  # fmt: skip
-            generator_outputs.replay_training_logs(output_dir, others, accelerator)
+            generator_outputs.replay_to_trackers(output_dir, others, accelerator)
     accelerator.wait_for_everyone()
     return output_dir

@@ -454,7 +454,8 @@ def test_two_processes_split_classes_and_match_one_process(cls_run, few_shot, ti
 
     _, _, reference = cls_run
     _, data_path, manifest_path = few_shot
-    args = script_args(tiny_sd_path, data_path, manifest_path, tmp_path, report_to="tensorboard")
+    args = script_args(tiny_sd_path, data_path, manifest_path, tmp_path, report_to="tensorboard",
+                       num_validation_images=1, validation_num_inference_steps=1)  # fmt: skip
     result = subprocess.run(accelerate_launch_command(SCRIPT, 2) + args, env=subprocess_env(), capture_output=True,
                             text=True, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
@@ -471,6 +472,7 @@ def test_two_processes_split_classes_and_match_one_process(cls_run, few_shot, ti
         expected = [(entry["step"], entry["loss"]) for entry in training_log(reference / folder)]
         assert [step for step, _ in logged] == [1, 2, 3]
         assert all(abs(value - loss) <= 1e-6 * abs(loss) for (_, value), (_, loss) in zip(logged, expected))
+        assert accumulator.Images(f"{folder}/validation")  # the validation sample, from either process
     assert json.loads((tmp_path / "adapter_index.json").read_text()) == json.loads(
         (reference / "adapter_index.json").read_text()
     )
