@@ -204,9 +204,16 @@ def write_training_log(folder: Path, log_history: list[dict]) -> None:
 
 
 def replay_to_trackers(output_dir: Path, folders: list[str], accelerator) -> None:
-    """Sends what other processes wrote for `folders` (their adapters) to the main process's trackers, under the tags
-    their own process would have used: each training log, and the validation grid (`samples.png`) to TensorBoard.
-    Trackers live on the main process only."""
+    """Writes what other processes made for `folders` (their adapters) into the main process's TensorBoard, under
+    the tags their own process would have used: each training log's loss and lr, and the validation grid.
+
+    Trackers live on the main process only. TensorBoard takes steps in any order; a tracker that needs increasing
+    steps (wandb) is left alone: those classes' curves are in their `training_log.json`.
+    """
+    boards = [tracker.writer for tracker in accelerator.trackers if tracker.name == "tensorboard"]
+    others = [tracker.name for tracker in accelerator.trackers if tracker.name != "tensorboard"]
+    if others:
+        logger.info("Trackers %s get only the main process's classes; see each class's %s.", others, TRAINING_LOG_NAME)
     for folder in folders:
         path = Path(output_dir) / folder / TRAINING_LOG_NAME
         if not path.is_file():  # an adapter written before training logs existed
@@ -214,14 +221,15 @@ def replay_to_trackers(output_dir: Path, folders: list[str], accelerator) -> Non
             continue
         with open(path) as f:
             entries = json.load(f)["log_history"]
-        for entry in entries:
-            accelerator.log({f"{folder}/loss": entry["loss"], f"{folder}/lr": entry["lr"]}, step=entry["step"])
         samples = Path(output_dir) / folder / SAMPLES_NAME
-        if samples.is_file():
-            grid = np.asarray(Image.open(samples).convert("RGB"))  # (H, W, 3)
-            for tracker in accelerator.trackers:
-                if tracker.name == "tensorboard":
-                    tracker.writer.add_image(f"{folder}/validation", grid, 0, dataformats="HWC")
+        grid = np.asarray(Image.open(samples).convert("RGB")) if samples.is_file() else None  # (H, W, 3)
+        for board in boards:
+            for entry in entries:
+                board.add_scalar(f"{folder}/loss", entry["loss"], entry["step"])
+                board.add_scalar(f"{folder}/lr", entry["lr"], entry["step"])
+            if grid is not None:
+                board.add_image(f"{folder}/validation", grid, 0, dataformats="HWC")
+            board.flush()
 
 
 def render_adapter_card(output_dir: str | os.PathLike) -> str:

@@ -29,9 +29,9 @@ Offline, on the tiny test model and the bundled digits (CPU, seconds):
 Outputs: `pytorch_lora_weights.safetensors` (top level in dset mode, one `<index>_<class>/` folder per class in cls
 mode, each loadable with `StableDiffusionPipeline.load_lora_weights`) with its `training_log.json` (loss and lr at
 every step), `adapter_index.json`, `datadream_config.json` and a model card. With `--report_to`, trackers run on the
-main process; in a multi-process cls run it also logs the other processes' classes (their training logs and
-validation samples) at the end. A run is deterministic under `--seed`: a resumed run ends with the same adapters and
-logs as an uninterrupted one.
+main process; in a multi-process cls run its TensorBoard also gets the other processes' classes (their training logs
+and validation samples) at the end. A run is deterministic under `--seed`: a resumed run ends with the same adapters
+and logs as an uninterrupted one.
 
 cls mode trains one class after the other by default (`--cls_strategy sequential`), which gives class i the same bits
 whatever the number of processes. `--cls_strategy grouped` trains `--classes_per_group` classes per forward pass (each
