@@ -75,7 +75,7 @@ class GeneratorTrainingConfig:
             "help": "cls mode: 'grouped' trains several classes' adapters in one forward pass per step (each sample "
             "routed to its class's LoRA; equal to 'sequential' up to float rounding, which then depends on how "
             "classes are grouped), 'sequential' one class after the other (bit-identical whatever the number of "
-            "processes). Under fp16 a step skipped for an overflow is skipped for the whole group."
+            "processes)."
         },
     )
     classes_per_group: int | None = field(

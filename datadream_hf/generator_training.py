@@ -43,6 +43,7 @@ from .generator_data import (
     total_steps,
 )
 from .generator_outputs import FewShotData
+from .grouped_optim import GroupedAdamW, GroupedGradScaler
 from .latent_cache import LatentCache, encode_posterior
 from .layout import class_folder_name
 from .locking import output_dir_lock
@@ -210,22 +211,31 @@ class UnitOptimizer:
 
 
 def build_unit_optimizer(
-    parameters: dict[str, torch.nn.Parameter], config: GeneratorTrainingConfig, num_steps: int, device_type: str
+    parameters: dict[str, torch.nn.Parameter],
+    config: GeneratorTrainingConfig,
+    num_steps: int,
+    device_type: str,
+    num_groups: int | None = None,
 ) -> UnitOptimizer:
-    """AdamW(lr, betas, wd, eps) with diffusers' `get_scheduler` (cosine with 100 warm-up steps by default)."""
+    """AdamW(lr, betas, wd, eps) with diffusers' `get_scheduler` (cosine with 100 warm-up steps by default).
+
+    With `num_groups` (grouped LoRA stacks), `GroupedAdamW` and `GroupedGradScaler`: each group steps and scales its
+    loss as its own AdamW and GradScaler would.
+    """
     from diffusers.optimization import get_scheduler
 
-    optimizer = torch.optim.AdamW(
-        list(parameters.values()),
-        lr=config.learning_rate,
-        betas=(config.adam_beta1, config.adam_beta2),
-        weight_decay=config.adam_weight_decay,
-        eps=config.adam_epsilon,
-    )
+    hyperparameters = {"lr": config.learning_rate, "betas": (config.adam_beta1, config.adam_beta2),
+                       "weight_decay": config.adam_weight_decay, "eps": config.adam_epsilon}  # fmt: skip
+    fp16 = config.mixed_precision == "fp16"
+    if num_groups is None:
+        optimizer = torch.optim.AdamW(list(parameters.values()), **hyperparameters)
+        scaler = torch.amp.GradScaler(device_type, enabled=fp16)
+    else:
+        optimizer = GroupedAdamW(list(parameters.values()), num_groups, **hyperparameters)
+        scaler = GroupedGradScaler(num_groups, enabled=fp16)
     lr_scheduler = get_scheduler(
         config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps, num_training_steps=num_steps
     )
-    scaler = torch.amp.GradScaler(device_type, enabled=config.mixed_precision == "fp16")
     return UnitOptimizer(parameters, optimizer, lr_scheduler, scaler)
 
 

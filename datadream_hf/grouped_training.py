@@ -3,8 +3,9 @@
 Step s of a group is the concatenation of every class's own step-s batch (`make_step_batch` with that class's seed, so
 the random draws are those of the sequential path), sent through `GroupedLora`, which routes each sample to its class's
 factors. The loss is the sum over classes of each class's mean loss, so each class gets exactly its sequential
-gradient; clipping is per class and AdamW is elementwise, so each adapter equals its sequential run up to float
-rounding. Checkpoints are written per class, in the sequential path's folders and format.
+gradient; clipping is per class, and each class has its own AdamW step count and fp16 loss scale (`grouped_optim`), so
+each adapter equals its sequential run up to float rounding, also when fp16 overflows skip steps. Checkpoints are
+written per class, in the sequential path's folders and format.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from .generator_training import (
     save_adapter_atomic,
 )
 from .grouped_lora import GroupedLora, clip_grad_norm_per_group_
+from .grouped_optim import GroupedGradScaler
 from .lora import LORA_WEIGHT_NAME
 
 logger = logging.getLogger(__name__)
@@ -81,17 +83,18 @@ def grouped_training_step(
     per_sample = diffusion_loss(models, batch, config.weight_dtype, hidden[inverse.to(models.device)])  # (B,)
     # 3. Sum over groups of each group's mean: group g's gradient is its sequential step's gradient.
     means = torch.stack([part.sum() / len(part) for part in per_sample.split(sizes)])  # (G,)
-    state.grad_scaler.scale(means.sum()).backward()
+    state.grad_scaler.scale(means).sum().backward()  # fp16: each group's loss times its own loss scale
     stacks = list(state.parameters.values())
     for p in stacks:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
     kill_point("generator-step")  # test hook (datadream_hf.faults), as in the sequential training_step
-    # 4. Clip each group alone, step (AdamW acts elementwise: per group as in its own run), schedule.
-    state.grad_scaler.unscale_(state.optimizer)
+    # 4. Unscale and clip each group alone, step the groups without inf/NaN (each with its own AdamW step count, as
+    #    in its own run), update each group's loss scale, schedule.
+    found_inf = state.grad_scaler.unscale_(stacks)  # (G,)
     clip_grad_norm_per_group_(stacks, config.max_grad_norm)
-    state.grad_scaler.step(state.optimizer)
-    state.grad_scaler.update()
+    state.optimizer.step(active=~found_inf)
+    state.grad_scaler.update(found_inf)
     state.lr_scheduler.step()
     state.optimizer.zero_grad(set_to_none=True)
     return means.detach().tolist()
@@ -114,11 +117,27 @@ class _GroupOptimizerView:
         state = {
             index: {k: v[self.group].clone() if torch.is_tensor(v) and v.dim() > 0 else v for k, v in entry.items()}
             for index, entry in full["state"].items()
-        }  # moments (G, ...) -> (...); AdamW's scalar `step` is shared by the groups
+        }  # (G, ...) -> (...): moments and the step count
         return {"state": state, "param_groups": full["param_groups"]}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.loaded = state_dict  # assembled with the other groups' by `_stack_optimizer_states`
+
+
+class _GroupScalerView:
+    """Group g's loss scaler state, in `torch.amp.GradScaler`'s format, for the per-class checkpoints."""
+
+    def __init__(self, scaler: GroupedGradScaler, group: int):
+        self.scaler, self.group = scaler, group
+
+    def is_enabled(self) -> bool:
+        return self.scaler.is_enabled()
+
+    def state_dict(self) -> dict:
+        return self.scaler.group_state_dict(self.group)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.scaler.load_group_state_dict(self.group, state_dict)
 
 
 def _stack_optimizer_states(states: list[dict]) -> dict:
@@ -126,7 +145,7 @@ def _stack_optimizer_states(states: list[dict]) -> dict:
     stacked = {}
     for index, entry in first["state"].items():
         stacked[index] = {
-            k: torch.stack([s["state"][index][k] for s in states]) if torch.is_tensor(v) and v.dim() > 0 else v
+            k: torch.stack([s["state"][index][k] for s in states]) if torch.is_tensor(v) else v
             for k, v in entry.items()
         }  # (...) per group -> (G, ...)
     return {"state": stacked, "param_groups": first["param_groups"]}
@@ -145,8 +164,8 @@ def _resume(
     for group, folder in enumerate(folders):
         view = _GroupOptimizerView(state.optimizer, group)
         checkpoint = folder / f"checkpoint-{step}"
-        load_checkpoint(checkpoint, grouped.group_parameters(group), view, state.lr_scheduler, state.grad_scaler,
-                        metas[group])  # fmt: skip
+        load_checkpoint(checkpoint, grouped.group_parameters(group), view, state.lr_scheduler,
+                        _GroupScalerView(state.grad_scaler, group), metas[group])  # fmt: skip
         histories[group][:] = read_log_history(checkpoint)
         loaded.append(view.loaded)
     state.optimizer.load_state_dict(_stack_optimizer_states(loaded))
@@ -157,7 +176,7 @@ def _save_checkpoints(grouped, state, folders, metas, histories, step: int, tota
     for group, folder in enumerate(folders):
         weights = {name: view.detach().clone() for name, view in grouped.group_parameters(group).items()}
         save_checkpoint(folder, step, weights, _GroupOptimizerView(state.optimizer, group), state.lr_scheduler,
-                        state.grad_scaler, metas[group], histories[group])  # fmt: skip
+                        _GroupScalerView(state.grad_scaler, group), metas[group], histories[group])  # fmt: skip
     # Pruned only once every class has the new checkpoint, so a common step always survives a kill.
     for folder in folders:
         prune_checkpoints(folder, total_limit)
@@ -184,7 +203,7 @@ def train_group(
     # 1. Each group starts from its class's sequential init; one AdamW and lr schedule over the stacks.
     grouped = GroupedLora(models, len(units))
     grouped.init_groups_(lambda g: init_lora_weights_(models, config.lora_init, units[g].seed))
-    state = build_unit_optimizer(grouped.parameters(), config, num_steps, models.device.type)
+    state = build_unit_optimizer(grouped.parameters(), config, num_steps, models.device.type, len(units))
     metas = [checkpoint_meta(unit, config, num_steps) for unit in units]
     histories: list[list[dict]] = [[] for _ in units]  # each class's {"step", "loss", "lr"} entries
     first_step = _resume(grouped, state, folders, metas, histories) if config.resume_from_checkpoint is not None else 0
@@ -247,12 +266,6 @@ def train_groups(
     step_callback: StepCallback | None = None,
 ) -> None:
     """Trains this process's classes group by group (`group_units`); on resume a finished group is skipped."""
-    if config.mixed_precision == "fp16":
-        logger.warning(
-            "Grouped cls training under fp16 shares one loss scaler per group: a step that overflows for one class is "
-            "skipped for every class of its group, so adapters can differ from --cls_strategy sequential by those "
-            "steps (and not only by float rounding). Use --mixed_precision bf16 (no loss scaling) to keep them equal."
-        )
     for group in group_units(units, config):
         files = [Path(config.output_dir) / unit.folder / LORA_WEIGHT_NAME for unit in group]
         if config.resume_from_checkpoint is not None and all(f.is_file() for f in files):

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from datadream_hf.data import load_labelled_dataset
 from datadream_hf.few_shot import draw_few_shot
-from datadream_hf.generator_checkpoint import WEIGHTS_NAME, list_checkpoints
+from datadream_hf.generator_checkpoint import STATE_NAME, WEIGHTS_NAME, list_checkpoints
 from datadream_hf.generator_data import make_step_batch, make_unit
 from datadream_hf.generator_outputs import TRAINING_LOG_NAME, FewShotData
 from datadream_hf.generator_training import (
@@ -374,13 +374,57 @@ def test_bad_speed_settings_name_the_field(overrides, culprit):
         GeneratorTrainingConfig(pretrained_model_name_or_path="some/model", **overrides)
 
 
-def test_grouped_fp16_warns_that_overflow_skips_are_shared(models, accelerator, tiny_sd_path, tmp_path, caplog):
-    config = make_config(tiny_sd_path, tmp_path, mixed_precision="fp16")
-    train_groups(models, [], config, accelerator)  # no classes: only the up-front check runs
-    assert "skipped for every class of its group" in caplog.text and "bf16" in caplog.text
-    caplog.clear()
-    train_groups(models, [], make_config(tiny_sd_path, tmp_path, mixed_precision="bf16"), accelerator)
-    assert "loss scaler" not in caplog.text
+def test_grouped_optimizer_and_scaler_equal_one_adamw_and_gradscaler_per_group():
+    """Group 1 overflows at step 2 (its loss is inf): only group 1 skips that step and backs off its scale, and both
+    groups end where their own AdamW + GradScaler runs end, step counts and scales included."""
+    from datadream_hf.grouped_optim import GroupedAdamW, GroupedGradScaler
+
+    torch.manual_seed(0)
+    init = torch.randn(2, 3, 4)
+    targets = torch.randn(4, 2, 3, 4)  # step, group, ...
+    targets[1, 1, 0, 0] = float("inf")
+    hyper = {"lr": 0.1, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-2}
+
+    stack = torch.nn.Parameter(init.clone())
+    optimizer, scaler = GroupedAdamW([stack], 2, **hyper), GroupedGradScaler(2, init_scale=1024.0, growth_interval=2)
+    for target in targets:
+        losses = (stack * target).flatten(1).sum(dim=1)  # (G,)
+        scaler.scale(losses).sum().backward()
+        found_inf = scaler.unscale_([stack])
+        optimizer.step(active=~found_inf)
+        scaler.update(found_inf)
+        optimizer.zero_grad(set_to_none=True)
+
+    for group in range(2):
+        param = torch.nn.Parameter(init[group].clone())
+        adamw = torch.optim.AdamW([param], **hyper)
+        reference = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=2)
+        for target in targets:
+            reference.scale((param * target[group]).sum()).backward()
+            reference.step(adamw)
+            reference.update()
+            adamw.zero_grad(set_to_none=True)
+        torch.testing.assert_close(stack.detach()[group], param.detach())
+        sliced = {k: v[group] for k, v in optimizer.state[stack].items()}
+        for key, value in adamw.state[param].items():
+            torch.testing.assert_close(sliced[key], value, check_dtype=False)
+        assert scaler.group_state_dict(group) == reference.state_dict()
+    assert optimizer.state[stack]["step"].tolist() == [4.0, 3.0]  # group 1 skipped its overflowing step
+
+
+def test_grouped_equals_sequential_under_fp16(tiny_sd_path, data, models, accelerator, tmp_path):
+    """fp16 (frozen weights in half precision, loss scaling): grouped == sequential to tolerance, and the per-class
+    checkpoints hold each class's own loss scaler in GradScaler's format."""
+    results = {}
+    for strategy in ("sequential", "grouped"):
+        config = make_config(tiny_sd_path, tmp_path / strategy, mixed_precision="fp16", cls_strategy=strategy,
+                             learning_rate=1e-4)  # fmt: skip
+        train_generator(config, data, accelerator, models=load_generator_models(config))
+        results[strategy] = adapters(tmp_path / strategy)
+    assert_close_adapters(results["sequential"], results["grouped"], atol=1e-4, rtol=1e-2)
+    for folder in FOLDERS:
+        states = [json.loads((tmp_path / s / folder / "checkpoint-2" / STATE_NAME).read_text()) for s in results]
+        assert states[0]["grad_scaler"] == states[1]["grad_scaler"] and states[0]["grad_scaler"]["scale"] > 0
 
 
 def test_script_flags_reach_the_config(monkeypatch):
