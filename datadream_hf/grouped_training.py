@@ -200,7 +200,7 @@ def train_group(
     if len(steps) != 1:
         raise ValueError(f"A group's classes must train for the same number of steps, got {sorted(steps)}.")
     num_steps = steps.pop()
-    # 1. Each group starts from its class's sequential init; one AdamW and lr schedule over the stacks.
+    # 1. Each group starts from its class's sequential init; one GroupedAdamW (a step count per class) and lr schedule.
     grouped = GroupedLora(models, len(units))
     grouped.init_groups_(lambda g: init_lora_weights_(models, config.lora_init, units[g].seed))
     state = build_unit_optimizer(grouped.parameters(), config, num_steps, models.device.type, len(units))
