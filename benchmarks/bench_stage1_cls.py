@@ -57,8 +57,8 @@ from datadream_hf.generator_training import (
     train_generator,
     train_unit,
 )
-from datadream_hf.layout import class_folder_name
 from datadream_hf.lora import LORA_WEIGHT_NAME, load_safetensors
+from datadream_hf.run_folder import class_folder_name
 
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:

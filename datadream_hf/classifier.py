@@ -20,7 +20,7 @@ from torch import nn
 from transformers import AutoTokenizer, CLIPModel
 from transformers.utils import ModelOutput
 
-from .layout import write_json_atomic
+from .files import write_json_atomic
 from .lora import classifier_lora_config, load_safetensors
 from .prompts import PromptTemplate
 from .versions import library_versions

@@ -10,7 +10,7 @@ import numpy as np
 from datasets import Dataset
 
 from .data import DatasetInputError, class_names_of, dataset_fingerprint, decode_images, labels_of
-from .layout import write_json_atomic
+from .files import write_json_atomic
 
 MANIFEST_FORMAT_VERSION = 1
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image as PILImage
 
+from .files import write_json_atomic
 from .generation_adapters import (
     AdapterSet,
     FusedAdapterSwitcher,
@@ -27,9 +28,8 @@ from .generation_adapters import (
     check_class_names,
     resolve_adapters,
 )
-from .layout import TRAINING_CONFIG_NAME, write_json_atomic
-from .locking import OutputDirLock, OutputDirLockedError
 from .prompts import PromptTemplate
+from .run_folder import TRAINING_CONFIG_NAME, OutputDirLock, OutputDirLockedError, settings_diff
 from .synthetic import (
     GENERATION_CONFIG_NAME,
     GENERATION_MANIFEST_NAME,
@@ -295,14 +295,10 @@ def check_output_dir(output_dir: str | Path, run_info: dict) -> None:
         old, new = _identity(previous), _identity(run_info)
     except (json.JSONDecodeError, KeyError) as err:
         raise GenerationInputError(f"{str(path)!r} is unreadable ({err}); use a new --output_dir.") from err
-    differences = []
-    for key in new:
-        if isinstance(new[key], dict) and isinstance(old.get(key), dict):
-            differences += [
-                f"{key}.{k}: {old[key].get(k)!r} -> {v!r}" for k, v in new[key].items() if old[key].get(k) != v
-            ]
-        elif old.get(key) != new[key]:
-            differences.append(f"{key}: {str(old.get(key))[:80]} -> {str(new[key])[:80]}")
+    differences = [
+        f"{path}: {a!r} -> {b!r}" if "." in path else f"{path}: {str(a)[:80]} -> {str(b)[:80]}"
+        for path, (a, b) in settings_diff(old, new).items()
+    ]
     raise GenerationInputError(
         f"{str(output_dir)!r} holds a generation run with other settings ({'; '.join(differences)}). Re-run with the "
         "same arguments to resume it, or choose a new --output_dir."

@@ -13,13 +13,13 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .layout import TRAINING_CONFIG_NAME, read_adapter_index
-from .lora import LORA_WEIGHT_NAME
-from .synthetic import file_sha256
+from .adapter_index import read_adapter_index
+from .files import file_sha256
+from .lora import LORA_WEIGHT_NAME, pickled_weight_files
+from .run_folder import TRAINING_CONFIG_NAME
 
 logger = logging.getLogger(__name__)
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Suffixes of LoRA factors in diffusers-format files (old and peft spellings) -> which factor they are.
 LORA_FACTOR_SUFFIXES = {
@@ -144,7 +144,7 @@ def resolve_adapters(
         file = root / folder / LORA_WEIGHT_NAME
         if file.is_file():
             continue
-        pickles = [p.name for p in (root / folder).glob("*") if p.suffix in PICKLE_SUFFIXES]
+        pickles = pickled_weight_files(root / folder)
         if pickles:
             raise GenerationInputError(
                 f"Adapter of class {names[c]!r} in {str(root / folder)!r} is only available as {pickles}: pickled "

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 
@@ -19,8 +18,8 @@ from safetensors.torch import save_file
 
 from .faults import kill_point
 from .lora import load_safetensors
+from .run_folder import checkpoint_folders, checkpoint_path
 
-CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 WEIGHTS_NAME = "lora_weights.safetensors"
 OPTIMIZER_NAME = "optimizer.safetensors"
 STATE_NAME = "training_state.json"
@@ -30,20 +29,9 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be resumed from; the message names it and what to do."""
 
 
-def checkpoint_step(path: str | os.PathLike) -> int | None:
-    match = CHECKPOINT_PATTERN.match(Path(path).name)
-    return int(match.group(1)) if match else None
-
-
 def list_checkpoints(folder: str | os.PathLike) -> list[Path]:
-    """Complete `checkpoint-<step>` folders under `folder`, oldest first."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    found = [
-        p for p in folder.iterdir() if p.is_dir() and checkpoint_step(p) is not None and (p / STATE_NAME).is_file()
-    ]
-    return sorted(found, key=checkpoint_step)
+    """Complete `checkpoint-<step>` folders under `folder` (their state JSON, written last, exists), oldest first."""
+    return [p for p in checkpoint_folders(folder) if (p / STATE_NAME).is_file()]
 
 
 def latest_checkpoint(folder: str | os.PathLike) -> Path | None:
@@ -112,7 +100,7 @@ def save_checkpoint(
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    final = folder / f"checkpoint-{step}"
+    final = checkpoint_path(folder, step)
     tmp = folder / f".checkpoint-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()

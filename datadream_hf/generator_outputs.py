@@ -18,13 +18,15 @@ import torch
 from PIL import Image
 
 from . import hub
+from .adapter_index import ADAPTER_INDEX_NAME, adapter_folders, adapter_index
 from .cards import render_card
 from .data import DatasetInputError, decode_images, labels_of, load_labelled_dataset
 from .few_shot import FewShotManifest
+from .files import save_png_atomic, write_json_atomic, write_text_atomic
 from .generator_data import class_seed, seeded_generator, total_steps
-from .grids import chunk, image_grid, save_png_atomic
-from .layout import ADAPTER_INDEX_NAME, TRAINING_CONFIG_NAME, adapter_index, write_json_atomic, write_text_atomic
+from .grids import chunk, image_grid
 from .lora import LORA_WEIGHT_NAME, TEXT_ENCODER_TARGET_MODULES, UNET_TARGET_MODULES
+from .run_folder import TRAINING_CONFIG_NAME, refuse_new_run, settings_diff
 from .versions import library_versions
 
 if TYPE_CHECKING:
@@ -141,17 +143,16 @@ def check_output_dir(output_dir: Path, record: dict, resume: bool) -> None:
     """Refuses an output dir that holds another run, or a resume whose settings differ from the run's."""
     if output_dir.exists() and not output_dir.is_dir():
         raise ValueError(f"--output_dir {str(output_dir)!r} is a file; pass a folder.")
-    found = existing_artifacts(output_dir) if output_dir.is_dir() else []
-    if found and not resume:
-        raise ValueError(
-            f"--output_dir {str(output_dir)!r} already holds a stage-1 run ({found[0].name}, ...). Pass "
-            "--resume_from_checkpoint latest to continue it, or choose an empty --output_dir."
-        )
+    if not resume:
+        refuse_new_run(output_dir, existing_artifacts(output_dir) if output_dir.is_dir() else [], "a stage-1 run")
     previous = output_dir / TRAINING_CONFIG_NAME
     if resume and previous.is_file():
         with open(previous) as f:
             old, new = _result_signature(json.load(f)), _result_signature(record)
-        differing = _diff(old, new)
+        differing = {
+            path: "(K-shot indices differ)" if path.rpartition(".")[2] == "indices" else values
+            for path, values in settings_diff(old, new).items()
+        }
         if differing:
             raise ValueError(
                 f"Cannot resume into {str(output_dir)!r}: these settings differ from the run it holds "
@@ -159,28 +160,9 @@ def check_output_dir(output_dir: Path, record: dict, resume: bool) -> None:
             )
 
 
-def _diff(old: dict, new: dict, prefix: str = "") -> dict:
-    differing = {}
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            differing.update(_diff(a, b, f"{prefix}{key}."))
-        elif a != b:
-            differing[f"{prefix}{key}"] = (a, b) if key != "indices" else "(K-shot indices differ)"
-    return differing
-
-
 def write_run_record(output_dir: Path, record: dict) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(output_dir / TRAINING_CONFIG_NAME, record)
-
-
-def adapter_folders(mode: str, class_names: list[str]) -> dict[str, str]:
-    """Class name (or 'all' in dset mode) -> adapter folder relative to the output dir."""
-    folders = adapter_index(mode, class_names)["adapters"]
-    if mode == "dset":
-        return {"all": folders["all"]}
-    return {class_names[int(i)]: folder for i, folder in folders.items()}
 
 
 def missing_adapters(output_dir: Path, mode: str, class_names: list[str]) -> list[str]:

@@ -45,13 +45,10 @@ from .generator_data import (
 from .generator_outputs import FewShotData
 from .grouped_optim import GroupedAdamW, GroupedGradScaler
 from .latent_cache import LatentCache, encode_posterior
-from .layout import class_folder_name
-from .locking import output_dir_lock
-from .lora import LORA_WEIGHT_NAME, generator_lora_configs, save_generator_lora
+from .lora import ADAPTER_NAME, LORA_WEIGHT_NAME, generator_lora_configs, save_generator_lora
+from .run_folder import class_folder_name, output_dir_lock
 
 logger = logging.getLogger(__name__)
-
-ADAPTER_NAME = "default"
 
 
 @dataclass

@@ -17,7 +17,6 @@ import torch
 
 from .faults import kill_point
 from .generator_checkpoint import (
-    checkpoint_step,
     list_checkpoints,
     load_checkpoint,
     prune_checkpoints,
@@ -43,6 +42,7 @@ from .generator_training import (
 from .grouped_lora import GroupedLora, clip_grad_norm_per_group_
 from .grouped_optim import GroupedGradScaler
 from .lora import LORA_WEIGHT_NAME
+from .run_folder import checkpoint_path, checkpoint_step
 
 logger = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ def _resume(
     loaded = []
     for group, folder in enumerate(folders):
         view = _GroupOptimizerView(state.optimizer, group)
-        checkpoint = folder / f"checkpoint-{step}"
+        checkpoint = checkpoint_path(folder, step)
         load_checkpoint(checkpoint, grouped.group_parameters(group), view, state.lr_scheduler,
                         _GroupScalerView(state.grad_scaler, group), metas[group])  # fmt: skip
         histories[group][:] = read_log_history(checkpoint)

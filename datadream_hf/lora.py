@@ -1,4 +1,5 @@
-"""LoRA placements of DataDream (generator UNet + text encoder, CLIP classifier) and diffusers-format adapter I/O."""
+"""LoRA placements of DataDream (generator UNet + text encoder, CLIP classifier), diffusers-format adapter I/O, and
+the safetensors-only rule for every weights file the package loads."""
 
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ TEXT_ENCODER_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj"]
 # Reference classifier (`classify/`): LoRA on Q and V of every block of both CLIP towers.
 CLASSIFIER_TARGET_MODULES = ["q_proj", "v_proj"]
 
+ADAPTER_NAME = "default"  # the peft adapter stage 1 trains in the UNet and text encoder (peft's default name)
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # weights formats that unpickle, i.e. can run code
 
 
 def generator_lora_configs(rank: int = 16, alpha: int | None = None, init: str | bool = "gaussian"):
@@ -49,7 +51,10 @@ def lora_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
 
 
 def save_generator_lora(
-    output_dir: str | os.PathLike, unet: torch.nn.Module, text_encoder: torch.nn.Module | None, adapter_name="default"
+    output_dir: str | os.PathLike,
+    unet: torch.nn.Module,
+    text_encoder: torch.nn.Module | None,
+    adapter_name: str = ADAPTER_NAME,
 ) -> Path:
     """Writes `pytorch_lora_weights.safetensors`, loadable by `StableDiffusionPipeline.load_lora_weights`."""
     from diffusers import StableDiffusionPipeline
@@ -86,7 +91,7 @@ def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             "Convert it with `safetensors.torch.save_file`."
         )
     if not path.is_file():
-        pickles = sorted(p.name for p in path.parent.glob("*") if p.suffix in PICKLE_SUFFIXES)
+        pickles = pickled_weight_files(path.parent)
         if pickles:
             raise ValueError(
                 f"Refusing to load {pickles} from {str(path.parent)!r}: pickled weights can execute code when loaded, "
@@ -94,3 +99,8 @@ def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             )
         raise FileNotFoundError(f"Weights file {str(path)!r} does not exist.")
     return load_file(str(path))
+
+
+def pickled_weight_files(folder: str | os.PathLike) -> list[str]:
+    """The names of the pickle-format weights files in `folder` (never loaded: say so when they are all there is)."""
+    return sorted(p.name for p in Path(folder).glob("*") if p.suffix in PICKLE_SUFFIXES)

@@ -8,8 +8,8 @@ import numpy as np
 
 from .data import decode_images, labels_of, load_labelled_dataset
 from .few_shot import FewShotManifest
-from .grids import image_grid, save_png_atomic
-from .layout import write_text_atomic
+from .files import save_png_atomic, write_text_atomic
+from .grids import image_grid
 from .synthetic import load_synthetic_dataset
 
 GRID_IMAGES = 6

@@ -7,7 +7,6 @@ A generation folder holds `generation_config.json` (what made it), `shards/<clas
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -24,8 +23,9 @@ from PIL import Image as PILImage
 from . import hub
 from .cards import render_card
 from .faults import kill_point
-from .grids import image_grid, save_png_atomic
-from .layout import class_folder_name, write_json_atomic, write_text_atomic
+from .files import atomic_write, file_sha256, save_png_atomic, write_json_atomic, write_text_atomic
+from .grids import image_grid
+from .run_folder import class_folder_name
 
 GENERATION_CONFIG_NAME = "generation_config.json"
 GENERATION_MANIFEST_NAME = "generation_manifest.json"
@@ -75,14 +75,6 @@ def plan_shards(num_classes: int, images_per_class: int, shard_size: int) -> lis
     ]
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def encode_png(image: PILImage.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
@@ -102,13 +94,9 @@ def write_shard(
     table = pa.table(rows, schema=SHARD_SCHEMA)
     if table.num_rows != shard.num_images:
         raise ValueError(f"Shard {path.name} needs {shard.num_images} rows, got {table.num_rows}.")
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
+    with atomic_write(path, "wb") as f:
         pq.write_table(table, f)
         kill_point("shard-write")  # test hook (datadream_hf.faults): the temp file may be partly written
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
     kill_point("shard-manifest")  # test hook: a Parquet file without its manifest is not a finished shard
     manifest = {
         "format_version": SHARD_FORMAT_VERSION,

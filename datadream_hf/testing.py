@@ -200,9 +200,11 @@ def write_fake_stage1_output(
     """
     import json
 
-    from .layout import TRAINING_CONFIG_NAME, adapter_index, class_folder_name, write_json_atomic
+    from .adapter_index import adapter_index
+    from .files import write_json_atomic
     from .lora import generator_lora_configs, save_generator_lora
     from .prompts import PromptTemplate
+    from .run_folder import TRAINING_CONFIG_NAME, class_folder_name
     from .versions import library_versions
 
     if mode not in ("dset", "cls"):

@@ -30,7 +30,7 @@ from transformers import CLIPModel, CLIPProcessor
 from .data import decode_images
 from .digits import load_digits_dataset
 from .few_shot import FewShotManifest, draw_few_shot
-from .layout import write_json_atomic, write_text_atomic
+from .files import write_json_atomic, write_text_atomic
 from .testing import TINY_IMAGE_SIZE, TINY_VOCAB_WORDS, build_tiny_clip, build_tiny_stable_diffusion
 from .versions import library_versions
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 from dataclasses import dataclass, field
 from functools import partial
@@ -23,11 +22,11 @@ from .augment import AUGMENTATIONS, MIX_AUGMENTATIONS, mix_batch
 from .classifier import ADAPTER_WEIGHTS_NAME
 from .classifier_data import ImageClassificationDataset, RealSyntheticBatchSampler, collate_image_batch
 from .faults import kill_point
+from .run_folder import checkpoint_folders, checkpoint_step, refuse_new_run
 
 logger = logging.getLogger(__name__)
 
 TRAIN_MODES = ("real+synthetic", "synthetic", "real")
-CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE_NAME = "trainer_state.json"
 
 
@@ -330,11 +329,6 @@ class MixedRealSyntheticTrainer(Trainer):
         self._load_from_checkpoint(self.state.best_model_checkpoint)
 
 
-def checkpoint_step(path: str | os.PathLike) -> int | None:
-    match = CHECKPOINT_PATTERN.match(Path(path).name)
-    return int(match.group(1)) if match else None
-
-
 def is_complete_checkpoint(path: str | os.PathLike) -> bool:
     """Whether a Trainer checkpoint was fully written.
 
@@ -350,23 +344,15 @@ def is_complete_checkpoint(path: str | os.PathLike) -> bool:
     return (step is None or state.get("global_step") == step) and (path / ADAPTER_WEIGHTS_NAME).is_file()
 
 
-def _checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    output_dir = Path(output_dir)
-    if not output_dir.is_dir():
-        return []
-    found = [p for p in output_dir.iterdir() if p.is_dir() and checkpoint_step(p) is not None]
-    return sorted(found, key=checkpoint_step)
-
-
 def latest_complete_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     """The newest complete `checkpoint-<step>` in `output_dir` (see `is_complete_checkpoint`), or None."""
-    complete = [p for p in _checkpoints(output_dir) if is_complete_checkpoint(p)]
+    complete = [p for p in checkpoint_folders(output_dir) if is_complete_checkpoint(p)]
     return complete[-1] if complete else None
 
 
 def remove_incomplete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     """Deletes the checkpoints a killed run left half written; returns them."""
-    removed = [p for p in _checkpoints(output_dir) if not is_complete_checkpoint(p)]
+    removed = [p for p in checkpoint_folders(output_dir) if not is_complete_checkpoint(p)]
     for path in removed:
         shutil.rmtree(path, ignore_errors=True)
     return removed
@@ -378,9 +364,5 @@ def check_fresh_output_dir(output_dir: str | os.PathLike, resume_from_checkpoint
     output_dir = Path(output_dir)
     if resume_from_checkpoint is not None or not output_dir.is_dir():
         return
-    found = _checkpoints(output_dir) + [p for p in (output_dir / ADAPTER_WEIGHTS_NAME,) if p.is_file()]
-    if found:
-        raise ValueError(
-            f"--output_dir {str(output_dir)!r} already holds a classifier run ({found[0].name}, ...). Pass "
-            "--resume_from_checkpoint latest to continue it, or choose an empty --output_dir."
-        )
+    found = checkpoint_folders(output_dir) + [p for p in (output_dir / ADAPTER_WEIGHTS_NAME,) if p.is_file()]
+    refuse_new_run(output_dir, found, "a classifier run")

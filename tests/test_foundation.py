@@ -10,10 +10,12 @@ import torch
 from diffusers import StableDiffusionPipeline
 from transformers import CLIPModel, CLIPProcessor
 
+from datadream_hf.adapter_index import adapter_index, read_adapter_index
 from datadream_hf.cards import available_templates, render_card
-from datadream_hf.layout import adapter_index, class_folder_name, read_adapter_index, write_json_atomic
+from datadream_hf.files import write_json_atomic
 from datadream_hf.lora import generator_lora_configs, load_safetensors, save_generator_lora
 from datadream_hf.prompts import PromptTemplate, domain_for_preset
+from datadream_hf.run_folder import class_folder_name
 from datadream_hf.testing import build_tiny_clip_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]

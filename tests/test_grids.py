@@ -2,7 +2,8 @@
 
 from PIL import Image
 
-from datadream_hf.grids import chunk, image_grid, save_png_atomic
+from datadream_hf.files import save_png_atomic
+from datadream_hf.grids import chunk, image_grid
 
 
 def test_grid_places_scales_and_pads():

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from datadream_hf.locking import OutputDirLock, OutputDirLockedError
+from datadream_hf.run_folder import OutputDirLock, OutputDirLockedError
 
 
 def test_second_run_is_refused_until_the_first_releases(tmp_path):
@@ -22,7 +22,7 @@ def test_lock_of_a_killed_process_is_released(tmp_path):
         [
             sys.executable,
             "-c",
-            "import sys, time; from datadream_hf.locking import OutputDirLock; "
+            "import sys, time; from datadream_hf.run_folder import OutputDirLock; "
             f"lock = OutputDirLock({str(tmp_path)!r}); lock.acquire(); print('held', flush=True); time.sleep(60)",
         ],
         stdout=subprocess.PIPE,

@@ -27,15 +27,15 @@ from datasets import Image as ImageFeature
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from datadream_hf.adapter_index import ADAPTER_INDEX_NAME, read_adapter_index
 from datadream_hf.data import DatasetInputError, decode_images, load_image_folder, load_labelled_dataset
 from datadream_hf.faults import KILL_AT_ENV, kill_point, parse_kill_spec
 from datadream_hf.few_shot import draw_few_shot
 from datadream_hf.generation import GenerationConfig, generate_synthetic_dataset
 from datadream_hf.generation_adapters import GenerationInputError
 from datadream_hf.generator_checkpoint import STATE_NAME, list_checkpoints
-from datadream_hf.layout import ADAPTER_INDEX_NAME, class_folder_name, read_adapter_index
-from datadream_hf.locking import LOCK_NAME, OutputDirLockedError
 from datadream_hf.lora import LORA_WEIGHT_NAME
+from datadream_hf.run_folder import LOCK_NAME, OutputDirLockedError, class_folder_name
 from datadream_hf.synthetic import SyntheticDataDreamBuilder, SyntheticDatasetError, is_shard_finished, missing_shards
 from datadream_hf.testing import write_fake_stage1_output
 from datadream_hf.trainer import is_complete_checkpoint, latest_complete_checkpoint
@@ -886,7 +886,7 @@ def test_every_stage_refuses_an_output_folder_another_run_holds(
     folders = {stage: tmp_path / stage for stage in ("stage1", "stage2", "stage3")}
     holder = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys, time\nfrom datadream_hf.locking import OutputDirLock\n"
+         "import sys, time\nfrom datadream_hf.run_folder import OutputDirLock\n"
          "locks = [OutputDirLock(p) for p in sys.argv[1:]]\n"
          "for lock in locks: lock.acquire()\n"
          "print('held', flush=True)\ntime.sleep(120)\n", *map(str, folders.values())],

@@ -326,7 +326,7 @@ def test_other_settings_cannot_resume_into_an_existing_run(reference, stage1, ti
 
 
 def test_a_second_run_into_a_busy_output_dir_is_refused(stage1, tiny_sd_path, tmp_path):
-    from datadream_hf.locking import OutputDirLock, OutputDirLockedError
+    from datadream_hf.run_folder import OutputDirLock, OutputDirLockedError
 
     with OutputDirLock(tmp_path / "busy"):
         with pytest.raises(OutputDirLockedError, match="in use by another run"):

@@ -23,7 +23,7 @@ import torch
 
 from datadream_hf.digits import load_digits_dataset
 from datadream_hf.few_shot import draw_few_shot
-from datadream_hf.layout import write_json_atomic
+from datadream_hf.files import write_json_atomic
 from datadream_hf.lora import UNET_TARGET_MODULES
 from datadream_hf.tiny_world import TINY_WORLD_METADATA_NAME, render_tiny_world_card, tiny_world_paths
 from datadream_hf.tiny_world_checks import (

@@ -36,7 +36,7 @@ from train_datadream_lora import parse_args as lora_args
 from datadream_hf.data import decode_images, labels_of, load_labelled_dataset
 from datadream_hf.digits import load_digits_dataset
 from datadream_hf.few_shot import FewShotManifest, draw_few_shot
-from datadream_hf.layout import write_json_atomic
+from datadream_hf.files import write_json_atomic
 from datadream_hf.report import write_report
 from datadream_hf.synthetic import load_synthetic_dataset
 from datadream_hf.tiny_world import tiny_world_paths

@@ -41,12 +41,12 @@ from datadream_hf.classifier import DEFAULT_CLASSIFIER_BASE, CLIPLoRAClassifier
 from datadream_hf.classifier_data import ImageClassificationDataset, load_synthetic_dataset, per_class_subset
 from datadream_hf.data import DatasetInputError, class_names_of, load_labelled_dataset
 from datadream_hf.few_shot import FewShotManifest
+from datadream_hf.files import write_json_atomic, write_text_atomic
 from datadream_hf.hub import push_folder_to_hub
-from datadream_hf.layout import TRAINING_CONFIG_NAME, write_json_atomic, write_text_atomic
-from datadream_hf.locking import output_dir_lock
 from datadream_hf.lora import classifier_lora_config
 from datadream_hf.metrics import classification_report, report_markdown
 from datadream_hf.prompts import DEFAULT_TEMPLATE, PromptTemplate, domain_for_preset
+from datadream_hf.run_folder import TRAINING_CONFIG_NAME, output_dir_lock
 from datadream_hf.trainer import (
     DataDreamTrainingArguments,
     MixedRealSyntheticTrainer,

@@ -1,39 +1,18 @@
-"""On-disk layout of stage outputs: safe per-class folder names, the adapter index, atomic JSON writes."""
+"""The stage-1 -> stage-2 contract: `adapter_index.json`, which folder of a stage-1 output holds which adapter.
+
+A stage-1 output holds `pytorch_lora_weights.safetensors` at the top (`dset`: one adapter for every class) or in one
+`class_folder_name(i, name)` folder per class (`cls`), the run record `datadream_config.json` and this index.
+"""
 
 from __future__ import annotations
 
 import json
 import os
-import re
-import unicodedata
 from pathlib import Path
 
+from .run_folder import class_folder_name
+
 ADAPTER_INDEX_NAME = "adapter_index.json"
-TRAINING_CONFIG_NAME = "datadream_config.json"
-MAX_SLUG_LENGTH = 48
-
-
-def class_folder_name(index: int, class_name: str) -> str:
-    """A folder name for a class that cannot escape its parent: `0007_snow_leopard` (index keeps names unique)."""
-    ascii_name = unicodedata.normalize("NFKD", class_name).encode("ascii", "ignore").decode()
-    slug = re.sub(r"[^A-Za-z0-9_-]+", "_", ascii_name).strip("_-")[:MAX_SLUG_LENGTH]
-    return f"{index:04d}_{slug}" if slug else f"{index:04d}"
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Writes text to a temp file in the same folder and renames it, so readers never see half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: str | os.PathLike, payload: dict) -> None:
-    """`write_text_atomic` of `payload` as indented JSON."""
-    write_text_atomic(path, json.dumps(payload, indent=2, ensure_ascii=False))
 
 
 def adapter_index(mode: str, class_names: list[str]) -> dict:
@@ -45,6 +24,14 @@ def adapter_index(mode: str, class_names: list[str]) -> dict:
         "class_names": list(class_names),
         "adapters": {str(i): class_folder_name(i, name) for i, name in enumerate(class_names)},
     }
+
+
+def adapter_folders(mode: str, class_names: list[str]) -> dict[str, str]:
+    """Class name (or 'all' in dset mode) -> adapter folder relative to the output dir."""
+    folders = adapter_index(mode, class_names)["adapters"]
+    if mode == "dset":
+        return {"all": folders["all"]}
+    return {class_names[int(i)]: folder for i, folder in folders.items()}
 
 
 def read_adapter_index(output_dir: str | os.PathLike) -> dict:
