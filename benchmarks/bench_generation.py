@@ -39,6 +39,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from datadream_hf.adapt.config import GeneratorTrainingConfig
+from datadream_hf.adapt.modeling import load_generator_models
 from datadream_hf.benchmarking import (
     RANDOM_SD21_BASE,
     benchmark_model,
@@ -56,7 +58,6 @@ from datadream_hf.generation import (
     load_generation_pipeline,
 )
 from datadream_hf.generation_adapters import AdapterSet, resolve_adapters
-from datadream_hf.generator_training import GeneratorTrainingConfig, load_generator_models
 from datadream_hf.prompts import PromptTemplate
 from datadream_hf.synthetic import plan_shards
 

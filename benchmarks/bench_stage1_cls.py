@@ -45,18 +45,15 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
+from datadream_hf.adapt.config import GeneratorTrainingConfig
+from datadream_hf.adapt.data import FewShotData, build_units
+from datadream_hf.adapt.modeling import load_generator_models
+from datadream_hf.adapt.sequential import train_unit
+from datadream_hf.adapt.train import train_generator
 from datadream_hf.benchmarking import RANDOM_SD21_BASE, StepClock, benchmark_model, max_adapter_difference, measure
 from datadream_hf.data import load_labelled_dataset
 from datadream_hf.digits import DIGIT_NAMES, load_digits_dataset
 from datadream_hf.few_shot import draw_few_shot
-from datadream_hf.generator_outputs import FewShotData
-from datadream_hf.generator_training import (
-    GeneratorTrainingConfig,
-    build_units,
-    load_generator_models,
-    train_generator,
-    train_unit,
-)
 from datadream_hf.lora import LORA_WEIGHT_NAME, load_safetensors
 from datadream_hf.run_folder import class_folder_name
 

@@ -132,9 +132,9 @@ def write_random_class_adapters(models, output_dir: str | os.PathLike, class_nam
     `models` is a `GeneratorModels` (its peft adapter is overwritten). Writes the index and each class's
     `pytorch_lora_weights.safetensors`; generation cost does not depend on what the weights learned.
     """
+    from .adapt.modeling import init_lora_weights_, save_adapter_atomic
     from .adapter_index import ADAPTER_INDEX_NAME, adapter_index
     from .files import write_json_atomic
-    from .generator_training import init_lora_weights_, save_adapter_atomic
     from .lora import ADAPTER_NAME
     from .run_folder import class_folder_name
 

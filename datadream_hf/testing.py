@@ -225,7 +225,7 @@ def write_fake_stage1_output(
         pipe.text_encoder.delete_adapter(adapter_name)
     write_json_atomic(os.path.join(path, "adapter_index.json"), adapter_index(mode, class_names))
     template = PromptTemplate(domain="")
-    # The layout stage 1 writes (`generator_outputs.run_record`), reduced to what stage 2 reads.
+    # The layout stage 1 writes (`adapt.outputs.run_record`), reduced to what stage 2 reads.
     config = {
         "stage": "datadream_lora",
         "base_model": {"pretrained_model_name_or_path": base_model_path, "revision": None, "variant": None},

@@ -27,13 +27,13 @@ from datasets import Image as ImageFeature
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from datadream_hf.adapt.checkpoints import STATE_NAME, list_checkpoints
 from datadream_hf.adapter_index import ADAPTER_INDEX_NAME, read_adapter_index
 from datadream_hf.data import DatasetInputError, decode_images, load_image_folder, load_labelled_dataset
 from datadream_hf.faults import KILL_AT_ENV, kill_point, parse_kill_spec
 from datadream_hf.few_shot import draw_few_shot
 from datadream_hf.generation import GenerationConfig, generate_synthetic_dataset
 from datadream_hf.generation_adapters import GenerationInputError
-from datadream_hf.generator_checkpoint import STATE_NAME, list_checkpoints
 from datadream_hf.lora import LORA_WEIGHT_NAME
 from datadream_hf.run_folder import LOCK_NAME, OutputDirLockedError, class_folder_name
 from datadream_hf.synthetic import SyntheticDataDreamBuilder, SyntheticDatasetError, is_shard_finished, missing_shards
@@ -397,9 +397,9 @@ def odd_image_case(image: Image.Image, ext: str = "png"):
     def run(ctx: Ctx):
         from transformers import CLIPProcessor
 
+        from datadream_hf.adapt.config import GeneratorTrainingConfig
+        from datadream_hf.adapt.data import load_few_shot_data
         from datadream_hf.augment import build_transforms
-        from datadream_hf.generator_config import GeneratorTrainingConfig
-        from datadream_hf.generator_outputs import load_few_shot_data
 
         root, manifest = folder_with(ctx.tmp, png_bytes(image, "TIFF" if ext == "tif" else "PNG"), odd_ext=ext)
         config = GeneratorTrainingConfig(pretrained_model_name_or_path=ctx.tiny_sd, dataset=str(root),
@@ -615,7 +615,7 @@ CASES = {
 def _stage1_batch_steps(ctx: Ctx):
     """Stage 1 with a batch larger than a class's K images trains on all of them each step (as the reference's
     DataLoader without drop_last); returns the batch sizes of a unit's first epoch."""
-    from datadream_hf.generator_data import batch_indices, make_unit
+    from datadream_hf.adapt.data import batch_indices, make_unit
 
     unit = make_unit("zero", "0000_zero", 0, [noise_image(), noise_image(seed=1)], [0, 0],
                      torch.zeros(1, 4, dtype=torch.long), resolution=16)  # fmt: skip
@@ -633,14 +633,14 @@ def _stage3_batches(batch_size: int):
 @pytest.fixture
 def no_model_loading(monkeypatch):
     """Makes every base-model load fail loudly: a bad input must be refused before it."""
+    import datadream_hf.adapt.train
     import datadream_hf.classifier
     import datadream_hf.generation
-    import datadream_hf.generator_training
 
     def expensive(*args, **kwargs):
         raise AssertionError("a base model was loaded before the bad input was refused")
 
-    monkeypatch.setattr(datadream_hf.generator_training, "load_generator_models", expensive)
+    monkeypatch.setattr(datadream_hf.adapt.train, "load_generator_models", expensive)
     monkeypatch.setattr(datadream_hf.generation, "load_generation_pipeline", expensive)
     monkeypatch.setattr(datadream_hf.classifier.CLIPLoRAClassifier, "from_clip_pretrained", classmethod(expensive))
 
@@ -782,7 +782,8 @@ def test_pickled_weights_are_refused_by_stage2_and_the_classifier(
         weights.rename(weights.with_suffix(".bin"))
     with pytest.raises(GenerationInputError, match="safetensors"):
         load_generation_pipeline(str(sd))
-    from datadream_hf.generator_training import GeneratorTrainingConfig, load_generator_models
+    from datadream_hf.adapt.config import GeneratorTrainingConfig
+    from datadream_hf.adapt.modeling import load_generator_models
 
     with pytest.raises(OSError):
         load_generator_models(GeneratorTrainingConfig(pretrained_model_name_or_path=str(sd)))

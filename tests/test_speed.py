@@ -16,22 +16,17 @@ from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from datadream_hf.adapt.checkpoints import STATE_NAME, WEIGHTS_NAME, list_checkpoints
+from datadream_hf.adapt.config import GeneratorTrainingConfig
+from datadream_hf.adapt.data import FewShotData, build_units, make_step_batch, make_unit
+from datadream_hf.adapt.grouped.loop import group_units, train_groups
+from datadream_hf.adapt.grouped.lora import GroupedLoraLinear, contiguous_block_size
+from datadream_hf.adapt.latent_cache import LatentCache, encode_posterior
+from datadream_hf.adapt.modeling import diffusion_loss, encode_prompts, load_generator_models
+from datadream_hf.adapt.outputs import TRAINING_LOG_NAME
+from datadream_hf.adapt.train import train_generator
 from datadream_hf.data import load_labelled_dataset
 from datadream_hf.few_shot import draw_few_shot
-from datadream_hf.generator_checkpoint import STATE_NAME, WEIGHTS_NAME, list_checkpoints
-from datadream_hf.generator_data import make_step_batch, make_unit
-from datadream_hf.generator_outputs import TRAINING_LOG_NAME, FewShotData
-from datadream_hf.generator_training import (
-    GeneratorTrainingConfig,
-    build_units,
-    diffusion_loss,
-    encode_prompts,
-    load_generator_models,
-    train_generator,
-)
-from datadream_hf.grouped_lora import GroupedLoraLinear, contiguous_block_size
-from datadream_hf.grouped_training import group_units, train_groups
-from datadream_hf.latent_cache import LatentCache, encode_posterior
 from datadream_hf.lora import LORA_WEIGHT_NAME, load_safetensors
 from datadream_hf.testing import accelerate_launch_command
 
@@ -377,7 +372,7 @@ def test_bad_speed_settings_name_the_field(overrides, culprit):
 def test_grouped_optimizer_and_scaler_equal_one_adamw_and_gradscaler_per_group():
     """Group 1 overflows at step 2 (its loss is inf): only group 1 skips that step and backs off its scale, and both
     groups end where their own AdamW + GradScaler runs end, step counts and scales included."""
-    from datadream_hf.grouped_optim import GroupedAdamW, GroupedGradScaler
+    from datadream_hf.adapt.grouped.optim import GroupedAdamW, GroupedGradScaler
 
     torch.manual_seed(0)
     init = torch.randn(2, 3, 4)

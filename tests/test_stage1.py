@@ -14,25 +14,23 @@ from huggingface_hub import ModelCard
 from huggingface_hub.utils import filter_repo_objects
 from peft.utils import get_peft_model_state_dict
 
-from datadream_hf.data import load_labelled_dataset
-from datadream_hf.few_shot import FewShotManifest, draw_few_shot
-from datadream_hf.generator_checkpoint import STATE_NAME, WEIGHTS_NAME, CheckpointError, list_checkpoints
-from datadream_hf.generator_data import (
+from datadream_hf.adapt.checkpoints import STATE_NAME, WEIGHTS_NAME, CheckpointError, list_checkpoints
+from datadream_hf.adapt.config import GeneratorTrainingConfig
+from datadream_hf.adapt.data import (
+    FewShotData,
+    build_units,
     class_seed,
     make_step_batch,
     make_unit,
     resize_shorter_side,
     tokenize_prompts,
 )
-from datadream_hf.generator_outputs import TRAINING_LOG_NAME, FewShotData, push_adapters_to_hub
-from datadream_hf.generator_training import (
-    GeneratorTrainingConfig,
-    build_units,
-    init_lora_weights_,
-    load_generator_models,
-    train_generator,
-    train_unit,
-)
+from datadream_hf.adapt.modeling import init_lora_weights_, load_generator_models
+from datadream_hf.adapt.outputs import TRAINING_LOG_NAME, push_adapters_to_hub
+from datadream_hf.adapt.sequential import train_unit
+from datadream_hf.adapt.train import train_generator
+from datadream_hf.data import load_labelled_dataset
+from datadream_hf.few_shot import FewShotManifest, draw_few_shot
 from datadream_hf.lora import LORA_WEIGHT_NAME, load_safetensors, lora_parameters
 from datadream_hf.testing import accelerate_launch_command
 
@@ -286,7 +284,7 @@ def test_dset_outputs_follow_the_contract(dset_run, few_shot):
 
 
 def test_card_names_a_hub_base_model(dset_run, tmp_path):
-    from datadream_hf.generator_outputs import render_adapter_card
+    from datadream_hf.adapt.outputs import render_adapter_card
 
     _, _, output_dir, _ = dset_run
     record = json.loads((output_dir / "datadream_config.json").read_text())
@@ -335,8 +333,8 @@ def test_cls_loads_the_base_model_once(tiny_sd_path, few_shot, accelerator, tmp_
 
 
 def test_missing_or_mismatched_data_is_named_before_training(few_shot, tiny_sd_path, tmp_path):
+    from datadream_hf.adapt.data import load_few_shot_data
     from datadream_hf.data import DatasetInputError
-    from datadream_hf.generator_outputs import load_few_shot_data
 
     _, data_path, manifest_path = few_shot
     with pytest.raises(DatasetInputError, match="few_shot_manifest"):
@@ -423,7 +421,7 @@ def test_sigkill_after_checkpoint_then_resume(dset_run, few_shot, tiny_sd_path, 
     killer = tmp_path / "kill_in_step_3.py"
     killer.write_text(
         "import os, runpy, signal, sys\n"
-        "from datadream_hf import generator_training as g\n"
+        "from datadream_hf.adapt import sequential as g\n"
         "real, calls = g.training_step, []\n"
         "def step(*a, **k):\n"
         "    calls.append(1)\n"

@@ -52,8 +52,10 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
 
-from datadream_hf.generator_outputs import load_few_shot_data, push_adapters_to_hub
-from datadream_hf.generator_training import GeneratorTrainingConfig, train_generator
+from datadream_hf.adapt.config import GeneratorTrainingConfig
+from datadream_hf.adapt.data import load_few_shot_data
+from datadream_hf.adapt.outputs import push_adapters_to_hub
+from datadream_hf.adapt.train import train_generator
 
 HELP = {f.name: f.metadata.get("help") for f in dataclasses.fields(GeneratorTrainingConfig)}
 DEFAULTS = GeneratorTrainingConfig(pretrained_model_name_or_path="defaults")

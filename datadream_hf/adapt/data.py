@@ -1,4 +1,4 @@
-"""Stage-1 inputs: few-shot images as training units, the reference's transforms, and seeded per-step randomness.
+"""Stage-1 inputs: the K-shot images, as training units with the reference's transforms, and seeded per-step draws.
 
 Every random draw of a training step (batch order, crops, VAE sampling noise, diffusion noise, timesteps) comes from a
 generator seeded by `(unit seed, step)`, never from global state: a step can be replayed alone, so resuming from a
@@ -15,8 +15,48 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..data import DatasetInputError, decode_images, labels_of, load_labelled_dataset
+from ..few_shot import FewShotManifest
+from ..run_folder import class_folder_name
+
 if TYPE_CHECKING:
+    from datasets import Dataset
+
+    from .config import GeneratorTrainingConfig
     from .latent_cache import LatentCache
+
+
+@dataclass
+class FewShotData:
+    """The K-shot images of stage 1: decoded RGB images, their labels and the manifest they come from."""
+
+    images: list[Image.Image]
+    labels: list[int]
+    class_names: list[str]
+    manifest: FewShotManifest
+
+    @classmethod
+    def from_dataset(cls, dataset: Dataset, manifest: FewShotManifest) -> FewShotData:
+        """Selects (and decodes) the manifest's rows of a dataset normalized by
+        `datadream_hf.data.load_labelled_dataset`."""
+        subset = manifest.select(dataset)
+        return cls(decode_images(subset), [int(x) for x in labels_of(subset)], list(manifest.class_names), manifest)
+
+
+def load_few_shot_data(config: GeneratorTrainingConfig) -> FewShotData:
+    """Loads `config.dataset` and selects the rows of `config.few_shot_manifest`; errors name the missing input."""
+    for name in ("dataset", "few_shot_manifest"):
+        if not getattr(config, name):
+            raise DatasetInputError(
+                f"`{name}` is required: stage 1 trains on the K-shot images the manifest picks from the dataset "
+                "(draw it with `datadream-hf few-shot`)."
+            )
+    manifest = FewShotManifest.load(config.few_shot_manifest)
+    dataset = load_labelled_dataset(
+        config.dataset, config.split, config.image_column, config.label_column, config.class_names
+    )
+    return FewShotData.from_dataset(dataset, manifest)
+
 
 # Domain tags of the seed streams, so that e.g. the shuffle of epoch 3 and the noise of step 3 are independent.
 _INIT, _SHUFFLE, _STEP = 0, 1, 2
@@ -100,6 +140,26 @@ def make_unit(
     return TrainingUnit(name, folder, seed, tensors, prompt_ids, list(class_indices))
 
 
+def build_units(
+    config: GeneratorTrainingConfig, data: FewShotData, tokenizer, process_index: int = 0, num_processes: int = 1
+) -> list[TrainingUnit]:
+    """The adapters this process trains: dset -> the one over all images; cls -> classes i with i % P == rank."""
+    template = config.prompt_template()
+    class_prompt_ids = tokenize_prompts(tokenizer, [template(name) for name in data.class_names])
+    if config.mode == "dset":
+        return [make_unit("all", ".", config.seed, data.images, data.labels, class_prompt_ids, config.resolution)]
+    units = []
+    for index, name in enumerate(data.class_names):
+        if index % num_processes != process_index:
+            continue
+        rows = [row for row, label in enumerate(data.labels) if label == index]
+        images = [data.images[row] for row in rows]
+        folder = class_folder_name(index, name)
+        seed = class_seed(config.seed, index)
+        units.append(make_unit(name, folder, seed, images, [index] * len(rows), class_prompt_ids, config.resolution))
+    return units
+
+
 def tokenize_prompts(tokenizer, prompts: list[str]) -> torch.Tensor:
     """(len(prompts), model_max_length) ids, padded and truncated like the SD pipelines do."""
     return tokenizer(
@@ -117,6 +177,11 @@ def total_steps(num_images: int, batch_size: int, num_epochs: int, max_train_ste
     if max_train_steps is not None:
         return max_train_steps
     return num_epochs * steps_per_epoch(num_images, batch_size)
+
+
+def unit_steps(unit: TrainingUnit, config: GeneratorTrainingConfig) -> int:
+    """Optimization steps of `unit` under `config` (`total_steps` of its images)."""
+    return total_steps(len(unit), config.train_batch_size, config.num_train_epochs, config.max_train_steps)
 
 
 def batch_indices(unit: TrainingUnit, step: int, batch_size: int) -> torch.Tensor:

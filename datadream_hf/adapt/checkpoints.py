@@ -3,7 +3,7 @@
 Tensors are stored as safetensors and everything else as JSON (no pickle, so loading a checkpoint cannot run code).
 A checkpoint is written into a hidden temp folder and renamed into place, so a `checkpoint-<step>` folder is always
 complete. No RNG state needs saving: every draw of step `s` comes from a generator seeded by `(unit seed, s)` (see
-`generator_data`), so restoring the step restores the randomness.
+`adapt.data`), so restoring the step restores the randomness.
 """
 
 from __future__ import annotations
@@ -12,13 +12,18 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import save_file
 
-from .faults import kill_point
-from .lora import load_safetensors
-from .run_folder import checkpoint_folders, checkpoint_path
+from ..faults import kill_point
+from ..lora import load_safetensors
+from ..run_folder import checkpoint_folders, checkpoint_path
+
+if TYPE_CHECKING:
+    from .config import GeneratorTrainingConfig
+    from .data import TrainingUnit
 
 WEIGHTS_NAME = "lora_weights.safetensors"
 OPTIMIZER_NAME = "optimizer.safetensors"
@@ -27,6 +32,14 @@ STATE_NAME = "training_state.json"
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be resumed from; the message names it and what to do."""
+
+
+def checkpoint_meta(unit: TrainingUnit, config: GeneratorTrainingConfig, num_steps: int) -> dict:
+    """What an adapter's checkpoints belong to; `load_checkpoint` refuses a checkpoint whose meta differs."""
+    return {
+        "unit": unit.name, "seed": unit.seed, "num_images": len(unit), "num_steps": num_steps,
+        "train_batch_size": config.train_batch_size, "rank": config.rank, "lora_alpha": config.lora_alpha,
+    }  # fmt: skip
 
 
 def list_checkpoints(folder: str | os.PathLike) -> list[Path]:

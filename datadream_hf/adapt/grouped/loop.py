@@ -3,7 +3,7 @@
 Step s of a group is the concatenation of every class's own step-s batch (`make_step_batch` with that class's seed, so
 the random draws are those of the sequential path), sent through `GroupedLora`, which routes each sample to its class's
 factors. The loss is the sum over classes of each class's mean loss, so each class gets exactly its sequential
-gradient; clipping is per class, and each class has its own AdamW step count and fp16 loss scale (`grouped_optim`), so
+gradient; clipping is per class, and each class has its own AdamW step count and fp16 loss scale (`grouped.optim`), so
 each adapter equals its sequential run up to float rounding, also when fp16 overflows skip steps. Checkpoints are
 written per class, in the sequential path's folders and format.
 """
@@ -15,8 +15,11 @@ from pathlib import Path
 
 import torch
 
-from .faults import kill_point
-from .generator_checkpoint import (
+from ...faults import kill_point
+from ...lora import LORA_WEIGHT_NAME
+from ...run_folder import checkpoint_path, checkpoint_step
+from ..checkpoints import (
+    checkpoint_meta,
     list_checkpoints,
     load_checkpoint,
     prune_checkpoints,
@@ -24,31 +27,24 @@ from .generator_checkpoint import (
     remove_partial_checkpoints,
     save_checkpoint,
 )
-from .generator_config import GeneratorTrainingConfig
-from .generator_data import StepBatch, TrainingUnit, make_step_batch, total_steps
-from .generator_outputs import log_validation, write_training_log
-from .generator_training import (
+from ..config import GeneratorTrainingConfig
+from ..data import StepBatch, TrainingUnit, make_step_batch, unit_steps
+from ..modeling import (
     GeneratorModels,
-    StepCallback,
     UnitOptimizer,
-    _progress,
     build_latent_cache,
     build_unit_optimizer,
-    checkpoint_meta,
     diffusion_loss,
     init_lora_weights_,
     save_adapter_atomic,
 )
-from .grouped_lora import GroupedLora, clip_grad_norm_per_group_
-from .grouped_optim import GroupedGradScaler
-from .lora import LORA_WEIGHT_NAME
-from .run_folder import checkpoint_path, checkpoint_step
+from ..outputs import write_training_log
+from ..sequential import StepCallback, progress_bar
+from ..validation import log_validation
+from .lora import GroupedLora, clip_grad_norm_per_group_
+from .optim import GroupedGradScaler
 
 logger = logging.getLogger(__name__)
-
-
-def unit_steps(unit: TrainingUnit, config: GeneratorTrainingConfig) -> int:
-    return total_steps(len(unit), config.train_batch_size, config.num_train_epochs, config.max_train_steps)
 
 
 def group_units(units: list[TrainingUnit], config: GeneratorTrainingConfig) -> list[list[TrainingUnit]]:
@@ -217,7 +213,7 @@ def train_group(
     latent_shape = models.latent_shape(config.resolution)
     num_timesteps = models.noise_scheduler.config.num_train_timesteps
     caches = [build_latent_cache(models, unit, config) if first_step < num_steps else None for unit in units]
-    progress = _progress(accelerator, num_steps, first_step, f"group {units[0].name}..{units[-1].name}")
+    progress = progress_bar(accelerator, num_steps, first_step, f"group {units[0].name}..{units[-1].name}")
     with grouped.attached():
         for step in range(first_step, num_steps):
             batches = [

@@ -8,7 +8,7 @@ from typing import Literal
 
 import torch
 
-from .prompts import DOMAIN_PRESETS, PromptTemplate
+from ..prompts import DOMAIN_PRESETS, PromptTemplate
 
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 

@@ -1,41 +1,31 @@
-"""Stage-1 inputs and outputs: the few-shot images, the run record, index, model card, validation samples, Hub push.
+"""The stage-1 output folder (the stage-1 -> stage-2 contract, see `adapter_index`): the run record that refuses
+another run's folder, each adapter's training log, the index and model card written once all adapters exist, the Hub
+push.
 
-Output folder (the stage-1 -> stage-2 contract): `adapter_index.json`, `datadream_config.json`, `README.md`, and
-`pytorch_lora_weights.safetensors` at the top (dset) or in one `class_folder_name(i, name)` folder per class (cls).
+`adapter_index.json`, `datadream_config.json`, `README.md`, and `pytorch_lora_weights.safetensors` (+ its
+`training_log.json`, and `samples.png` with validation) at the top (dset) or in one `class_folder_name(i, name)`
+folder per class (cls).
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
-from PIL import Image
-
-from . import hub
-from .adapter_index import ADAPTER_INDEX_NAME, adapter_folders, adapter_index
-from .cards import render_card
-from .data import DatasetInputError, decode_images, labels_of, load_labelled_dataset
-from .few_shot import FewShotManifest
-from .files import save_png_atomic, write_json_atomic, write_text_atomic
-from .generator_data import class_seed, seeded_generator, total_steps
-from .grids import chunk, image_grid
-from .lora import LORA_WEIGHT_NAME, TEXT_ENCODER_TARGET_MODULES, UNET_TARGET_MODULES
-from .run_folder import TRAINING_CONFIG_NAME, refuse_new_run, settings_diff
-from .versions import library_versions
+from .. import hub
+from ..adapter_index import ADAPTER_INDEX_NAME, adapter_folders, adapter_index
+from ..cards import render_card
+from ..files import write_json_atomic, write_text_atomic
+from ..lora import LORA_WEIGHT_NAME, TEXT_ENCODER_TARGET_MODULES, UNET_TARGET_MODULES
+from ..run_folder import TRAINING_CONFIG_NAME, refuse_new_run, settings_diff
+from ..versions import library_versions
+from .data import class_seed, total_steps
 
 if TYPE_CHECKING:
-    from datasets import Dataset
-
-    from .generator_config import GeneratorTrainingConfig
-    from .generator_training import GeneratorModels
-
-logger = logging.getLogger(__name__)
+    from .config import GeneratorTrainingConfig
+    from .data import FewShotData
 
 CARD_TEMPLATE = "adapter_card.md"
 SAMPLES_NAME = "samples.png"
@@ -50,37 +40,6 @@ RUN_ONLY_FIELDS = frozenset(
 )  # fmt: skip
 # Kept local when pushing: checkpoints (top-level ones are excluded by `hub.push_folder_to_hub`) and temp files.
 PUSH_IGNORE_PATTERNS = ["*/checkpoint-*", "*/.*"]
-
-
-@dataclass
-class FewShotData:
-    """The K-shot images of stage 1: decoded RGB images, their labels and the manifest they come from."""
-
-    images: list[Image.Image]
-    labels: list[int]
-    class_names: list[str]
-    manifest: FewShotManifest
-
-    @classmethod
-    def from_dataset(cls, dataset: Dataset, manifest: FewShotManifest) -> FewShotData:
-        """Selects (and decodes) the manifest's rows of a normalized dataset (`data.load_labelled_dataset`)."""
-        subset = manifest.select(dataset)
-        return cls(decode_images(subset), [int(x) for x in labels_of(subset)], list(manifest.class_names), manifest)
-
-
-def load_few_shot_data(config: GeneratorTrainingConfig) -> FewShotData:
-    """Loads `config.dataset` and selects the rows of `config.few_shot_manifest`; errors name the missing input."""
-    for name in ("dataset", "few_shot_manifest"):
-        if not getattr(config, name):
-            raise DatasetInputError(
-                f"`{name}` is required: stage 1 trains on the K-shot images the manifest picks from the dataset "
-                "(draw it with `datadream-hf few-shot`)."
-            )
-    manifest = FewShotManifest.load(config.few_shot_manifest)
-    dataset = load_labelled_dataset(
-        config.dataset, config.split, config.image_column, config.label_column, config.class_names
-    )
-    return FewShotData.from_dataset(dataset, manifest)
 
 
 def run_record(config: GeneratorTrainingConfig, data: FewShotData) -> dict:
@@ -165,6 +124,12 @@ def write_run_record(output_dir: Path, record: dict) -> None:
     write_json_atomic(output_dir / TRAINING_CONFIG_NAME, record)
 
 
+def write_training_log(folder: Path, log_history: list[dict]) -> None:
+    """Writes an adapter's `training_log.json` (`{"log_history": [{"step", "loss", "lr"}, ...]}`), atomically."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    write_json_atomic(Path(folder) / TRAINING_LOG_NAME, {"log_history": log_history})
+
+
 def missing_adapters(output_dir: Path, mode: str, class_names: list[str]) -> list[str]:
     return [
         name
@@ -177,41 +142,6 @@ def write_outputs(output_dir: Path, mode: str, class_names: list[str]) -> None:
     """Writes `adapter_index.json` and the model card; call once every adapter file exists."""
     write_json_atomic(output_dir / ADAPTER_INDEX_NAME, adapter_index(mode, class_names))
     write_text_atomic(output_dir / "README.md", render_adapter_card(output_dir))
-
-
-def write_training_log(folder: Path, log_history: list[dict]) -> None:
-    """Writes an adapter's `training_log.json` (`{"log_history": [{"step", "loss", "lr"}, ...]}`), atomically."""
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    write_json_atomic(Path(folder) / TRAINING_LOG_NAME, {"log_history": log_history})
-
-
-def replay_to_trackers(output_dir: Path, folders: list[str], accelerator) -> None:
-    """Writes what other processes made for `folders` (their adapters) into the main process's TensorBoard, under
-    the tags their own process would have used: each training log's loss and lr, and the validation grid.
-
-    Trackers live on the main process only. TensorBoard takes steps in any order; a tracker that needs increasing
-    steps (wandb) is left alone: those classes' curves are in their `training_log.json`.
-    """
-    boards = [tracker.writer for tracker in accelerator.trackers if tracker.name == "tensorboard"]
-    others = [tracker.name for tracker in accelerator.trackers if tracker.name != "tensorboard"]
-    if others:
-        logger.info("Trackers %s get only the main process's classes; see each class's %s.", others, TRAINING_LOG_NAME)
-    for folder in folders:
-        path = Path(output_dir) / folder / TRAINING_LOG_NAME
-        if not path.is_file():  # an adapter written before training logs existed
-            logger.warning("No %s in %s: its curves are not in the trackers.", TRAINING_LOG_NAME, path.parent)
-            continue
-        with open(path) as f:
-            entries = json.load(f)["log_history"]
-        samples = Path(output_dir) / folder / SAMPLES_NAME
-        grid = np.asarray(Image.open(samples).convert("RGB")) if samples.is_file() else None  # (H, W, 3)
-        for board in boards:
-            for entry in entries:
-                board.add_scalar(f"{folder}/loss", entry["loss"], entry["step"])
-                board.add_scalar(f"{folder}/lr", entry["lr"], entry["step"])
-            if grid is not None:
-                board.add_image(f"{folder}/validation", grid, 0, dataformats="HWC")
-            board.flush()
 
 
 def render_adapter_card(output_dir: str | os.PathLike) -> str:
@@ -252,51 +182,6 @@ def render_adapter_card(output_dir: str | os.PathLike) -> str:
         adapters=adapters,
         versions=record["library_versions"],
     )
-
-
-@torch.no_grad()
-def log_validation(models: GeneratorModels, unit, config: GeneratorTrainingConfig, class_names, accelerator) -> Path:
-    """Samples `num_validation_images` with the freshly trained adapter, saves a grid and logs it to TensorBoard."""
-    from diffusers import StableDiffusionPipeline
-
-    pipeline = StableDiffusionPipeline.from_pretrained(
-        config.pretrained_model_name_or_path,
-        revision=config.revision,
-        unet=models.unet,
-        text_encoder=models.text_encoder,
-        vae=models.vae,
-        tokenizer=models.tokenizer,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-        use_safetensors=True,
-    )  # only the sampling scheduler is read from disk; the trained modules are reused
-    pipeline.set_progress_bar_config(disable=True)
-    template = config.prompt_template()
-    class_prompts = [template(class_names[i]) for i in sorted(set(unit.class_indices))]
-    models.unet.eval()
-    models.text_encoder.eval()
-    images = []
-    for i in range(config.num_validation_images):
-        prompt = config.validation_prompt or class_prompts[i % len(class_prompts)]
-        output = pipeline(
-            prompt,
-            height=config.resolution,
-            width=config.resolution,
-            num_inference_steps=config.validation_num_inference_steps,
-            generator=seeded_generator(unit.seed, 3, i),
-        )
-        images.append(output.images[0])
-    models.unet.train()
-    models.text_encoder.train()
-    folder = Path(config.output_dir) / unit.folder
-    path = save_png_atomic(image_grid(chunk(images, 4)), folder / SAMPLES_NAME)
-    tag = "validation" if config.mode == "dset" else f"{unit.folder}/validation"
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            stacked = np.stack([np.asarray(image) for image in images])  # (N, H, W, 3)
-            tracker.writer.add_images(tag, stacked, 0, dataformats="NHWC")
-    return path
 
 
 def push_adapters_to_hub(

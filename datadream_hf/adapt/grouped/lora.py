@@ -16,10 +16,10 @@ import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-if TYPE_CHECKING:
-    from .generator_training import GeneratorModels
+from ...lora import ADAPTER_NAME
 
-ADAPTER_NAME = "default"  # the peft adapter stage 1 trains (generator_training.ADAPTER_NAME)
+if TYPE_CHECKING:
+    from ..modeling import GeneratorModels
 
 
 class GroupedLoraLinear(nn.Module):

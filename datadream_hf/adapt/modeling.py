@@ -1,0 +1,229 @@
+"""Stage-1 models and optimization: the frozen Stable Diffusion parts with their LoRA, the LoRA init, the diffusion
+loss (paper Sec. 3.2, as the reference's `datadream.py`), the AdamW of an adapter, and the adapter file it ends as."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.lora import LoraLayer
+
+from ..faults import kill_point
+from ..lora import ADAPTER_NAME, LORA_WEIGHT_NAME, generator_lora_configs, save_generator_lora
+from .config import GeneratorTrainingConfig
+from .data import StepBatch, TrainingUnit, init_generator
+from .grouped.optim import GroupedAdamW, GroupedGradScaler
+from .latent_cache import LatentCache, encode_posterior
+
+
+@dataclass
+class GeneratorModels:
+    """The Stable Diffusion parts stage 1 trains through; only their LoRA weights require grad."""
+
+    tokenizer: object
+    text_encoder: torch.nn.Module
+    vae: torch.nn.Module
+    unet: torch.nn.Module
+    noise_scheduler: object
+    train_text_encoder: bool = True
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    def latent_shape(self, resolution: int) -> tuple[int, int, int]:
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return (self.unet.config.in_channels, resolution // factor, resolution // factor)
+
+    def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """The LoRA parameters by name (`unet.` / `text_encoder.` prefixed), in a fixed order."""
+        models = {"unet": self.unet, "text_encoder": self.text_encoder}
+        return {
+            f"{prefix}.{name}": p
+            for prefix, model in models.items()
+            for name, p in model.named_parameters()
+            if p.requires_grad
+        }
+
+
+def load_generator_models(config: GeneratorTrainingConfig, device: torch.device | str = "cpu") -> GeneratorModels:
+    """Loads the base model, freezes it, adds the UNet (and text-encoder) LoRA; LoRA weights are kept in fp32."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    path = config.pretrained_model_name_or_path
+    tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=config.revision)
+    # The reference trains with DDPM noising whatever the model's sampling scheduler is.
+    noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=config.revision)
+    # Safetensors only: a pickled checkpoint could run code when loaded.
+    weights = {"revision": config.revision, "variant": config.variant, "torch_dtype": config.weight_dtype,
+               "use_safetensors": True}  # fmt: skip
+    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **weights)
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **weights)
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **weights)
+    if noise_scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(
+            f"{path!r}: scheduler prediction_type {noise_scheduler.config.prediction_type!r} is not supported; "
+            "stage 1 trains 'epsilon' or 'v_prediction' models."
+        )
+    for model in (text_encoder, vae, unet):
+        model.requires_grad_(False)
+        model.to(device)
+    unet_lora, text_lora = generator_lora_configs(config.rank, config.lora_alpha, _peft_init(config.lora_init))
+    unet.add_adapter(unet_lora, adapter_name=ADAPTER_NAME)
+    if config.train_text_encoder:
+        text_encoder.add_adapter(text_lora, adapter_name=ADAPTER_NAME)
+    for model in (unet, text_encoder):
+        for parameter in model.parameters():
+            if parameter.requires_grad:  # mixed precision: frozen base in fp16/bf16, trained LoRA in fp32
+                parameter.data = parameter.data.float()
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        enable = getattr(text_encoder, "activation_checkpointing_enable", None) or (
+            text_encoder.gradient_checkpointing_enable
+        )
+        enable()
+    unet.train()
+    text_encoder.train()
+    vae.eval()
+    return GeneratorModels(tokenizer, text_encoder, vae, unet, noise_scheduler, config.train_text_encoder)
+
+
+def _peft_init(lora_init: str):
+    return "gaussian" if lora_init == "gaussian" else True
+
+
+@torch.no_grad()
+def init_lora_weights_(models: GeneratorModels, lora_init: str, unit_seed: int) -> None:
+    """Resets every LoRA layer to a fresh init drawn from `unit_seed` (peft's scheme: A random, B = 0).
+
+    This is how cls mode starts each class without reloading the base model, and why an adapter does not depend on
+    what was trained before it in the same process.
+    """
+    generator = init_generator(unit_seed)
+    for model in (models.unet, models.text_encoder):
+        for _, module in model.named_modules():
+            if not isinstance(module, LoraLayer) or ADAPTER_NAME not in module.lora_A:
+                continue
+            weight_a, weight_b = module.lora_A[ADAPTER_NAME].weight, module.lora_B[ADAPTER_NAME].weight
+            # Drawn on the CPU generator, then copied: the init is the same on every device.
+            fresh = torch.empty(weight_a.shape, dtype=torch.float32)
+            if lora_init == "gaussian":
+                fresh.normal_(std=1 / module.r[ADAPTER_NAME], generator=generator)
+            else:
+                torch.nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=generator)
+            weight_a.copy_(fresh)
+            weight_b.zero_()
+
+
+def encode_prompts(models: GeneratorModels, input_ids: torch.Tensor) -> torch.Tensor:
+    """Text-encoder hidden states (B, T, D) of `input_ids` (B, T), running the encoder once per distinct prompt.
+
+    A class's batch repeats one prompt. The encoder treats each sequence alone, so encoding the distinct rows and
+    indexing gives the same states and, through the index's backward, the same summed LoRA gradient, at 1/B the cost.
+    """
+    unique, inverse = torch.unique(input_ids, dim=0, return_inverse=True)  # (U, T), (B,)
+    with torch.set_grad_enabled(models.train_text_encoder and torch.is_grad_enabled()):
+        hidden = models.text_encoder(unique.to(models.device), return_dict=False)[0]  # (U, T, D)
+    return hidden[inverse.to(models.device)]  # (B, T, D)
+
+
+def diffusion_loss(
+    models: GeneratorModels,
+    batch: StepBatch,
+    weight_dtype: torch.dtype,
+    encoder_hidden_states: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-sample MSE between the UNet's prediction and its target (noise, or velocity for v-prediction), shape (B,).
+
+    As the reference: latents = VAE posterior sample * scaling factor; no offset noise, no SNR weighting. The prompts
+    are encoded here (`encode_prompts`) unless their `encoder_hidden_states` (B, T, D) are given.
+    """
+    device = models.device
+    with torch.no_grad():
+        if batch.latent_mean is not None:  # cached posterior of these crops (latent_cache)
+            mean, std = batch.latent_mean.to(device), batch.latent_std.to(device)
+        else:
+            mean, std = encode_posterior(models.vae, batch.pixel_values, weight_dtype, device)
+        # posterior.sample() with the step's own noise, so a batch slice is the same draw as the full batch.
+        latents = mean + std * batch.latent_noise.to(device, dtype=mean.dtype)
+        shift = getattr(models.vae.config, "shift_factor", None) or 0.0
+        latents = (latents - shift) * models.vae.config.scaling_factor
+    noise = batch.noise.to(device, dtype=latents.dtype)
+    timesteps = batch.timesteps.to(device)
+    noisy_latents = models.noise_scheduler.add_noise(latents, noise, timesteps)
+    if encoder_hidden_states is None:
+        encoder_hidden_states = encode_prompts(models, batch.input_ids)
+    prediction = models.unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
+    if models.noise_scheduler.config.prediction_type == "v_prediction":
+        target = models.noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        target = noise
+    return F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
+
+
+def build_latent_cache(
+    models: GeneratorModels, unit: TrainingUnit, config: GeneratorTrainingConfig
+) -> LatentCache | None:
+    """The unit's cached VAE posteriors (`latent_cache`), or None when disabled or its images have too many crops."""
+    if not config.cache_latents:
+        return None
+    # Chunks of the training batch size: the VAE never sees a larger batch than the reference's every-step encode.
+    return LatentCache.build(models.vae, unit.images, config.resolution, config.weight_dtype, models.device,
+                             batch_size=config.train_batch_size)  # fmt: skip
+
+
+@dataclass
+class UnitOptimizer:
+    """The optimization state of one adapter: AdamW, its lr schedule and (fp16 only) the loss scaler."""
+
+    parameters: dict[str, torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    grad_scaler: torch.amp.GradScaler
+
+
+def build_unit_optimizer(
+    parameters: dict[str, torch.nn.Parameter],
+    config: GeneratorTrainingConfig,
+    num_steps: int,
+    device_type: str,
+    num_groups: int | None = None,
+) -> UnitOptimizer:
+    """AdamW(lr, betas, wd, eps) with diffusers' `get_scheduler` (cosine with 100 warm-up steps by default).
+
+    With `num_groups` (grouped LoRA stacks), `GroupedAdamW` and `GroupedGradScaler`: each group steps and scales its
+    loss as its own AdamW and GradScaler would.
+    """
+    from diffusers.optimization import get_scheduler
+
+    hyperparameters = {"lr": config.learning_rate, "betas": (config.adam_beta1, config.adam_beta2),
+                       "weight_decay": config.adam_weight_decay, "eps": config.adam_epsilon}  # fmt: skip
+    fp16 = config.mixed_precision == "fp16"
+    if num_groups is None:
+        optimizer = torch.optim.AdamW(list(parameters.values()), **hyperparameters)
+        scaler = torch.amp.GradScaler(device_type, enabled=fp16)
+    else:
+        optimizer = GroupedAdamW(list(parameters.values()), num_groups, **hyperparameters)
+        scaler = GroupedGradScaler(num_groups, enabled=fp16)
+    lr_scheduler = get_scheduler(
+        config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps, num_training_steps=num_steps
+    )
+    return UnitOptimizer(parameters, optimizer, lr_scheduler, scaler)
+
+
+def save_adapter_atomic(models: GeneratorModels, folder: Path) -> Path:
+    """Writes `folder/pytorch_lora_weights.safetensors` via a temp folder, so the file is whole or absent."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".adapter-{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    written = save_generator_lora(tmp, models.unet, models.text_encoder if models.train_text_encoder else None)
+    kill_point("adapter-write")  # test hook: the adapter exists only in the temp folder
+    os.replace(written, folder / LORA_WEIGHT_NAME)
+    shutil.rmtree(tmp)
+    return folder / LORA_WEIGHT_NAME

@@ -1,0 +1,96 @@
+"""Stage 1 of DataDream, whole: `train_generator` trains every adapter of a run (dset or cls mode, split across
+processes, sequential or grouped) into a finished output folder; it resumes a killed run and refuses another's
+folder."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ..lora import LORA_WEIGHT_NAME
+from ..run_folder import class_folder_name, output_dir_lock
+from .checkpoints import CheckpointError
+from .config import GeneratorTrainingConfig
+from .data import FewShotData, build_units
+from .grouped.loop import train_groups
+from .modeling import GeneratorModels, load_generator_models
+from .outputs import check_output_dir, missing_adapters, run_record, write_outputs, write_run_record
+from .sequential import StepCallback, train_unit
+from .validation import log_validation, replay_to_trackers
+
+logger = logging.getLogger(__name__)
+
+
+def train_generator(
+    config: GeneratorTrainingConfig,
+    data: FewShotData,
+    accelerator,
+    models: GeneratorModels | None = None,
+    step_callback: StepCallback | None = None,
+) -> Path:
+    """Runs stage 1 into `config.output_dir` (dset or cls mode) and writes the index, run config and card.
+
+    Args:
+        data: the few-shot images (`data.load_few_shot_data`).
+        accelerator: an `accelerate.Accelerator`; in cls mode each process trains its own classes, in dset mode the
+            processes split each batch.
+        models: already loaded models (`load_generator_models(config)`) to reuse; loaded here when None.
+        step_callback: called as `step_callback(unit, steps_done)` after every step.
+
+    The main process holds the folder's lock (`run_folder.OutputDirLock`) for the whole run, so a second run into the
+    same `output_dir` is refused instead of mixing its files with this one's.
+    """
+    # Refuse another run's folder before taking the lock, which creates the folder.
+    resume = config.resume_from_checkpoint is not None
+    check_output_dir(Path(config.output_dir), run_record(config, data), resume)
+    with output_dir_lock(config.output_dir, accelerator):
+        return _train_generator(config, data, accelerator, models, step_callback)
+
+
+def _train_generator(config, data, accelerator, models, step_callback) -> Path:
+    output_dir = Path(config.output_dir)
+    # 1. Refuse to mix with another run before anything expensive (checked by every process, then written by one).
+    record = run_record(config, data)
+    check_output_dir(output_dir, record, resume=config.resume_from_checkpoint is not None)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_run_record(output_dir, record)
+
+    # 2. Load the base model once; every adapter of this process is trained on it.
+    if models is None:
+        models = load_generator_models(config, accelerator.device)
+    units = build_units(config, data, models.tokenizer, accelerator.process_index, accelerator.num_processes)
+    logger.info(
+        "Process %d of %d trains adapter(s) %s.",
+        accelerator.process_index, accelerator.num_processes, [unit.name for unit in units],
+    )  # fmt: skip
+    shard = (accelerator.process_index, accelerator.num_processes) if config.mode == "dset" else (0, 1)
+
+    # 3. Train each adapter; a finished one (its file exists, written atomically) is skipped on resume. Grouped cls
+    #    mode trains several classes per forward pass (grouped.loop): the same computation up to float rounding.
+    if config.mode == "cls" and config.cls_strategy == "grouped":
+        train_groups(models, units, config, accelerator, data.class_names, step_callback)
+    else:
+        for unit in units:
+            adapter = output_dir / unit.folder / LORA_WEIGHT_NAME
+            if config.resume_from_checkpoint is not None and adapter.is_file():
+                logger.info("Adapter %r is already trained (%s): skipping it.", unit.name, adapter)
+                continue
+            train_unit(models, unit, config, accelerator, shard, step_callback)
+            if config.num_validation_images > 0 and shard[0] == 0:
+                log_validation(models, unit, config, data.class_names, accelerator)
+
+    # 4. Once every process is done: the index (which marks the output complete) and the card; the curves of the
+    #    classes other processes trained go to the trackers, which live on the main process.
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        missing = missing_adapters(output_dir, config.mode, data.class_names)
+        if missing:
+            raise CheckpointError(f"Adapters missing after training: {missing}; re-run with --resume_from_checkpoint.")
+        write_outputs(output_dir, config.mode, data.class_names)
+        if config.mode == "cls" and config.report_to and accelerator.num_processes > 1:
+            others = [class_folder_name(i, name) for i, name in enumerate(data.class_names)
+                      if i % accelerator.num_processes != accelerator.process_index]  # fmt: skip
+            replay_to_trackers(output_dir, others, accelerator)
+    accelerator.wait_for_everyone()
+    return output_dir
