@@ -49,15 +49,11 @@ from datadream_hf.benchmarking import (
     write_random_class_adapters,
 )
 from datadream_hf.digits import DIGIT_NAMES
-from datadream_hf.generation import (
-    DTYPES,
-    GenerationConfig,
-    SyntheticImageGenerator,
-    describe_run,
-    generate_shards,
-    load_generation_pipeline,
-)
-from datadream_hf.generation_adapters import AdapterSet, resolve_adapters
+from datadream_hf.generate.adapters import AdapterSet, resolve_adapters
+from datadream_hf.generate.config import DTYPES, GenerationConfig
+from datadream_hf.generate.run import describe_run
+from datadream_hf.generate.sampling import SyntheticImageSampler, load_generation_pipeline
+from datadream_hf.generate.shards import generate_shards
 from datadream_hf.prompts import PromptTemplate
 from datadream_hf.synthetic import plan_shards
 
@@ -81,9 +77,9 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(input_args)
 
 
-def sample_classes(generator: SyntheticImageGenerator, num_classes: int, images: int, switch=None) -> dict:
+def sample_classes(sampler: SyntheticImageSampler, num_classes: int, images: int, switch=None) -> dict:
     """Samples every class; returns per-class sampling and switching seconds and the images as uint8 arrays."""
-    device = generator.pipeline.device
+    device = sampler.pipeline.device
     per_class, switches, arrays = [], [], []
     for c in range(num_classes):
         synchronize(device)
@@ -92,7 +88,7 @@ def sample_classes(generator: SyntheticImageGenerator, num_classes: int, images:
             switch(c)
         synchronize(device)
         t1 = time.perf_counter()
-        out = generator.generate(c, list(range(images)))
+        out = sampler.sample(c, list(range(images)))
         synchronize(device)
         t2 = time.perf_counter()
         switches.append(t1 - t0)
@@ -130,9 +126,9 @@ def main(args: argparse.Namespace) -> dict:
 
     pipeline = load()
     processors = sorted({type(p).__name__ for p in pipeline.unet.attn_processors.values()})
-    base = SyntheticImageGenerator(pipeline, AdapterSet.none(names), template, config)
-    ours = SyntheticImageGenerator(pipeline, adapters, template, config)
-    base.generate(0, list(range(min(2, args.images_per_class))))  # warm-up: kernels, allocator
+    base = SyntheticImageSampler(pipeline, AdapterSet.none(names), template, config)
+    ours = SyntheticImageSampler(pipeline, adapters, template, config)
+    base.sample(0, list(range(min(2, args.images_per_class))))  # warm-up: kernels, allocator
     n, m = args.num_classes, args.images_per_class
     results: dict[str, dict] = {}
 
@@ -170,7 +166,7 @@ def main(args: argparse.Namespace) -> dict:
     ours.switcher.reset()
 
     # 3. Unfused: adapters loaded as peft layers, active while sampling.
-    unfused = SyntheticImageGenerator(pipeline, AdapterSet.none(names), template, config)
+    unfused = SyntheticImageSampler(pipeline, AdapterSet.none(names), template, config)
 
     def load_unfused(c):
         pipeline.unload_lora_weights()
@@ -193,8 +189,8 @@ def main(args: argparse.Namespace) -> dict:
                 fresh.load_lora_weights(str(adapters.weight_file(c).parent), use_safetensors=True)
                 synchronize(device)
                 t1 = time.perf_counter()
-                plain = SyntheticImageGenerator(fresh, AdapterSet.none(names), template, config)  # LoRA stays unfused
-                out = plain.generate(c, list(range(m)))
+                plain = SyntheticImageSampler(fresh, AdapterSet.none(names), template, config)  # LoRA stays unfused
+                out = plain.sample(c, list(range(m)))
                 synchronize(device)
                 reference["switch_s"].append(t1 - t0)
                 reference["sampling_s"].append(time.perf_counter() - t1)

@@ -32,8 +32,8 @@ from datadream_hf.adapter_index import ADAPTER_INDEX_NAME, read_adapter_index
 from datadream_hf.data import DatasetInputError, decode_images, load_image_folder, load_labelled_dataset
 from datadream_hf.faults import KILL_AT_ENV, kill_point, parse_kill_spec
 from datadream_hf.few_shot import draw_few_shot
-from datadream_hf.generation import GenerationConfig, generate_synthetic_dataset
-from datadream_hf.generation_adapters import GenerationInputError
+from datadream_hf.generate.config import GenerationConfig, GenerationInputError
+from datadream_hf.generate.run import generate_synthetic_dataset
 from datadream_hf.lora import LORA_WEIGHT_NAME
 from datadream_hf.run_folder import LOCK_NAME, OutputDirLockedError, class_folder_name
 from datadream_hf.synthetic import SyntheticDataDreamBuilder, SyntheticDatasetError, is_shard_finished, missing_shards
@@ -635,13 +635,13 @@ def no_model_loading(monkeypatch):
     """Makes every base-model load fail loudly: a bad input must be refused before it."""
     import datadream_hf.adapt.train
     import datadream_hf.classifier
-    import datadream_hf.generation
+    import datadream_hf.generate.run
 
     def expensive(*args, **kwargs):
         raise AssertionError("a base model was loaded before the bad input was refused")
 
     monkeypatch.setattr(datadream_hf.adapt.train, "load_generator_models", expensive)
-    monkeypatch.setattr(datadream_hf.generation, "load_generation_pipeline", expensive)
+    monkeypatch.setattr(datadream_hf.generate.run, "load_generation_pipeline", expensive)
     monkeypatch.setattr(datadream_hf.classifier.CLIPLoRAClassifier, "from_clip_pretrained", classmethod(expensive))
 
 
@@ -757,7 +757,7 @@ def test_pickled_weights_are_refused_by_stage2_and_the_classifier(
     tiny_sd_path, tiny_clip_path, fake_stage1, tmp_path, torch_load_forbidden
 ):
     from datadream_hf.classifier import CLIPLoRAClassifier
-    from datadream_hf.generation import load_generation_pipeline
+    from datadream_hf.generate.sampling import load_generation_pipeline
 
     # Stage 2: a class folder that holds only `pytorch_lora_weights.bin`.
     adapters = tmp_path / "adapters"

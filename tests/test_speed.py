@@ -328,8 +328,8 @@ def test_prompts_encoded_once_give_the_same_states_and_gradients(models, data):
 
 
 def test_direct_fusion_equals_diffusers_fuse_and_restores_the_base(runs, tiny_sd_path, tmp_path):
-    from datadream_hf.generation import load_generation_pipeline
-    from datadream_hf.generation_adapters import FusedAdapterSwitcher
+    from datadream_hf.generate.adapters import FusedAdapterSwitcher
+    from datadream_hf.generate.sampling import load_generation_pipeline
 
     pipeline = load_generation_pipeline(tiny_sd_path)
     switcher = FusedAdapterSwitcher(pipeline)

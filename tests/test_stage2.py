@@ -17,20 +17,13 @@ from datasets import load_from_disk
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from datadream_hf.generation import (
-    GenerationConfig,
-    SyntheticImageGenerator,
-    generate_synthetic_dataset,
-    image_seed,
-    load_generation_pipeline,
-)
-from datadream_hf.generation_adapters import FusedAdapterSwitcher, GenerationInputError, resolve_adapters
+from datadream_hf.generate.adapters import FusedAdapterSwitcher, resolve_adapters
+from datadream_hf.generate.config import GenerationConfig, GenerationInputError
+from datadream_hf.generate.dataset import save_synthetic_dataset
+from datadream_hf.generate.run import generate_synthetic_dataset
+from datadream_hf.generate.sampling import SyntheticImageSampler, image_seed, load_generation_pipeline
 from datadream_hf.prompts import PromptTemplate
-from datadream_hf.synthetic import (
-    SyntheticDataDreamBuilder,
-    SyntheticDatasetError,
-    save_synthetic_dataset,
-)
+from datadream_hf.synthetic import SyntheticDataDreamBuilder, SyntheticDatasetError
 from datadream_hf.testing import accelerate_launch_command, write_fake_stage1_output
 
 REPO = Path(__file__).resolve().parents[1]
@@ -113,8 +106,8 @@ def test_image_does_not_depend_on_batch_size_and_can_be_regenerated_alone(refere
 
     pipeline = load_generation_pipeline(tiny_sd_path)
     config = GenerationConfig(**SMALL)
-    generator = SyntheticImageGenerator(pipeline, resolve_adapters(stage1["cls"]), PromptTemplate(), config)
-    image = np.asarray(generator.generate(1, [3])[0], dtype=np.int16)
+    sampler = SyntheticImageSampler(pipeline, resolve_adapters(stage1["cls"]), PromptTemplate(), config)
+    image = np.asarray(sampler.sample(1, [3])[0], dtype=np.int16)
     assert np.abs(image - batched[1, 3]).max() <= 1
 
 
@@ -126,8 +119,8 @@ def test_stochastic_scheduler_noise_is_per_image_too(stage1, tiny_sd_path):
 
     def images(batch_size):
         config = GenerationConfig(**{**SMALL, "batch_size": batch_size, "scheduler": name})
-        generator = SyntheticImageGenerator(pipeline, adapters, PromptTemplate(), config)
-        return [np.asarray(image, dtype=np.int16) for image in generator.generate(2, [0, 1, 2])]
+        sampler = SyntheticImageSampler(pipeline, adapters, PromptTemplate(), config)
+        return [np.asarray(image, dtype=np.int16) for image in sampler.sample(2, [0, 1, 2])]
 
     batched, alone, again = images(3), images(1), images(3)
     assert all(np.array_equal(a, b) for a, b in zip(batched, again))
@@ -210,7 +203,8 @@ def test_sigkill_mid_shard_write_then_rerun_equals_uninterrupted_run(reference, 
     child = f"""
 import os, signal, torch
 import datadream_hf.synthetic as synthetic
-from datadream_hf.generation import GenerationConfig, generate_synthetic_dataset
+from datadream_hf.generate.config import GenerationConfig
+from datadream_hf.generate.run import generate_synthetic_dataset
 torch.set_num_threads(1)
 calls = []
 def replace(src, dst):

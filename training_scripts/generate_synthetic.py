@@ -41,9 +41,10 @@ import transformers
 from accelerate import PartialState
 
 from datadream_hf.few_shot import FewShotManifest
-from datadream_hf.generation import GenerationConfig, generate_synthetic_dataset
+from datadream_hf.generate.config import GenerationConfig
+from datadream_hf.generate.dataset import push_synthetic_dataset_to_hub, save_synthetic_dataset, write_dataset_card
+from datadream_hf.generate.run import generate_synthetic_dataset
 from datadream_hf.prompts import DEFAULT_TEMPLATE, PromptTemplate
-from datadream_hf.synthetic import push_synthetic_dataset_to_hub, save_synthetic_dataset, write_dataset_card
 
 HELP = {f.name: f.metadata.get("help") for f in dataclasses.fields(GenerationConfig)}
 DEFAULTS = GenerationConfig()

@@ -13,10 +13,11 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .adapter_index import read_adapter_index
-from .files import file_sha256
-from .lora import LORA_WEIGHT_NAME, pickled_weight_files
-from .run_folder import TRAINING_CONFIG_NAME
+from ..adapter_index import read_adapter_index
+from ..files import file_sha256
+from ..lora import LORA_WEIGHT_NAME, pickled_weight_files
+from ..run_folder import TRAINING_CONFIG_NAME
+from .config import GenerationInputError
 
 logger = logging.getLogger(__name__)
 
@@ -30,10 +31,6 @@ LORA_FACTOR_SUFFIXES = {
     ".lora_A.weight": "down",
     ".lora_B.weight": "up",
 }
-
-
-class GenerationInputError(ValueError):
-    """Bad stage-2 input (adapters, base model, class names, output folder); raised before any image is made."""
 
 
 def _trained_base_model(training_config: dict) -> tuple[str | None, str | None]:

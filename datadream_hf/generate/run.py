@@ -1,0 +1,236 @@
+"""Stage 2 of DataDream, whole: `generate_synthetic_dataset` checks every input, loads one pipeline, splits the
+unfinished shards across processes and writes the generation folder (`synthetic`), resuming a killed run and refusing
+one with other settings."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from ..files import write_json_atomic
+from ..prompts import PromptTemplate
+from ..run_folder import TRAINING_CONFIG_NAME, OutputDirLock, OutputDirLockedError, settings_diff
+from ..synthetic import (
+    GENERATION_CONFIG_NAME,
+    GENERATION_MANIFEST_NAME,
+    Shard,
+    missing_shards,
+    plan_shards,
+    remove_stale_temp_files,
+)
+from ..versions import library_versions
+from .adapters import AdapterSet, check_adapters_fit, check_base_model_id, check_class_names, resolve_adapters
+from .config import DTYPES, GenerationConfig, GenerationInputError
+from .dataset import write_sample_grid
+from .sampling import SyntheticImageSampler, load_generation_pipeline
+from .shards import generate_shards, split_work
+
+logger = logging.getLogger(__name__)
+
+GENERATION_FORMAT_VERSION = 1
+
+
+def resolve_prompt_template(prompt_template: PromptTemplate | None, adapters: AdapterSet) -> PromptTemplate:
+    """The caller's template if given, else stage 1's (so generation prompts equal training prompts), else default."""
+    trained = adapters.training_config.get("prompt_template")
+    if prompt_template is None:
+        if not trained:
+            return PromptTemplate()
+        try:
+            return PromptTemplate(**trained)
+        except TypeError as err:
+            raise GenerationInputError(
+                f"`prompt_template` in the stage-1 {TRAINING_CONFIG_NAME} is malformed ({trained!r}): {err}."
+            ) from err
+    if trained and prompt_template.to_dict() != trained:
+        logger.warning(
+            f"Prompt template {prompt_template.to_dict()} differs from the one stage 1 trained with {trained}."
+        )
+    return prompt_template
+
+
+def _identity(run_info: dict) -> dict:
+    """The part of a run's description that determines its images (what resuming must match)."""
+    return {
+        "base_model": run_info["base_model"],
+        "adapters": {
+            "mode": run_info["adapters"]["mode"],
+            "sha256": [a["sha256"] for a in run_info["adapters"]["per_class"]],
+        },
+        "class_names": run_info["class_names"],
+        "prompts": run_info["prompts"],
+        "generation": run_info["generation"],
+        "scheduler_class": run_info["scheduler_class"],
+    }
+
+
+def describe_run(sampler: SyntheticImageSampler, base_model: dict, dtype: str, command: str | None = None) -> dict:
+    """The content of `generation_config.json`: everything that made the images, plus a fingerprint of it."""
+    generation = sampler.config.to_dict()
+    generation.update(dtype=dtype, resolution=sampler.resolution)
+    info = {
+        "format_version": GENERATION_FORMAT_VERSION,
+        "base_model": base_model,
+        "adapters": sampler.adapters.describe(),
+        "class_names": sampler.adapters.class_names,
+        "prompt_template": sampler.prompt_template.to_dict(),
+        "prompts": sampler.prompts,
+        "generation": generation,
+        "scheduler_class": type(sampler.pipeline.scheduler).__name__,
+        "seed_derivation": "numpy SeedSequence([seed, class_index, image_index]) -> 62-bit torch CPU generator seed",
+        "library_versions": library_versions(),
+        "command": command,
+    }
+    canonical = json.dumps(_identity(info), sort_keys=True)
+    info["fingerprint"] = hashlib.sha256(canonical.encode()).hexdigest()
+    return info
+
+
+def check_output_dir(output_dir: str | Path, run_info: dict) -> None:
+    """Refuses to resume into a folder that holds a run with other settings (its shards would be mixed in)."""
+    path = Path(output_dir) / GENERATION_CONFIG_NAME
+    if not path.is_file():
+        return
+    try:
+        previous = json.loads(path.read_text())
+        if previous.get("fingerprint") == run_info["fingerprint"]:
+            return
+        old, new = _identity(previous), _identity(run_info)
+    except (json.JSONDecodeError, KeyError) as err:
+        raise GenerationInputError(f"{str(path)!r} is unreadable ({err}); use a new --output_dir.") from err
+    differences = [
+        f"{setting}: {a!r} -> {b!r}" if "." in setting else f"{setting}: {str(a)[:80]} -> {str(b)[:80]}"
+        for setting, (a, b) in settings_diff(old, new).items()
+    ]
+    raise GenerationInputError(
+        f"{str(output_dir)!r} holds a generation run with other settings ({'; '.join(differences)}). Re-run with the "
+        "same arguments to resume it, or choose a new --output_dir."
+    )
+
+
+def generate_synthetic_dataset(
+    output_dir: str | Path,
+    pretrained_model_name_or_path: str,
+    config: GenerationConfig,
+    adapter_path: str | None = None,
+    class_names: list[str] | None = None,
+    prompt_template: PromptTemplate | None = None,
+    revision: str | None = None,
+    variant: str | None = None,
+    adapter_revision: str | None = None,
+    token: str | None = None,
+    allow_base_model_mismatch: bool = False,
+    state=None,
+    command: str | None = None,
+    on_shard_written: Callable[[Shard, Path], None] | None = None,
+) -> dict:
+    """Runs stage 2 into `output_dir` (resuming a killed run) and returns the run description.
+
+    Args:
+        adapter_path: Stage-1 output folder or Hub repo id; must be None with `config.no_adapter`.
+        class_names: Required with `config.no_adapter`; otherwise must equal the adapters' classes if given.
+        state: An `accelerate.PartialState`; the shards are split across its processes.
+        on_shard_written: Called after each finished shard (tests use it to stop a run midway).
+    """
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
+    state = state or PartialState(cpu=not torch.cuda.is_available())
+    # 1. Validate everything before the first image.
+    if config.no_adapter:
+        if adapter_path is not None:
+            raise GenerationInputError("`no_adapter` is set but an `adapter_path` was given: choose one.")
+        if not class_names:
+            raise GenerationInputError("`class_names` are required with `no_adapter` (there is no adapter index).")
+        adapters = AdapterSet.none(class_names)
+    else:
+        if adapter_path is None:
+            raise GenerationInputError("Pass `adapter_path` (a stage-1 output) or set `no_adapter` for the baseline.")
+        adapters = resolve_adapters(adapter_path, revision=adapter_revision, token=token)
+    check_class_names(adapters, class_names)
+    template = resolve_prompt_template(prompt_template, adapters)
+    # The recorded base model id is checked before the (slow) pipeline load; the weight shapes after it.
+    check_base_model_id(adapters, pretrained_model_name_or_path, revision, allow_base_model_mismatch)
+    dtype = config.resolved_dtype(state.device)
+    pipeline = load_generation_pipeline(
+        pretrained_model_name_or_path,
+        revision=revision,
+        variant=variant,
+        torch_dtype=DTYPES[dtype],
+        scheduler=config.scheduler,
+    )
+    check_adapters_fit(pipeline, adapters, pretrained_model_name_or_path, revision, allow_base_model_mismatch)
+    sampler = SyntheticImageSampler(pipeline.to(state.device), adapters, template, config)
+    base_model = {
+        "pretrained_model_name_or_path": pretrained_model_name_or_path,
+        "revision": revision,
+        "variant": variant,
+    }
+    run_info = describe_run(sampler, base_model, dtype, command=command)
+    output_dir = Path(output_dir)
+    check_output_dir(output_dir, run_info)
+    state.wait_for_everyone()
+
+    # 2. The main process locks the folder, sets it up and lists the unfinished shards; every process gets the list.
+    lock, setup = OutputDirLock(output_dir), None
+    if state.is_main_process:
+        try:
+            lock.acquire()
+            check_output_dir(output_dir, run_info)  # again: another run may have started since the check above
+            write_json_atomic(output_dir / GENERATION_CONFIG_NAME, run_info)
+            for tmp in remove_stale_temp_files(output_dir):
+                logger.info(f"Removed {tmp}, left by an interrupted run.")
+            setup = {"pending": missing_shards(output_dir, run_info)}
+        except (OutputDirLockedError, GenerationInputError) as err:
+            lock.release()
+            setup = {"error": err}
+    setup = broadcast_object_list([setup])[0]
+    if "error" in setup:
+        raise setup["error"]
+    plan = plan_shards(len(adapters.class_names), config.images_per_class, config.shard_size)
+    if len(setup["pending"]) < len(plan):
+        logger.info(f"Resuming: {len(plan) - len(setup['pending'])} finished shard(s) kept.")
+
+    try:
+        # 3. Generate this process's share.
+        mine = split_work(setup["pending"], state.num_processes, state.process_index)
+        logger.info(
+            f"Process {state.process_index + 1}/{state.num_processes}: {len(mine)} shard(s), "
+            f"{sum(s.num_images for s in mine)} images to generate."
+        )
+        generate_shards(
+            sampler,
+            output_dir,
+            mine,
+            run_info["fingerprint"],
+            show_progress=state.is_local_main_process,
+            on_shard_written=on_shard_written,
+        )
+        sampler.switcher.reset()
+        state.wait_for_everyone()
+
+        # 4. The main process checks the union and writes the run manifest and a sample grid.
+        if state.is_main_process:
+            still_missing = missing_shards(output_dir, run_info)
+            if still_missing:
+                raise RuntimeError(f"{len(still_missing)} shard(s) missing after generation, e.g. {still_missing[0]}.")
+            write_sample_grid(output_dir)
+            manifest = {
+                "fingerprint": run_info["fingerprint"],
+                "complete": True,
+                "num_images": len(adapters.class_names) * config.images_per_class,
+                "shards": [
+                    {"file": s.relative_path(adapters.class_names), "class_index": s.class_index, "start": s.start}
+                    for s in plan
+                ],
+            }
+            write_json_atomic(output_dir / GENERATION_MANIFEST_NAME, manifest)
+        state.wait_for_everyone()
+    finally:
+        lock.release()
+    return run_info

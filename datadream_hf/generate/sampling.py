@@ -1,0 +1,117 @@
+"""Stage-2 sampling: the base pipeline, loaded once per run, and `SyntheticImageSampler`, which makes image k of class
+c with that class's adapter fused in.
+
+Every image has its own seed derived from (seed, class index, image index), so an image does not depend on the batch
+size, on the process that made it or on the classes made before it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from PIL import Image as PILImage
+
+from ..prompts import PromptTemplate
+from .adapters import AdapterSet, FusedAdapterSwitcher
+from .config import GenerationConfig, GenerationInputError, scheduler_class
+
+
+def image_seed(seed: int, class_index: int, image_index: int) -> int:
+    """The seed of image `image_index` of class `class_index`: an independent stream per (seed, class, image).
+
+    Fixes the reference's single global seed, under which image i of every class started from the same noise.
+    """
+    words = np.random.SeedSequence([seed, class_index, image_index]).generate_state(2, dtype=np.uint32)
+    return (int(words[0]) << 31) | (int(words[1]) >> 1)  # 62 bits: a valid torch seed and int64 value
+
+
+def load_generation_pipeline(
+    pretrained_model_name_or_path: str,
+    revision: str | None = None,
+    variant: str | None = None,
+    torch_dtype: torch.dtype = torch.float32,
+    scheduler: str | None = None,
+):
+    """Loads the base pipeline once for the whole run: safetensors only, no safety checker (as the reference)."""
+    import diffusers
+    from diffusers import StableDiffusionPipeline
+    from packaging.version import Version
+
+    # diffusers 0.42 renamed `torch_dtype` to `dtype`; older versions would silently ignore `dtype`.
+    dtype_kwarg = "dtype" if Version(diffusers.__version__) >= Version("0.42") else "torch_dtype"
+    try:
+        pipeline = StableDiffusionPipeline.from_pretrained(
+            pretrained_model_name_or_path,
+            revision=revision,
+            variant=variant,
+            safety_checker=None,
+            requires_safety_checker=False,
+            use_safetensors=True,
+            **{dtype_kwarg: torch_dtype},
+        )
+    except (OSError, ValueError) as err:
+        raise GenerationInputError(
+            f"Cannot load base model {pretrained_model_name_or_path!r} (revision {revision}, variant {variant}) as a "
+            f"Stable Diffusion pipeline with safetensors weights: {err}"
+        ) from err
+    if scheduler is not None:
+        pipeline.scheduler = scheduler_class(scheduler).from_config(pipeline.scheduler.config)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+class SyntheticImageSampler:
+    """One pipeline with the class adapters and prompts: makes image k of class c, alone or batched, reproducibly."""
+
+    def __init__(self, pipeline, adapters: AdapterSet, prompt_template: PromptTemplate, config: GenerationConfig):
+        self.pipeline = pipeline
+        self.adapters = adapters
+        self.prompt_template = prompt_template
+        self.config = config
+        self.switcher = FusedAdapterSwitcher.for_pipeline(pipeline)
+        unet = pipeline.unet
+        self.resolution = config.resolution or unet.config.sample_size * pipeline.vae_scale_factor
+        # The VAE and every UNet downsampling halve the size: the side must divide evenly all the way down.
+        multiple = pipeline.vae_scale_factor * 2 ** (len(unet.config.block_out_channels) - 1)
+        if self.resolution % multiple:
+            raise GenerationInputError(
+                f"`resolution` {self.resolution} must be a multiple of {multiple} for this model."
+            )
+        self.prompts = [prompt_template(name) for name in adapters.class_names]
+
+    def sample(
+        self, class_index: int, image_indices: list[int], on_batch: Callable[[int], None] | None = None
+    ) -> list[PILImage.Image]:
+        """Images `image_indices` of class `class_index`, in batches of `config.batch_size`."""
+        self.switcher.use(self.adapters.weight_file(class_index))
+        images = []
+        for start in range(0, len(image_indices), self.config.batch_size):
+            batch = image_indices[start : start + self.config.batch_size]
+            images += self._sample_batch(class_index, batch)
+            if on_batch is not None:
+                on_batch(len(batch))
+        return images
+
+    @torch.no_grad()
+    def _sample_batch(self, class_index: int, image_indices: list[int]) -> list[PILImage.Image]:
+        pipeline = self.pipeline
+        # CPU generators: the initial noise is the same on every device, and per image, so not batch-dependent.
+        generators = [
+            torch.Generator("cpu").manual_seed(image_seed(self.config.seed, class_index, k)) for k in image_indices
+        ]
+        side = self.resolution // pipeline.vae_scale_factor
+        shape = (1, pipeline.unet.config.in_channels, side, side)
+        latents = torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])  # (B, C, h, w)
+        output = pipeline(
+            prompt=[self.prompts[class_index]] * len(image_indices),
+            height=self.resolution,
+            width=self.resolution,
+            num_inference_steps=self.config.num_inference_steps,
+            guidance_scale=self.config.guidance_scale,
+            latents=latents.to(pipeline.device, pipeline.unet.dtype),
+            generator=generators,  # continues each image's stream for stochastic schedulers
+            output_type="pil",
+        )
+        return output.images
