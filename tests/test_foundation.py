@@ -165,6 +165,10 @@ def test_cards_ship_in_the_wheel(tmp_path):
     assert available_templates(), "no templates in model_cards/"
     for template in available_templates():
         assert (site / "datadream_hf" / "model_cards" / template).is_file()
+    package = REPO / "datadream_hf"
+    shipped = [p for p in package.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+    missing = [p for p in shipped if not (site / p.relative_to(REPO)).is_file()]
+    assert not missing, f"not in the wheel (setup.cfg `packages` / `package_data`): {missing}"
     code = (
         "import datadream_hf, datadream_hf.cards as c; "
         f"assert datadream_hf.__file__.startswith({str(site)!r}), datadream_hf.__file__; "

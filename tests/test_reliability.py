@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from datadream_hf.adapt.checkpoints import STATE_NAME, list_checkpoints
 from datadream_hf.adapter_index import ADAPTER_INDEX_NAME, read_adapter_index
+from datadream_hf.classify.checkpoints import is_complete_checkpoint, latest_complete_checkpoint
 from datadream_hf.data import DatasetInputError, decode_images, load_image_folder, load_labelled_dataset
 from datadream_hf.faults import KILL_AT_ENV, kill_point, parse_kill_spec
 from datadream_hf.few_shot import draw_few_shot
@@ -38,7 +39,6 @@ from datadream_hf.lora import LORA_WEIGHT_NAME
 from datadream_hf.run_folder import LOCK_NAME, OutputDirLockedError, class_folder_name
 from datadream_hf.synthetic import SyntheticDataDreamBuilder, SyntheticDatasetError, is_shard_finished, missing_shards
 from datadream_hf.testing import write_fake_stage1_output
-from datadream_hf.trainer import is_complete_checkpoint, latest_complete_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = {
@@ -399,7 +399,7 @@ def odd_image_case(image: Image.Image, ext: str = "png"):
 
         from datadream_hf.adapt.config import GeneratorTrainingConfig
         from datadream_hf.adapt.data import load_few_shot_data
-        from datadream_hf.augment import build_transforms
+        from datadream_hf.classify.augment import build_transforms
 
         root, manifest = folder_with(ctx.tmp, png_bytes(image, "TIFF" if ext == "tif" else "PNG"), odd_ext=ext)
         config = GeneratorTrainingConfig(pretrained_model_name_or_path=ctx.tiny_sd, dataset=str(root),
@@ -459,7 +459,7 @@ def _reshape_lora_weight(folder: Path):
 
 
 def _classifier_for_another_base(ctx: Ctx):
-    from datadream_hf.classifier import CLIPLoRAClassifier
+    from datadream_hf.classify.modeling import CLIPLoRAClassifier
 
     folder = ctx.tmp / "classifier"
     CLIPLoRAClassifier.from_clip_pretrained(ctx.tiny_clip, CLASSES).save_pretrained(folder)
@@ -624,7 +624,7 @@ def _stage1_batch_steps(ctx: Ctx):
 
 def _stage3_batches(batch_size: int):
     """The stage-3 sampler with more batch slots than images cycles the images (the reference repeats the K shots)."""
-    from datadream_hf.classifier_data import RealSyntheticBatchSampler
+    from datadream_hf.classify.data import RealSyntheticBatchSampler
 
     sampler = RealSyntheticBatchSampler(num_real=8, num_synthetic=0, real_per_batch=batch_size, synthetic_per_batch=0)
     return list(sampler)
@@ -634,7 +634,7 @@ def _stage3_batches(batch_size: int):
 def no_model_loading(monkeypatch):
     """Makes every base-model load fail loudly: a bad input must be refused before it."""
     import datadream_hf.adapt.train
-    import datadream_hf.classifier
+    import datadream_hf.classify.modeling
     import datadream_hf.generate.run
 
     def expensive(*args, **kwargs):
@@ -642,7 +642,9 @@ def no_model_loading(monkeypatch):
 
     monkeypatch.setattr(datadream_hf.adapt.train, "load_generator_models", expensive)
     monkeypatch.setattr(datadream_hf.generate.run, "load_generation_pipeline", expensive)
-    monkeypatch.setattr(datadream_hf.classifier.CLIPLoRAClassifier, "from_clip_pretrained", classmethod(expensive))
+    monkeypatch.setattr(
+        datadream_hf.classify.modeling.CLIPLoRAClassifier, "from_clip_pretrained", classmethod(expensive)
+    )
 
 
 def assert_nothing_written(folder: Path):
@@ -756,7 +758,7 @@ def torch_load_forbidden(monkeypatch):
 def test_pickled_weights_are_refused_by_stage2_and_the_classifier(
     tiny_sd_path, tiny_clip_path, fake_stage1, tmp_path, torch_load_forbidden
 ):
-    from datadream_hf.classifier import CLIPLoRAClassifier
+    from datadream_hf.classify.modeling import CLIPLoRAClassifier
     from datadream_hf.generate.sampling import load_generation_pipeline
 
     # Stage 2: a class folder that holds only `pytorch_lora_weights.bin`.
@@ -821,7 +823,6 @@ def test_hub_token_is_never_written_by_any_stage(
                         f"--hub_token={SENTINEL}"])  # fmt: skip
     stage3 = tmp_path / "stage3"
     script = load_script("stage3")
-    monkeypatch.setattr(script, "push_folder_to_hub", lambda folder, repo_id, **kw: uploads.append(kw))
     hub = ["--push_to_hub", "--hub_model_id", "u/c", "--hub_token", SENTINEL]
     args = stage3_args(tiny_clip_path, digits_path, digits_manifest_path, stage3, "--max_steps", "2", *hub)
     args += ["--report_to", "tensorboard"]
@@ -839,7 +840,7 @@ def test_hub_token_is_never_written_by_any_stage(
 def test_hostile_class_names_stay_inside_the_output_folders(digits, tiny_sd_path, tiny_clip_path, tmp_path):
     """Class names that look like paths go through stage 1 (cls), stage 2 and the classifier: every file lands inside
     the output folders, and the names themselves survive unchanged into labels and prompts."""
-    from datadream_hf.classifier import CLIPLoRAClassifier
+    from datadream_hf.classify.modeling import CLIPLoRAClassifier
     from datadream_hf.synthetic import load_synthetic_dataset
 
     names = ["a/b", "..", "../../escape", "/etc/passwd", "with space", "Café ✈ 飞机", "y" * 300]

@@ -14,26 +14,22 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPProcessor
 
-from datadream_hf.augment import DataDreamAugmentation, EvalTransform, build_transforms, mix_batch
-from datadream_hf.classifier import CLASSIFIER_CONFIG_NAME, CLIPLoRAClassifier
-from datadream_hf.classifier_data import (
+from datadream_hf.classify.augment import DataDreamAugmentation, EvalTransform, build_transforms, mix_batch
+from datadream_hf.classify.config import DataDreamTrainingArguments
+from datadream_hf.classify.data import (
     ImageClassificationDataset,
     RealSyntheticBatchSampler,
     SampleKey,
     collate_image_batch,
-    load_synthetic_dataset,
+    load_synthetic_training_set,
 )
+from datadream_hf.classify.metrics import accuracy_metric_path
+from datadream_hf.classify.modeling import CLASSIFIER_CONFIG_NAME, CLIPLoRAClassifier
+from datadream_hf.classify.trainer import MixedRealSyntheticTrainer, accuracy_compute_metrics, real_synthetic_loss
 from datadream_hf.data import DatasetInputError
 from datadream_hf.digits import DIGIT_NAMES
 from datadream_hf.lora import classifier_lora_config, lora_parameters
-from datadream_hf.metrics import accuracy_metric_path
 from datadream_hf.testing import accelerate_launch_command
-from datadream_hf.trainer import (
-    DataDreamTrainingArguments,
-    MixedRealSyntheticTrainer,
-    accuracy_compute_metrics,
-    real_synthetic_loss,
-)
 
 SCRIPT = Path(__file__).resolve().parents[1] / "training_scripts" / "train_classifier.py"
 
@@ -254,7 +250,7 @@ def test_augmentation_follows_the_samplers_seeds_whatever_the_workers(digits, pr
 
 
 def test_trainer_batches_and_train_modes(tiny_clip_path, digits, fake_synthetic, processor, tmp_path):
-    synthetic = load_synthetic_dataset(fake_synthetic, DIGIT_NAMES)
+    synthetic = load_synthetic_training_set(fake_synthetic, DIGIT_NAMES)
     assert synthetic.column_names == ["image", "label"]  # provenance columns dropped
     dataset = ImageClassificationDataset(
         digits["train"].select(range(20)), synthetic, EvalTransform(processor.image_processor)
@@ -276,7 +272,7 @@ def test_synthetic_dataset_with_other_classes_is_refused(digits, tmp_path):
     )
     other.save_to_disk(str(tmp_path / "other"))
     with pytest.raises(DatasetInputError, match="class_0"):
-        load_synthetic_dataset(str(tmp_path / "other"), DIGIT_NAMES)
+        load_synthetic_training_set(str(tmp_path / "other"), DIGIT_NAMES)
 
 
 @pytest.mark.parametrize(
@@ -421,10 +417,14 @@ def _script_args(tiny_clip_path, digits_path, manifest, synthetic, output_dir, *
 def test_script_report_card_and_mocked_push(
     tiny_clip_path, digits_path, digits_manifest_path, fake_synthetic, tmp_path, monkeypatch
 ):
+    import datadream_hf.hub
+
     script = _load_script()
     pushed = {}
     monkeypatch.setattr(
-        script, "push_folder_to_hub", lambda folder, repo_id, **kw: pushed.update(folder=folder, repo_id=repo_id, **kw)
+        datadream_hf.hub,
+        "push_folder_to_hub",
+        lambda folder, repo_id, **kw: pushed.update(folder=folder, repo_id=repo_id, **kw),
     )
     out = tmp_path / "out"
     args = script.parse_args(

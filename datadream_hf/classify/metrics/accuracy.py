@@ -1,7 +1,8 @@
 """Top-1 and per-class accuracy as a local `evaluate` metric (the Hub's `accuracy` cannot load offline).
 
-Load it with `evaluate.load(datadream_hf.metrics.accuracy_metric_path())`. `evaluate` parses this file's imports
-line by line and copies it alone into its module cache, so it keeps one import per line and no relative imports.
+Load it with `evaluate.load(datadream_hf.classify.metrics.accuracy_metric_path())`. `evaluate` parses this file's
+imports line by line and copies it alone into its module cache, so it keeps one import per line and no relative
+imports.
 """
 
 import datasets
@@ -24,7 +25,7 @@ Returns:
     per_class_accuracy (`list[float | None]`): accuracy of each class id, None for a class without references.
     per_class_count (`list[int]`): number of references of each class id.
 Example:
-    >>> metric = evaluate.load("datadream_hf/metrics/accuracy.py")
+    >>> metric = evaluate.load("datadream_hf/classify/metrics/accuracy.py")
     >>> metric.compute(predictions=[0, 1, 1], references=[0, 1, 0], num_classes=2)["accuracy"]
     0.6666666666666666
 """

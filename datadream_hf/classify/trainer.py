@@ -1,131 +1,30 @@
-"""Stage-3 training: `DataDreamTrainingArguments` + `MixedRealSyntheticTrainer`, a `Trainer` whose every batch holds a
-fixed number of real and synthetic images and whose loss is lambda * CE(real) + (1 - lambda) * CE(synthetic)."""
+"""Stage-3 training: `MixedRealSyntheticTrainer`, a `Trainer` whose every batch holds a fixed number of real and
+synthetic images and whose loss is lambda * CE(real) + (1 - lambda) * CE(synthetic)."""
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import shutil
-from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer
 from transformers.trainer_utils import seed_worker
 
-from .augment import AUGMENTATIONS, MIX_AUGMENTATIONS, mix_batch
-from .classifier import ADAPTER_WEIGHTS_NAME
-from .classifier_data import ImageClassificationDataset, RealSyntheticBatchSampler, collate_image_batch
-from .faults import kill_point
-from .run_folder import checkpoint_folders, checkpoint_step, refuse_new_run
+from ..faults import kill_point
+from .augment import mix_batch
+from .checkpoints import (
+    TRAINER_STATE_NAME,
+    is_complete_checkpoint,
+    latest_complete_checkpoint,
+    remove_incomplete_checkpoints,
+)
+from .config import DataDreamTrainingArguments
+from .data import ImageClassificationDataset, RealSyntheticBatchSampler, collate_image_batch
 
 logger = logging.getLogger(__name__)
-
-TRAIN_MODES = ("real+synthetic", "synthetic", "real")
-TRAINER_STATE_NAME = "trainer_state.json"
-
-
-@dataclass
-class DataDreamTrainingArguments(TrainingArguments):
-    """`TrainingArguments` plus the real/synthetic mixing of DataDream's classifier training.
-
-    Defaults that differ from `TrainingArguments` follow the reference classifier (AdamW lr 1e-4, wd 1e-4, cosine)
-    or avoid known pitfalls (`remove_unused_columns=False` keeps `is_real`; `label_names=["labels"]`).
-    """
-
-    real_loss_weight: float = field(
-        default=0.8,
-        metadata={"help": "lambda: weight of the real-image CE; the synthetic CE gets 1 - lambda (reference: 0.8)."},
-    )
-    train_mode: str = field(
-        default="real+synthetic",
-        metadata={"help": "Which images to train on.", "choices": list(TRAIN_MODES)},
-    )
-    real_samples_per_batch: int | None = field(
-        default=None,
-        metadata={
-            "help": "Real images in each per-device batch in real+synthetic mode, the rest synthetic. Default: half "
-            "the batch (rounded down), like the reference, which repeats the real images to match the synthetic "
-            "count and shuffles both into one loader (1:1 on average, but not per batch)."
-        },
-    )
-    augmentation: str = field(
-        default="datadream",
-        metadata={
-            "help": "Training augmentation: the reference's ('datadream') or none.",
-            "choices": list(AUGMENTATIONS),
-        },
-    )
-    mix_augmentation: str = field(
-        default="none",
-        metadata={"help": "MixUp/CutMix on some batches (off by default).", "choices": list(MIX_AUGMENTATIONS)},
-    )
-    mix_probability: float = field(
-        default=0.2, metadata={"help": "Fraction of training batches that get MixUp/CutMix (reference: 0.2)."}
-    )
-    mix_alpha: float = field(default=1.0, metadata={"help": "Beta(alpha, alpha) of the MixUp/CutMix weight."})
-    # Overridden defaults.
-    learning_rate: float = field(default=1e-4, metadata={"help": "Initial AdamW learning rate (reference: 1e-4)."})
-    weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay (reference: 1e-4)."})
-    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning rate schedule (reference: cosine)."})
-    remove_unused_columns: bool = field(
-        default=False, metadata={"help": "Kept False: the model's forward does not take `is_real`, the loss does."}
-    )
-    label_names: list[str] | None = field(
-        default_factory=lambda: ["labels"],
-        metadata={"help": "Input keys holding the labels (the model's forward has no way to tell the Trainer)."},
-    )
-    ddp_find_unused_parameters: bool | None = field(
-        default=False, metadata={"help": "Every LoRA parameter is used at every step, so DDP need not search."}
-    )
-
-    def __post_init__(self):
-        if not 0.0 <= self.real_loss_weight <= 1.0:
-            raise ValueError(
-                f"`real_loss_weight` (lambda) must lie in [0, 1], got {self.real_loss_weight}; the paper uses 0.8."
-            )
-        if self.train_mode not in TRAIN_MODES:
-            raise ValueError(f"`train_mode` must be one of {TRAIN_MODES}, got {self.train_mode!r}.")
-        if self.augmentation not in AUGMENTATIONS:
-            raise ValueError(f"`augmentation` must be one of {AUGMENTATIONS}, got {self.augmentation!r}.")
-        if self.mix_augmentation not in MIX_AUGMENTATIONS:
-            raise ValueError(f"`mix_augmentation` must be one of {MIX_AUGMENTATIONS}, got {self.mix_augmentation!r}.")
-        if not 0.0 <= self.mix_probability <= 1.0:
-            raise ValueError(f"`mix_probability` must lie in [0, 1], got {self.mix_probability}.")
-        if self.mix_alpha <= 0:
-            raise ValueError(f"`mix_alpha` must be > 0, got {self.mix_alpha}.")
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator():
-            # Several CPU processes (accelerate launch / torchrun without a GPU) only form a DDP group when
-            # `use_cpu` is set before the devices are set up, i.e. here; otherwise each process trains alone.
-            self.use_cpu = True
-        super().__post_init__()
-        self.samples_per_batch()  # validates real_samples_per_batch against the batch size
-
-    def samples_per_batch(self) -> tuple[int, int]:
-        """(real, synthetic) images in each per-device training batch."""
-        batch_size = self.per_device_train_batch_size
-        if self.train_mode == "real":
-            return batch_size, 0
-        if self.train_mode == "synthetic":
-            return 0, batch_size
-        real = self.real_samples_per_batch if self.real_samples_per_batch is not None else batch_size // 2
-        if not 1 <= real <= batch_size - 1:
-            raise ValueError(
-                f"`real_samples_per_batch` must be in 1..{batch_size - 1} so that each per-device batch of "
-                f"{batch_size} holds both real and synthetic images, got {real}. Raise `per_device_train_batch_size` "
-                "(>= 2) or change `real_samples_per_batch`."
-            )
-        return real, batch_size - real
-
-
-def _has_accelerator() -> bool:
-    accelerator = getattr(torch, "accelerator", None)
-    return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
 
 
 def real_synthetic_loss(
@@ -327,42 +226,3 @@ class MixedRealSyntheticTrainer(Trainer):
 
     def _load_best_model(self) -> None:
         self._load_from_checkpoint(self.state.best_model_checkpoint)
-
-
-def is_complete_checkpoint(path: str | os.PathLike) -> bool:
-    """Whether a Trainer checkpoint was fully written.
-
-    The Trainer writes `trainer_state.json` last (after the adapter, optimizer, scheduler and RNG states), without a
-    rename: a checkpoint counts as complete only when that file parses and names the checkpoint's own step.
-    """
-    path = Path(path)
-    try:
-        state = json.loads((path / TRAINER_STATE_NAME).read_text())
-    except (OSError, ValueError):
-        return False
-    step = checkpoint_step(path)
-    return (step is None or state.get("global_step") == step) and (path / ADAPTER_WEIGHTS_NAME).is_file()
-
-
-def latest_complete_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    """The newest complete `checkpoint-<step>` in `output_dir` (see `is_complete_checkpoint`), or None."""
-    complete = [p for p in checkpoint_folders(output_dir) if is_complete_checkpoint(p)]
-    return complete[-1] if complete else None
-
-
-def remove_incomplete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """Deletes the checkpoints a killed run left half written; returns them."""
-    removed = [p for p in checkpoint_folders(output_dir) if not is_complete_checkpoint(p)]
-    for path in removed:
-        shutil.rmtree(path, ignore_errors=True)
-    return removed
-
-
-def check_fresh_output_dir(output_dir: str | os.PathLike, resume_from_checkpoint: str | None) -> None:
-    """Refuses to start a new run (no `resume_from_checkpoint`) in a folder that holds another run's checkpoints or
-    adapter: the Trainer would train beside them, and `--resume_from_checkpoint latest` would later mix the runs."""
-    output_dir = Path(output_dir)
-    if resume_from_checkpoint is not None or not output_dir.is_dir():
-        return
-    found = checkpoint_folders(output_dir) + [p for p in (output_dir / ADAPTER_WEIGHTS_NAME,) if p.is_file()]
-    refuse_new_run(output_dir, found, "a classifier run")

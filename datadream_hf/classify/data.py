@@ -1,20 +1,23 @@
-"""Stage-3 data: the real + synthetic training set, the sampler that fixes each batch's real/synthetic counts and each
-draw's augmentation seed, the batch collator, and the loading of a stage-2 synthetic dataset."""
+"""Stage-3 data: the real K-shot, validation, test and synthetic rows of a run, the training set over them, the sampler
+that fixes each batch's real/synthetic counts and each draw's augmentation seed, and the batch collator."""
 
 from __future__ import annotations
 
 import math
 from inspect import signature
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image as PILImage
 from torch.utils.data import Sampler
 
-from .data import DatasetInputError, class_names_of, labels_of, load_labelled_dataset
-from .synthetic import is_generation_dir
-from .synthetic import load_synthetic_dataset as build_synthetic_dataset
+from ..data import DatasetInputError, class_names_of, labels_of, load_labelled_dataset
+from ..few_shot import FewShotManifest
+from ..synthetic import is_generation_dir, load_synthetic_dataset
+
+if TYPE_CHECKING:
+    from .config import ClassifierArguments, DataDreamTrainingArguments
 
 
 class SampleKey(NamedTuple):
@@ -157,7 +160,7 @@ def per_class_subset(dataset, per_class: int | None, seed: int = 0):
     return dataset.select(sorted(keep))
 
 
-def load_synthetic_dataset(
+def load_synthetic_training_set(
     source: str,
     class_names: list[str],
     split: str = "train",
@@ -169,7 +172,7 @@ def load_synthetic_dataset(
     """Loads a stage-2 dataset (a `generate_synthetic.py` output folder, a `save_to_disk` folder or a Hub id) as
     `image` + `label`, dropping provenance columns, and checks that its classes are `class_names` in the same order."""
     if is_generation_dir(source):
-        source = build_synthetic_dataset(source)
+        source = load_synthetic_dataset(source)
     synthetic = load_labelled_dataset(source, split=split, image_column=image_column, label_column=label_column)
     names = class_names_of(synthetic)
     if names != list(class_names):
@@ -192,3 +195,44 @@ def collate_image_batch(features: list[dict]) -> dict[str, torch.Tensor]:
     if all("augmentation_seed" in f for f in features):
         batch["augmentation_seeds"] = torch.tensor([f["augmentation_seed"] for f in features], dtype=torch.long)
     return batch
+
+
+def load_classifier_data(args: ClassifierArguments, training_args: DataDreamTrainingArguments) -> dict:
+    """Real K-shot train rows, validation (outside the K shots), test, synthetic rows; errors before any training."""
+    class_names = args.class_names.split(",") if args.class_names else None
+    columns = {"image_column": args.image_column, "label_column": args.label_column, "class_names": class_names}
+    real = load_labelled_dataset(args.real_dataset, split=args.real_split, **columns)
+    names = class_names_of(real)
+    manifest = FewShotManifest.load(args.few_shot_manifest) if args.few_shot_manifest else None
+    data = {"class_names": names, "manifest": manifest, "real_train": None, "synthetic": None}
+    if manifest is not None:
+        data["real_train"] = manifest.select(real)  # checks it was drawn from this very dataset
+    if args.validation_split:
+        data["validation"] = load_labelled_dataset(args.real_dataset, split=args.validation_split, **columns)
+        data["validation_source"] = f"real split `{args.validation_split}`"
+    else:
+        pool = manifest.complement(real) if manifest is not None else real
+        if len(pool) == 0:
+            raise DatasetInputError(
+                f"Split {args.real_split!r} has no image outside the K-shot subset to validate on; pass "
+                "`--validation_split` with a real validation split."
+            )
+        data["validation"] = per_class_subset(pool, args.validation_per_class, seed=training_args.seed)
+        outside = "outside the K-shot subset" if manifest is not None else "(no K-shot subset)"
+        data["validation_source"] = (
+            f"real split `{args.real_split}` {outside}, up to {args.validation_per_class} per class"
+        )
+    data["test"] = (
+        load_labelled_dataset(args.real_dataset, split=args.test_split, **columns) if args.test_split else None
+    )
+    if args.synthetic_dataset and training_args.train_mode != "real":
+        data["synthetic"] = load_synthetic_training_set(
+            args.synthetic_dataset,
+            names,
+            split=args.synthetic_split,
+            images_per_class=args.synthetic_images_per_class,
+            seed=training_args.seed,
+        )
+    if training_args.train_mode == "synthetic":
+        data["real_train"] = None
+    return data

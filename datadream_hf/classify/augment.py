@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
-from .data import to_rgb
+from ..data import to_rgb
 
 AUGMENTATIONS = ("datadream", "none")
 MIX_AUGMENTATIONS = ("none", "mixup", "cutmix", "mixup_or_cutmix")

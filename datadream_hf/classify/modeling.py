@@ -20,10 +20,10 @@ from torch import nn
 from transformers import AutoTokenizer, CLIPModel
 from transformers.utils import ModelOutput
 
-from .files import write_json_atomic
-from .lora import classifier_lora_config, load_safetensors
-from .prompts import PromptTemplate
-from .versions import library_versions
+from ..files import write_json_atomic
+from ..lora import classifier_lora_config, load_safetensors
+from ..prompts import PromptTemplate
+from ..versions import library_versions
 
 DEFAULT_CLASSIFIER_BASE = "openai/clip-vit-base-patch16"
 CLASSIFIER_CONFIG_NAME = "classifier_config.json"

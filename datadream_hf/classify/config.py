@@ -1,0 +1,205 @@
+"""Settings of stage 3 (`train_classifier.py`): `ClassifierArguments` (the CLIP model, its LoRA, the real and
+synthetic data, the prompts) and `DataDreamTrainingArguments` (`TrainingArguments` plus the real/synthetic mixing)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+from transformers import TrainingArguments
+
+from ..prompts import DEFAULT_TEMPLATE, PromptTemplate, domain_for_preset
+from .augment import AUGMENTATIONS, MIX_AUGMENTATIONS
+from .modeling import DEFAULT_CLASSIFIER_BASE
+
+TRAIN_MODES = ("real+synthetic", "synthetic", "real")
+# The script's defaults over `TrainingArguments`': model selection on the validation split at every epoch; only the
+# best and the last checkpoint are kept.
+SCRIPT_DEFAULTS = {
+    "eval_strategy": "epoch",
+    "save_strategy": "epoch",
+    "load_best_model_at_end": True,
+    "metric_for_best_model": "accuracy",
+    "save_total_limit": 2,
+    "logging_steps": 10,
+    "report_to": "none",
+}
+
+
+@dataclass
+class ClassifierArguments:
+    """What stage 3 trains on and with: the CLIP model and its LoRA, the real and synthetic data, the class prompts."""
+
+    model_name_or_path: str = field(default=DEFAULT_CLASSIFIER_BASE, metadata={"help": "CLIP model id or path."})
+    revision: str | None = field(default=None, metadata={"help": "Hub revision of the CLIP model."})
+    real_dataset: str | None = field(
+        default=None, metadata={"help": "Real labelled data: Hub id, save_to_disk folder or image folder."}
+    )
+    real_split: str = field(default="train", metadata={"help": "Split holding the K-shot images."})
+    image_column: str = field(default="image")
+    label_column: str = field(default="label")
+    class_names: str | None = field(default=None, metadata={"help": "Comma-separated classes to keep, in order."})
+    few_shot_manifest: str | None = field(
+        default=None,
+        metadata={"help": "K-shot manifest (datadream-hf few-shot); required unless train_mode=synthetic."},
+    )
+    validation_split: str | None = field(
+        default=None,
+        metadata={"help": "A real split for model selection. Default: carved from real_split outside the K shots."},
+    )
+    validation_per_class: int = field(
+        default=16, metadata={"help": "Validation images per class when carved from real_split."}
+    )
+    test_split: str | None = field(
+        default="test", metadata={"help": "Real split for the final report only (never used for selection)."}
+    )
+    synthetic_dataset: str | None = field(
+        default=None, metadata={"help": "Stage-2 dataset: save_to_disk folder or Hub id (columns image, label)."}
+    )
+    synthetic_split: str = field(default="train")
+    synthetic_images_per_class: int | None = field(
+        default=None, metadata={"help": "Use at most this many synthetic images per class (default: all)."}
+    )
+    dataset_preset: str | None = field(
+        default=None, metadata={"help": "Prompt domain preset, e.g. fgvc_aircraft (same as stage 1)."}
+    )
+    domain: str | None = field(default=None, metadata={"help": "Domain word with trailing space; overrides preset."})
+    prompt_template: str = field(default=DEFAULT_TEMPLATE)
+    clean_class_names: bool = field(default=False, metadata={"help": "Replace '_' by ' ' in class names."})
+    lora_rank: int = field(default=16, metadata={"help": "LoRA rank (reference: 16)."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (reference: 32)."})
+    lora_dropout: float = field(default=0.1, metadata={"help": "LoRA dropout (reference: 0.1)."})
+    lora_target_modules: str = field(
+        default="q_proj,v_proj", metadata={"help": "Comma-separated modules of both towers (reference: Q and V)."}
+    )
+    license: str = field(default="mit", metadata={"help": "License in the model card (OpenAI CLIP weights: MIT)."})
+
+    def __post_init__(self):
+        if not self.real_dataset:
+            raise ValueError("`--real_dataset` is required (the K-shot source, and the validation/test splits).")
+        if self.validation_per_class < 1:
+            raise ValueError(f"`--validation_per_class` must be >= 1, got {self.validation_per_class}.")
+        if self.validation_split is not None and self.validation_split == self.test_split:
+            raise ValueError(
+                f"`--validation_split` and `--test_split` are both {self.test_split!r}: selecting the model on the "
+                "test split inflates its accuracy. Use another split or leave `--validation_split` unset."
+            )
+        if self.lora_rank < 1:
+            raise ValueError(f"`--lora_rank` must be >= 1, got {self.lora_rank}.")
+        if self.dataset_preset is not None:
+            domain_for_preset(self.dataset_preset)  # an unknown preset fails here, before any data is read
+
+    def class_prompt_template(self) -> PromptTemplate:
+        """The class prompts of the classifier head (use stage 1's domain word: same preset or `domain`)."""
+        domain = self.domain if self.domain is not None else domain_for_preset(self.dataset_preset or "imagenet")
+        return PromptTemplate(domain=domain, template=self.prompt_template, clean_class_names=self.clean_class_names)
+
+
+@dataclass
+class DataDreamTrainingArguments(TrainingArguments):
+    """`TrainingArguments` plus the real/synthetic mixing of DataDream's classifier training.
+
+    Defaults that differ from `TrainingArguments` follow the reference classifier (AdamW lr 1e-4, wd 1e-4, cosine)
+    or avoid known pitfalls (`remove_unused_columns=False` keeps `is_real`; `label_names=["labels"]`).
+    """
+
+    real_loss_weight: float = field(
+        default=0.8,
+        metadata={"help": "lambda: weight of the real-image CE; the synthetic CE gets 1 - lambda (reference: 0.8)."},
+    )
+    train_mode: str = field(
+        default="real+synthetic",
+        metadata={"help": "Which images to train on.", "choices": list(TRAIN_MODES)},
+    )
+    real_samples_per_batch: int | None = field(
+        default=None,
+        metadata={
+            "help": "Real images in each per-device batch in real+synthetic mode, the rest synthetic. Default: half "
+            "the batch (rounded down), like the reference, which repeats the real images to match the synthetic "
+            "count and shuffles both into one loader (1:1 on average, but not per batch)."
+        },
+    )
+    augmentation: str = field(
+        default="datadream",
+        metadata={
+            "help": "Training augmentation: the reference's ('datadream') or none.",
+            "choices": list(AUGMENTATIONS),
+        },
+    )
+    mix_augmentation: str = field(
+        default="none",
+        metadata={"help": "MixUp/CutMix on some batches (off by default).", "choices": list(MIX_AUGMENTATIONS)},
+    )
+    mix_probability: float = field(
+        default=0.2, metadata={"help": "Fraction of training batches that get MixUp/CutMix (reference: 0.2)."}
+    )
+    mix_alpha: float = field(default=1.0, metadata={"help": "Beta(alpha, alpha) of the MixUp/CutMix weight."})
+    # Overridden defaults.
+    learning_rate: float = field(default=1e-4, metadata={"help": "Initial AdamW learning rate (reference: 1e-4)."})
+    weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay (reference: 1e-4)."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning rate schedule (reference: cosine)."})
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Kept False: the model's forward does not take `is_real`, the loss does."}
+    )
+    label_names: list[str] | None = field(
+        default_factory=lambda: ["labels"],
+        metadata={"help": "Input keys holding the labels (the model's forward has no way to tell the Trainer)."},
+    )
+    ddp_find_unused_parameters: bool | None = field(
+        default=False, metadata={"help": "Every LoRA parameter is used at every step, so DDP need not search."}
+    )
+
+    def __post_init__(self):
+        if not 0.0 <= self.real_loss_weight <= 1.0:
+            raise ValueError(
+                f"`real_loss_weight` (lambda) must lie in [0, 1], got {self.real_loss_weight}; the paper uses 0.8."
+            )
+        if self.train_mode not in TRAIN_MODES:
+            raise ValueError(f"`train_mode` must be one of {TRAIN_MODES}, got {self.train_mode!r}.")
+        if self.augmentation not in AUGMENTATIONS:
+            raise ValueError(f"`augmentation` must be one of {AUGMENTATIONS}, got {self.augmentation!r}.")
+        if self.mix_augmentation not in MIX_AUGMENTATIONS:
+            raise ValueError(f"`mix_augmentation` must be one of {MIX_AUGMENTATIONS}, got {self.mix_augmentation!r}.")
+        if not 0.0 <= self.mix_probability <= 1.0:
+            raise ValueError(f"`mix_probability` must lie in [0, 1], got {self.mix_probability}.")
+        if self.mix_alpha <= 0:
+            raise ValueError(f"`mix_alpha` must be > 0, got {self.mix_alpha}.")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator():
+            # Several CPU processes (accelerate launch / torchrun without a GPU) only form a DDP group when
+            # `use_cpu` is set before the devices are set up, i.e. here; otherwise each process trains alone.
+            self.use_cpu = True
+        super().__post_init__()
+        self.samples_per_batch()  # validates real_samples_per_batch against the batch size
+
+    def samples_per_batch(self) -> tuple[int, int]:
+        """(real, synthetic) images in each per-device training batch."""
+        batch_size = self.per_device_train_batch_size
+        if self.train_mode == "real":
+            return batch_size, 0
+        if self.train_mode == "synthetic":
+            return 0, batch_size
+        real = self.real_samples_per_batch if self.real_samples_per_batch is not None else batch_size // 2
+        if not 1 <= real <= batch_size - 1:
+            raise ValueError(
+                f"`real_samples_per_batch` must be in 1..{batch_size - 1} so that each per-device batch of "
+                f"{batch_size} holds both real and synthetic images, got {real}. Raise `per_device_train_batch_size` "
+                "(>= 2) or change `real_samples_per_batch`."
+            )
+        return real, batch_size - real
+
+
+def _has_accelerator() -> bool:
+    accelerator = getattr(torch, "accelerator", None)
+    return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+
+
+def check_arguments(args: ClassifierArguments, training_args: DataDreamTrainingArguments) -> None:
+    """The checks that need both dataclasses: the data `train_mode` trains on must be given."""
+    if training_args.train_mode != "real" and not args.synthetic_dataset:
+        raise ValueError(f"`--train_mode {training_args.train_mode}` needs `--synthetic_dataset`.")
+    if training_args.train_mode != "synthetic" and not args.few_shot_manifest:
+        raise ValueError(
+            f"`--train_mode {training_args.train_mode}` trains on the K-shot real images: pass `--few_shot_manifest` "
+            "(the one stage 1 used; draw it with `datadream-hf few-shot`)."
+        )

@@ -1,0 +1,102 @@
+"""Stage 3 of DataDream, whole: `train_classifier` loads the real K-shot, validation, test and synthetic rows, trains
+CLIP + LoRA with `MixedRealSyntheticTrainer` (the best epoch chosen on validation, never on test), evaluates it, and
+writes the adapter, run record, report and card, holding the output folder's lock; then the optional Hub upload."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers import CLIPProcessor, set_seed
+
+from .. import hub
+from ..lora import classifier_lora_config
+from ..run_folder import output_dir_lock
+from .augment import build_transforms
+from .checkpoints import check_fresh_output_dir
+from .config import ClassifierArguments, DataDreamTrainingArguments, check_arguments
+from .data import ImageClassificationDataset, load_classifier_data
+from .metrics import classification_report
+from .modeling import CLIPLoRAClassifier
+from .outputs import run_record, run_report, write_outputs
+from .trainer import MixedRealSyntheticTrainer, accuracy_compute_metrics
+
+
+def train_classifier(args: ClassifierArguments, training_args: DataDreamTrainingArguments) -> dict:
+    """Runs stage 3 into `training_args.output_dir` and returns the report (`report.json`).
+
+    `training_args.resume_from_checkpoint` = "latest" continues a killed run; a new run into a folder that holds
+    another run's checkpoints or adapter is refused, as is a folder another run is using.
+    """
+    check_arguments(args, training_args)
+    # The Hub upload is ours (after the report); keep the Trainer away from the Hub and the token out of everything
+    # it writes.
+    push_to_hub, hub_token = training_args.push_to_hub, training_args.hub_token
+    training_args.push_to_hub, training_args.hub_token = False, None
+
+    # 1. Data (every input check happens here, before the model loads).
+    check_fresh_output_dir(training_args.output_dir, training_args.resume_from_checkpoint)
+    data = load_classifier_data(args, training_args)
+    # The main process holds the output folder for the rest of the run: a second run into it is refused.
+    with output_dir_lock(training_args.output_dir, training_args.distributed_state):
+        return _train_and_report(args, training_args, data, push_to_hub, hub_token)
+
+
+def _train_and_report(args, training_args, data: dict, push_to_hub: bool, hub_token: str | None) -> dict:
+    """Phases 2-5 of `train_classifier`: model, training, final evaluation, outputs and the optional upload."""
+    class_names = data["class_names"]
+
+    # 2. Model and transforms; seeded first, since the LoRA init draws from the global RNG (the Trainer seeds later).
+    set_seed(training_args.seed)
+    prompt_template = args.class_prompt_template()
+    lora_config = classifier_lora_config(
+        rank=args.lora_rank,
+        alpha=args.lora_alpha,
+        dropout=args.lora_dropout,
+        target_modules=args.lora_target_modules.split(","),
+    )
+    model = CLIPLoRAClassifier.from_clip_pretrained(
+        args.model_name_or_path, class_names, prompt_template, lora_config, revision=args.revision
+    )
+    processor = CLIPProcessor.from_pretrained(args.model_name_or_path, revision=args.revision)
+    train_transform, eval_transform = build_transforms(
+        processor.image_processor, training_args.augmentation, seed=training_args.seed + training_args.process_index
+    )
+    train_dataset = ImageClassificationDataset(data["real_train"], data["synthetic"], train_transform)
+    validation = ImageClassificationDataset(data["validation"], transform=eval_transform)
+
+    # 3. Train, selecting the best epoch on validation.
+    trainer = MixedRealSyntheticTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=validation,
+        processing_class=processor,
+        compute_metrics=accuracy_compute_metrics(len(class_names)),
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+
+    # 4. Final evaluation of the selected model, saying where every number comes from.
+    evaluations = {"validation": (validation, data["validation_source"])}
+    if data["test"] is not None:
+        test = ImageClassificationDataset(data["test"], transform=eval_transform)
+        evaluations["test"] = (test, f"real split `{args.test_split}` (held out, report only)")
+    results = {}
+    for split, (dataset, source) in evaluations.items():
+        prediction = trainer.predict(dataset, metric_key_prefix=split)
+        results[split] = classification_report(
+            prediction.predictions.argmax(-1), prediction.label_ids, class_names, source
+        )
+    record = run_record(args, training_args, data, prompt_template, train_dataset)
+    report = run_report(training_args, trainer.state, results)
+
+    # 5. Outputs (main process): adapter, configs, report, card; then the optional upload.
+    trainer.save_model(training_args.output_dir)
+    if training_args.should_save:
+        output_dir = Path(training_args.output_dir)
+        write_outputs(output_dir, args, training_args, record, report)
+        if push_to_hub:
+            repo_id = training_args.hub_model_id or output_dir.resolve().name
+            hub.push_folder_to_hub(output_dir, repo_id, token=hub_token, private=bool(training_args.hub_private_repo))
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
+    return report
