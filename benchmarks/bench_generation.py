@@ -41,14 +41,6 @@ import torch
 
 from datadream_hf.adapt.config import GeneratorTrainingConfig
 from datadream_hf.adapt.modeling import load_generator_models
-from datadream_hf.benchmarking import (
-    RANDOM_SD21_BASE,
-    benchmark_model,
-    measure,
-    synchronize,
-    write_random_class_adapters,
-)
-from datadream_hf.digits import DIGIT_NAMES
 from datadream_hf.generate.adapters import AdapterSet, resolve_adapters
 from datadream_hf.generate.config import DTYPES, GenerationConfig
 from datadream_hf.generate.run import describe_run
@@ -56,6 +48,14 @@ from datadream_hf.generate.sampling import SyntheticImageSampler, load_generatio
 from datadream_hf.generate.shards import generate_shards
 from datadream_hf.prompts import PromptTemplate
 from datadream_hf.synthetic import plan_shards
+from datadream_hf.tiny_world.benchmarking import (
+    RANDOM_SD21_BASE,
+    benchmark_model,
+    measure,
+    synchronize,
+    write_random_class_adapters,
+)
+from datadream_hf.tiny_world.digits import DIGIT_NAMES
 
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:

@@ -50,12 +50,18 @@ from datadream_hf.adapt.data import FewShotData, build_units
 from datadream_hf.adapt.modeling import load_generator_models
 from datadream_hf.adapt.sequential import train_unit
 from datadream_hf.adapt.train import train_generator
-from datadream_hf.benchmarking import RANDOM_SD21_BASE, StepClock, benchmark_model, max_adapter_difference, measure
 from datadream_hf.data import load_labelled_dataset
-from datadream_hf.digits import DIGIT_NAMES, load_digits_dataset
 from datadream_hf.few_shot import draw_few_shot
 from datadream_hf.lora import LORA_WEIGHT_NAME, load_safetensors
 from datadream_hf.run_folder import class_folder_name
+from datadream_hf.tiny_world.benchmarking import (
+    RANDOM_SD21_BASE,
+    StepClock,
+    benchmark_model,
+    max_adapter_difference,
+    measure,
+)
+from datadream_hf.tiny_world.digits import DIGIT_NAMES, load_digits_dataset
 
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:

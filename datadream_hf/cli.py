@@ -32,7 +32,7 @@ def _tiny_models(args: argparse.Namespace) -> None:
 
 
 def _digits(args: argparse.Namespace) -> None:
-    from .digits import load_digits_dataset
+    from .tiny_world.digits import load_digits_dataset
 
     load_digits_dataset().save_to_disk(args.output_dir)
     print(args.output_dir)

@@ -29,7 +29,7 @@ def tiny_clip_path(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def digits():
-    from datadream_hf.digits import load_digits_dataset
+    from datadream_hf.tiny_world.digits import load_digits_dataset
 
     return load_digits_dataset()
 

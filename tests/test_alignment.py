@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from datadream_hf.alignment import alignment_per_class, frechet_distance, precision_recall
+from datadream_hf.tiny_world.alignment import alignment_per_class, frechet_distance, precision_recall
 
 
 def test_frechet_distance_of_gaussians_matches_closed_form():

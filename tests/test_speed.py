@@ -459,7 +459,7 @@ def test_benchmarks_run_and_report_ratios(tiny_sd_path, tmp_path, monkeypatch, c
 
 
 def test_benchmark_model_choices(tmp_path, monkeypatch):
-    import datadream_hf.benchmarking as benchmarking
+    import datadream_hf.tiny_world.benchmarking as benchmarking
 
     built = []
     monkeypatch.setattr(
@@ -473,7 +473,7 @@ def test_benchmark_model_choices(tmp_path, monkeypatch):
 
 
 def test_step_clock_counts_shared_spans_once():
-    from datadream_hf.benchmarking import StepClock
+    from datadream_hf.tiny_world.benchmarking import StepClock
 
     clock = StepClock("cpu")
     # Sequential: two classes one after the other, 3 steps each, 1 s per step, a 5 s load between them.

@@ -27,9 +27,9 @@ from datadream_hf.classify.metrics import accuracy_metric_path
 from datadream_hf.classify.modeling import CLASSIFIER_CONFIG_NAME, CLIPLoRAClassifier
 from datadream_hf.classify.trainer import MixedRealSyntheticTrainer, accuracy_compute_metrics, real_synthetic_loss
 from datadream_hf.data import DatasetInputError
-from datadream_hf.digits import DIGIT_NAMES
 from datadream_hf.lora import classifier_lora_config, lora_parameters
 from datadream_hf.testing import accelerate_launch_command
+from datadream_hf.tiny_world.digits import DIGIT_NAMES
 
 SCRIPT = Path(__file__).resolve().parents[1] / "training_scripts" / "train_classifier.py"
 

@@ -12,7 +12,14 @@ from safetensors.torch import load_file
 from transformers import CLIPImageProcessorPil, CLIPModel, CLIPProcessor
 
 from datadream_hf.few_shot import draw_few_shot
-from datadream_hf.tiny_world import (
+from datadream_hf.tiny_world.checks import (
+    class_fidelity,
+    digit_probe_features,
+    finetune_clip_lora,
+    finetune_generator_lora,
+    fit_digit_probe,
+)
+from datadream_hf.tiny_world.world import (
     TINY_WORLD_METADATA_NAME,
     TinyWorldConfig,
     build_tiny_world_clip,
@@ -23,13 +30,6 @@ from datadream_hf.tiny_world import (
     random_affine,
     render_tiny_world_card,
     tiny_world_paths,
-)
-from datadream_hf.tiny_world_checks import (
-    class_fidelity,
-    digit_probe_features,
-    finetune_clip_lora,
-    finetune_generator_lora,
-    fit_digit_probe,
 )
 
 # A handful of steps per phase: exercises every code path of the rebuild in seconds, not its quality.

@@ -21,21 +21,21 @@ from pathlib import Path
 
 import torch
 
-from datadream_hf.digits import load_digits_dataset
 from datadream_hf.few_shot import draw_few_shot
 from datadream_hf.files import write_json_atomic
+from datadream_hf.grids import image_grid
 from datadream_hf.lora import UNET_TARGET_MODULES
-from datadream_hf.tiny_world import TINY_WORLD_METADATA_NAME, render_tiny_world_card, tiny_world_paths
-from datadream_hf.tiny_world_checks import (
+from datadream_hf.tiny_world.checks import (
     check_clip,
     check_generator,
     check_generator_lora,
     checks_markdown,
     class_fidelity,
     fit_digit_probe,
-    image_grid,
     split_images,
 )
+from datadream_hf.tiny_world.digits import load_digits_dataset
+from datadream_hf.tiny_world.world import TINY_WORLD_METADATA_NAME, render_tiny_world_card, tiny_world_paths
 from datadream_hf.versions import library_versions
 
 logger = logging.getLogger("check_tiny_world")

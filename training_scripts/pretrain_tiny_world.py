@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser
 
-from datadream_hf.tiny_world import TinyWorldConfig, pretrain_tiny_world
+from datadream_hf.tiny_world.world import TinyWorldConfig, pretrain_tiny_world
 
 
 @dataclass

@@ -34,12 +34,12 @@ from train_datadream_lora import main as lora_main
 from train_datadream_lora import parse_args as lora_args
 
 from datadream_hf.data import decode_images, labels_of, load_labelled_dataset
-from datadream_hf.digits import load_digits_dataset
 from datadream_hf.few_shot import FewShotManifest, draw_few_shot
 from datadream_hf.files import write_json_atomic
-from datadream_hf.report import write_report
 from datadream_hf.synthetic import load_synthetic_dataset
-from datadream_hf.tiny_world import tiny_world_paths
+from datadream_hf.tiny_world.digits import load_digits_dataset
+from datadream_hf.tiny_world.report import write_report
+from datadream_hf.tiny_world.world import tiny_world_paths
 from datadream_hf.versions import library_versions
 
 logger = logging.getLogger("datadream_hf.demo")
@@ -180,8 +180,8 @@ def image_features(clip_path: str, images) -> np.ndarray:
 def alignment(clip: str, data_dir: Path, synthetic: dict) -> tuple[dict, dict]:
     """Per generator: alignment rows (Frechet, precision, recall per class) on the tiny CLIP's image features, and the
     class fidelity of its images (share read as the prompted digit by a probe fit on the real train split)."""
-    from datadream_hf.alignment import alignment_per_class
-    from datadream_hf.tiny_world_checks import class_fidelity, fit_digit_probe
+    from datadream_hf.tiny_world.alignment import alignment_per_class
+    from datadream_hf.tiny_world.checks import class_fidelity, fit_digit_probe
 
     train, test = (load_labelled_dataset(str(data_dir), split=split) for split in ("train", "test"))
     test_images = decode_images(test)

@@ -132,11 +132,11 @@ def write_random_class_adapters(models, output_dir: str | os.PathLike, class_nam
     `models` is a `GeneratorModels` (its peft adapter is overwritten). Writes the index and each class's
     `pytorch_lora_weights.safetensors`; generation cost does not depend on what the weights learned.
     """
-    from .adapt.modeling import init_lora_weights_, save_adapter_atomic
-    from .adapter_index import ADAPTER_INDEX_NAME, adapter_index
-    from .files import write_json_atomic
-    from .lora import ADAPTER_NAME
-    from .run_folder import class_folder_name
+    from ..adapt.modeling import init_lora_weights_, save_adapter_atomic
+    from ..adapter_index import ADAPTER_INDEX_NAME, adapter_index
+    from ..files import write_json_atomic
+    from ..lora import ADAPTER_NAME
+    from ..run_folder import class_folder_name
 
     output_dir = Path(output_dir)
     generator = torch.Generator().manual_seed(seed)
@@ -161,7 +161,7 @@ def benchmark_model(name_or_path: str | None, work_dir: Path, device: str) -> tu
     None builds the tiny test model; `RANDOM_SD21_BASE` builds Stable Diffusion 2.1-base's architecture with random
     weights (`save_random_sd21_base`: real-size timings without a download); anything else is used as given.
     """
-    from .testing import save_tiny_stable_diffusion
+    from ..testing import save_tiny_stable_diffusion
 
     if name_or_path is None:
         return save_tiny_stable_diffusion(Path(work_dir) / "tiny-sd"), True
@@ -179,7 +179,7 @@ def save_random_sd21_base(path: str | os.PathLike, device: str = "cuda", seed: i
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from .testing import build_tiny_clip_tokenizer
+    from ..testing import build_tiny_clip_tokenizer
 
     torch.manual_seed(seed)
     tokenizer = build_tiny_clip_tokenizer()

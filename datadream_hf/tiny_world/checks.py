@@ -14,8 +14,8 @@ from PIL import Image
 from sklearn.linear_model import LogisticRegression
 from transformers import CLIPModel, CLIPProcessor
 
-from .data import decode_images, labels_of
-from .lora import generator_lora_configs
+from ..data import decode_images, labels_of
+from ..lora import generator_lora_configs
 
 logger = logging.getLogger(__name__)
 
@@ -174,8 +174,8 @@ def finetune_clip_lora(
     class-prompt embeddings through the LoRA'd text tower; logits = frozen logit_scale x cosine), only to check that
     the backbone adapts; the product's classifier is `training_scripts/train_classifier.py`. Adds the adapter to
     `model` in place and returns the loss curve."""
-    from .lora import classifier_lora_config, lora_parameters
-    from .tiny_world import clip_pixel_values, simclr_view
+    from ..lora import classifier_lora_config, lora_parameters
+    from .world import clip_pixel_values, simclr_view
 
     torch.manual_seed(seed)
     model.requires_grad_(False)
@@ -283,7 +283,7 @@ def check_clip(
     """Test accuracies of the shipped CLIP and of the same architecture at random init: a linear probe on frozen image
     features fit on the K shots, zero-shot with class prompts, and a stage-3-style LoRA trained on the K shots
     (`lora_*`); plus a linear probe on raw 8x8 pixels for scale."""
-    from .testing import build_tiny_clip
+    from ..testing import build_tiny_clip
 
     model, processor = (
         CLIPModel.from_pretrained(str(clip_path), use_safetensors=True).eval(),

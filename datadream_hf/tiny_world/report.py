@@ -6,11 +6,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import decode_images, labels_of, load_labelled_dataset
-from .few_shot import FewShotManifest
-from .files import save_png_atomic, write_text_atomic
-from .grids import image_grid
-from .synthetic import load_synthetic_dataset
+from ..data import decode_images, labels_of, load_labelled_dataset
+from ..few_shot import FewShotManifest
+from ..files import save_png_atomic, write_text_atomic
+from ..grids import image_grid
+from ..synthetic import load_synthetic_dataset
 
 GRID_IMAGES = 6
 

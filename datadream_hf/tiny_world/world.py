@@ -27,12 +27,12 @@ from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNe
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from transformers import CLIPModel, CLIPProcessor
 
-from .data import decode_images
+from ..data import decode_images
+from ..few_shot import FewShotManifest, draw_few_shot
+from ..files import write_json_atomic, write_text_atomic
+from ..testing import TINY_IMAGE_SIZE, TINY_VOCAB_WORDS, build_tiny_clip, build_tiny_stable_diffusion
+from ..versions import library_versions
 from .digits import load_digits_dataset
-from .few_shot import FewShotManifest, draw_few_shot
-from .files import write_json_atomic, write_text_atomic
-from .testing import TINY_IMAGE_SIZE, TINY_VOCAB_WORDS, build_tiny_clip, build_tiny_stable_diffusion
-from .versions import library_versions
 
 logger = logging.getLogger(__name__)
 
@@ -497,7 +497,7 @@ def pretrain_tiny_world(output_dir: str | os.PathLike, config: TinyWorldConfig |
     metadata = {
         "config": asdict(config),
         "data": {
-            "source": "sklearn.datasets.load_digits via datadream_hf.digits.load_digits_dataset()['train']",
+            "source": "sklearn.datasets.load_digits via datadream_hf.tiny_world.digits.load_digits_dataset()['train']",
             "num_pretraining_images": len(images),
             "held_out_few_shot": {
                 "k": manifest.k,
@@ -520,7 +520,7 @@ def pretrain_tiny_world(output_dir: str | os.PathLike, config: TinyWorldConfig |
 
 def render_tiny_world_card(root: str | os.PathLike, metadata: dict) -> Path:
     """(Re)writes `root/README.md` from `model_cards/tiny_world_card.md` and the metadata of `tiny_world.json`."""
-    from .cards import render_card
+    from ..cards import render_card
 
     path = Path(root) / "README.md"
     write_text_atomic(path, render_card("tiny_world_card.md", **metadata))
