@@ -33,7 +33,7 @@ from datadream_hf.classify.checkpoints import is_complete_checkpoint, latest_com
 from datadream_hf.data import DatasetInputError, decode_images, load_image_folder, load_labelled_dataset
 from datadream_hf.faults import KILL_AT_ENV, kill_point, parse_kill_spec
 from datadream_hf.few_shot import draw_few_shot
-from datadream_hf.generate.config import GenerationConfig, GenerationInputError
+from datadream_hf.generate.config import GenerationArguments, GenerationConfig, GenerationInputError
 from datadream_hf.generate.run import generate_synthetic_dataset
 from datadream_hf.lora import LORA_WEIGHT_NAME
 from datadream_hf.run_folder import LOCK_NAME, OutputDirLockedError, class_folder_name
@@ -204,7 +204,10 @@ def test_stage2_killed_mid_shard_write_and_before_its_manifest_resumes_bit_exact
     """2 classes x 4 images in shards of 2: killed inside a shard's Parquet write, then before its manifest."""
     reference, out = tmp_path / "reference", tmp_path / "killed"
     config = GenerationConfig(images_per_class=4, num_inference_steps=2, batch_size=2, shard_size=2)
-    generate_synthetic_dataset(reference, tiny_sd_path, config, adapter_path=fake_stage1)
+    stage2 = GenerationArguments(
+        pretrained_model_name_or_path=tiny_sd_path, adapter_path=fake_stage1, output_dir=reference
+    )
+    generate_synthetic_dataset(stage2, config)
     args = ["--pretrained_model_name_or_path", tiny_sd_path, "--adapter_path", fake_stage1, "--output_dir", out]
     args += STAGE2_FLAGS
     second_shard = out / "shards" / class_folder_name(0, "zero") / "shard-000002-000004.parquet"
@@ -768,7 +771,10 @@ def test_pickled_weights_are_refused_by_stage2_and_the_classifier(
     (folder / LORA_WEIGHT_NAME).rename(folder / "pytorch_lora_weights.bin")
     config = GenerationConfig(images_per_class=1, num_inference_steps=1)
     with pytest.raises(GenerationInputError, match=r"\['pytorch_lora_weights\.bin'\]: pickled weights can execute"):
-        generate_synthetic_dataset(tmp_path / "out", tiny_sd_path, config, adapter_path=str(adapters))
+        stage2 = GenerationArguments(
+            pretrained_model_name_or_path=tiny_sd_path, adapter_path=str(adapters), output_dir=tmp_path / "out"
+        )
+        generate_synthetic_dataset(stage2, config)
 
     # Classifier: a saved adapter folder that holds only `adapter_model.bin`.
     classifier = tmp_path / "classifier"
@@ -860,7 +866,10 @@ def test_hostile_class_names_stay_inside_the_output_folders(digits, tiny_sd_path
                         "--few_shot_manifest", manifest, "--output_dir", stage1, "--resolution", "32",
                         "--max_train_steps", "1", "--train_batch_size", "2", "--report_to", "none"])  # fmt: skip
     config = GenerationConfig(images_per_class=1, num_inference_steps=1, shard_size=1)
-    generate_synthetic_dataset(stage2, tiny_sd_path, config, adapter_path=str(stage1))
+    generate_synthetic_dataset(
+        GenerationArguments(pretrained_model_name_or_path=tiny_sd_path, adapter_path=str(stage1), output_dir=stage2),
+        config,
+    )
 
     created = set(tmp_path.parent.rglob("*")) - before
     outside = [p for p in created if not p.resolve().is_relative_to((tmp_path / "runs").resolve())]

@@ -427,11 +427,10 @@ def test_script_flags_reach_the_config(monkeypatch):
     import train_datadream_lora
 
     base = ["--pretrained_model_name_or_path", "m", "--dataset", "d", "--few_shot_manifest", "f.json"]
-    args = train_datadream_lora.parse_args(base + ["--cls_strategy", "grouped", "--classes_per_group", "4",
-                                                   "--no-cache_latents"])  # fmt: skip
-    config = train_datadream_lora.config_from_args(args, "no")
+    config, _ = train_datadream_lora.parse_args(base + ["--cls_strategy", "grouped", "--classes_per_group", "4",
+                                                        "--no-cache_latents"])  # fmt: skip
     assert (config.cls_strategy, config.classes_per_group, config.cache_latents) == ("grouped", 4, False)
-    default = train_datadream_lora.config_from_args(train_datadream_lora.parse_args(base), "no")
+    default, _ = train_datadream_lora.parse_args(base)
     assert (default.cls_strategy, default.cache_latents) == ("sequential", True)
 
 

@@ -18,7 +18,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from datadream_hf.generate.adapters import FusedAdapterSwitcher, resolve_adapters
-from datadream_hf.generate.config import GenerationConfig, GenerationInputError
+from datadream_hf.generate.config import GenerationArguments, GenerationConfig, GenerationInputError
 from datadream_hf.generate.dataset import save_synthetic_dataset
 from datadream_hf.generate.run import generate_synthetic_dataset
 from datadream_hf.generate.sampling import SyntheticImageSampler, image_seed, load_generation_pipeline
@@ -51,11 +51,13 @@ def stage1(tiny_sd_path, tmp_path_factory):
     }
 
 
-def run(output_dir, tiny_sd_path, adapter_path, **kwargs):
+def run(output_dir, tiny_sd_path, adapter_path, on_shard_written=None, **kwargs):
     options = {k: kwargs.pop(k) for k in list(kwargs) if k in GenerationConfig.__dataclass_fields__}
-    return generate_synthetic_dataset(
-        output_dir, tiny_sd_path, GenerationConfig(**{**SMALL, **options}), adapter_path=adapter_path, **kwargs
+    config = GenerationConfig(**{**SMALL, **options})
+    args = GenerationArguments(
+        pretrained_model_name_or_path=tiny_sd_path, adapter_path=adapter_path, output_dir=str(output_dir), **kwargs
     )
+    return generate_synthetic_dataset(args, config, on_shard_written=on_shard_written)
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +205,7 @@ def test_sigkill_mid_shard_write_then_rerun_equals_uninterrupted_run(reference, 
     child = f"""
 import os, signal, torch
 import datadream_hf.synthetic as synthetic
-from datadream_hf.generate.config import GenerationConfig
+from datadream_hf.generate.config import GenerationArguments, GenerationConfig
 from datadream_hf.generate.run import generate_synthetic_dataset
 torch.set_num_threads(1)
 calls = []
@@ -213,8 +215,9 @@ def replace(src, dst):
         os.kill(os.getpid(), signal.SIGKILL)
     os.rename(src, dst)
 synthetic.os.replace = replace
-generate_synthetic_dataset({str(output_dir)!r}, {tiny_sd_path!r}, GenerationConfig(**{SMALL!r}),
-                           adapter_path={stage1["cls"]!r})
+args = GenerationArguments(pretrained_model_name_or_path={tiny_sd_path!r}, adapter_path={stage1["cls"]!r},
+                          output_dir={str(output_dir)!r})
+generate_synthetic_dataset(args, GenerationConfig(**{SMALL!r}))
 """
     result = subprocess.run([sys.executable, "-c", child], env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert result.returncode == -9

@@ -23,14 +23,16 @@ Offline tiny run: `datadream-hf tiny-models --output_dir models && datadream-hf 
 
 A killed run continues with the same command plus `--resume_from_checkpoint latest` (the newest complete checkpoint;
 one the kill left half written is deleted, never loaded). A second run into a busy `--output_dir` is refused.
+
+Every flag is a field of `ClassifierArguments` or `DataDreamTrainingArguments` (`datadream_hf.classify.config`, where
+their help and checks live). A JSON or YAML file of them can stand for the flags: `train_classifier.py stage3.yaml`.
 """
 
 from __future__ import annotations
 
 import json
 
-from transformers import HfArgumentParser
-
+from datadream_hf.arguments import ScriptArgumentParser
 from datadream_hf.classify.config import (
     SCRIPT_DEFAULTS,
     ClassifierArguments,
@@ -41,9 +43,8 @@ from datadream_hf.classify.train import train_classifier
 
 
 def parse_args(input_args: list[str] | None = None) -> tuple[ClassifierArguments, DataDreamTrainingArguments]:
-    parser = HfArgumentParser((ClassifierArguments, DataDreamTrainingArguments))
-    parser.set_defaults(**SCRIPT_DEFAULTS)
-    args, training_args = parser.parse_args_into_dataclasses(args=input_args)
+    parser = ScriptArgumentParser((ClassifierArguments, DataDreamTrainingArguments), defaults=SCRIPT_DEFAULTS)
+    args, training_args = parser.parse(input_args)
     check_arguments(args, training_args)
     return args, training_args
 

@@ -39,11 +39,13 @@ sample routed to its class's LoRA): adapters equal to the sequential ones up to 
 classes are grouped, and 2.4-3.2x faster than the reference's way on a 2-core CPU (see `benchmarks/`). Lower
 `--classes_per_group` if the GPU runs out of memory (SD 2.1-base, 512 px, bf16, batch 8, on an H200: peak 10.5 GB for
 1 class, 35 GB for 4). `--cache_latents` (on by default) encodes each few-shot crop once instead of at every step.
+
+Every flag is a field of `GeneratorTrainingConfig` or `AdapterHubArguments` (`datadream_hf.adapt.config`, where their
+help and checks live). A JSON or YAML file of them can stand for the flags: `train_datadream_lora.py stage1.yaml`.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 from pathlib import Path
@@ -52,99 +54,38 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
 
-from datadream_hf.adapt.config import GeneratorTrainingConfig
+from datadream_hf.adapt.config import AdapterHubArguments, GeneratorTrainingConfig
 from datadream_hf.adapt.data import load_few_shot_data
 from datadream_hf.adapt.outputs import push_adapters_to_hub
 from datadream_hf.adapt.train import train_generator
-
-HELP = {f.name: f.metadata.get("help") for f in dataclasses.fields(GeneratorTrainingConfig)}
-DEFAULTS = GeneratorTrainingConfig(pretrained_model_name_or_path="defaults")
+from datadream_hf.arguments import ScriptArgumentParser
 
 
-def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="DataDream stage 1: LoRA-adapt Stable Diffusion on few-shot data.")
-
-    def add(name: str, **kwargs):
-        kwargs.setdefault("default", getattr(DEFAULTS, name, None))
-        kwargs["help"] = kwargs.get("help") or HELP.get(name)
-        parser.add_argument(f"--{name}", **kwargs)
-
-    # Model and data
-    add("pretrained_model_name_or_path", type=str, default=None, required=True)
-    add("revision", type=str)
-    add("variant", type=str)
-    add("dataset", type=str, required=True)
-    add("few_shot_manifest", type=str, required=True)
-    add("split", type=str)
-    add("image_column", type=str)
-    add("label_column", type=str)
-    add("class_names", type=str, help="Comma-separated classes to keep, in order (as when drawing the manifest).")
-    add("dataset_preset", type=str)
-    add("domain", type=str)
-    add("clean_class_names", action="store_true")
-    # Method
-    add("mode", type=str, choices=["dset", "cls"])
-    add("output_dir", type=str)
-    add("resolution", type=int)
-    add("rank", type=int)
-    add("lora_alpha", type=int)
-    add("lora_init", type=str, choices=["gaussian", "kaiming"])
-    add("train_text_encoder", action=argparse.BooleanOptionalAction)
-    add("train_batch_size", type=int)
-    add("num_train_epochs", type=int)
-    add("max_train_steps", type=int)
-    add("learning_rate", type=float)
-    add("lr_scheduler", type=str)
-    add("lr_warmup_steps", type=int)
-    add("adam_beta1", type=float)
-    add("adam_beta2", type=float)
-    add("adam_weight_decay", type=float)
-    add("adam_epsilon", type=float)
-    add("max_grad_norm", type=float)
-    add("mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"])
-    add("gradient_checkpointing", action="store_true")
-    add("cls_strategy", type=str, choices=["grouped", "sequential"])
-    add("classes_per_group", type=int)
-    add("cache_latents", action=argparse.BooleanOptionalAction)
-    add("seed", type=int)
-    # Checkpoints, logging, validation
-    add("checkpointing_steps", type=int)
-    add("checkpoints_total_limit", type=int)
-    add("resume_from_checkpoint", type=str)
-    add("report_to", type=str)
-    add("logging_dir", type=str)
-    add("validation_prompt", type=str)
-    add("num_validation_images", type=int)
-    add("validation_num_inference_steps", type=int)
-    # Hub
-    add("license", type=str)
-    add("push_to_hub", action="store_true", help="Upload the output folder to the Hub after training.")
-    add("hub_model_id", type=str, help="Repo to push to (default: the output folder's name).")
-    add("hub_token", type=str, help="Hub token (default: the logged-in one). Never written anywhere.")
-    add("hub_private", action="store_true", help="Create the repo as private.")
-    return parser.parse_args(input_args)
+def parse_args(input_args: list[str] | None = None) -> tuple[GeneratorTrainingConfig, AdapterHubArguments]:
+    parser = ScriptArgumentParser(
+        (GeneratorTrainingConfig, AdapterHubArguments),
+        description="DataDream stage 1: LoRA-adapt Stable Diffusion on few-shot data.",
+        defaults={"mixed_precision": None},  # Accelerate decides (`accelerate launch --mixed_precision`, its config)
+        comma_separated=("class_names",),
+        negatable=("train_text_encoder", "cache_latents"),
+    )
+    return parser.parse(input_args)
 
 
-def config_from_args(args: argparse.Namespace, mixed_precision: str) -> GeneratorTrainingConfig:
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(GeneratorTrainingConfig)}
-    values["class_names"] = [c.strip() for c in args.class_names.split(",")] if args.class_names else None
-    values["report_to"] = None if args.report_to in (None, "none") else args.report_to
-    values["mixed_precision"] = mixed_precision
-    return GeneratorTrainingConfig(**values)
-
-
-def main(args: argparse.Namespace) -> None:
+def main(args: tuple[GeneratorTrainingConfig, AdapterHubArguments]) -> None:
+    config, hub = args
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    # 1. Accelerate (CPU-only machines need cpu=True to start several processes) and the validated config.
-    output_dir = Path(args.output_dir)
-    logging_dir = output_dir / args.logging_dir
+    # 1. Accelerate (CPU-only machines need cpu=True to start several processes); the config takes its precision.
+    output_dir = Path(config.output_dir)
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to in (None, "none") else args.report_to,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(logging_dir)),
+        mixed_precision=config.mixed_precision,
+        log_with=config.report_to,
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir), logging_dir=str(output_dir / config.logging_dir)
+        ),
     )
-    config = config_from_args(args, accelerator.mixed_precision)
+    config = dataclasses.replace(config, mixed_precision=accelerator.mixed_precision)
 
     # 2. The K-shot images the manifest picks (a missing column or corrupt image fails here, before any model load).
     data = load_few_shot_data(config)
@@ -156,9 +97,9 @@ def main(args: argparse.Namespace) -> None:
     train_generator(config, data, accelerator)
 
     # 4. Push the finished folder (index, run config, card, adapters; checkpoints stay local).
-    if args.push_to_hub and accelerator.is_main_process:
-        repo_id = args.hub_model_id or output_dir.resolve().name
-        url = push_adapters_to_hub(output_dir, repo_id, token=args.hub_token, private=args.hub_private)
+    if hub.push_to_hub and accelerator.is_main_process:
+        repo_id = hub.hub_model_id or output_dir.resolve().name
+        url = push_adapters_to_hub(output_dir, repo_id, token=hub.hub_token, private=hub.hub_private)
         logging.getLogger(__name__).info("Pushed to %s", url)
     accelerator.end_training()
 

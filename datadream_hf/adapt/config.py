@@ -1,4 +1,5 @@
-"""Settings of stage 1 (`train_datadream_lora.py`) as a validated dataclass; defaults are the paper's."""
+"""Settings of stage 1 (`train_datadream_lora.py`), each flag a field: `GeneratorTrainingConfig` (recorded in every
+output) and `AdapterHubArguments` (the upload, never recorded); defaults are the paper's."""
 
 from __future__ import annotations
 
@@ -21,21 +22,27 @@ def _bad(field_name: str, value, fix: str) -> ValueError:
 class GeneratorTrainingConfig:
     """Settings of stage 1. Defaults are the paper's / reference code's (DataDream Sec. 4.1, `datadream.py`)."""
 
+    # "required": the script's flag is; in Python, `train_generator` can also be given the few-shot data directly.
     pretrained_model_name_or_path: str = field(
-        default=None, metadata={"help": "Base model: Hub id (e.g. a stable-diffusion-2-1-base mirror) or folder."}
+        default=None,
+        metadata={"help": "Base model: Hub id (e.g. a stable-diffusion-2-1-base mirror) or folder.", "required": True},
     )
     revision: str | None = field(default=None, metadata={"help": "Hub revision of the base model."})
     variant: str | None = field(default=None, metadata={"help": "Weights variant of the base model, e.g. 'fp16'."})
     output_dir: str = field(default="datadream-lora", metadata={"help": "Where adapters and checkpoints go."})
 
-    dataset: str | None = field(default=None, metadata={"help": "Hub id, save_to_disk folder or image folder."})
+    dataset: str | None = field(
+        default=None, metadata={"help": "Hub id, save_to_disk folder or image folder.", "required": True}
+    )
     few_shot_manifest: str | None = field(
-        default=None, metadata={"help": "K-shot manifest JSON (`datadream-hf few-shot`)."}
+        default=None, metadata={"help": "K-shot manifest JSON (`datadream-hf few-shot`).", "required": True}
     )
     split: str = field(default="train", metadata={"help": "Split the manifest was drawn from."})
     image_column: str = field(default="image", metadata={"help": "Image column of the dataset."})
     label_column: str = field(default="label", metadata={"help": "Label column of the dataset."})
-    class_names: list[str] | None = field(default=None, metadata={"help": "Classes to keep, as for the manifest."})
+    class_names: list[str] | None = field(
+        default=None, metadata={"help": "Classes to keep, in order, as when drawing the manifest (`a,b,c`)."}
+    )
     dataset_preset: str | None = field(
         default=None, metadata={"help": f"Sets the prompt's domain word: one of {sorted(DOMAIN_PRESETS)}."}
     )
@@ -65,8 +72,12 @@ class GeneratorTrainingConfig:
     adam_weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay (reference: 1e-2)."})
     adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (reference: 1.0)."})
-    mixed_precision: Literal["no", "fp16", "bf16"] = field(
-        default="no", metadata={"help": "Dtype of the frozen weights; LoRA weights always stay fp32."}
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = field(
+        default="no",
+        metadata={
+            "help": "Dtype of the frozen weights; LoRA weights always stay fp32. None (the script's default): the "
+            "Accelerator's, i.e. `accelerate launch --mixed_precision` or the accelerate config."
+        },
     )
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for memory."})
     cls_strategy: Literal["grouped", "sequential"] = field(
@@ -96,7 +107,9 @@ class GeneratorTrainingConfig:
     resume_from_checkpoint: str | None = field(
         default=None, metadata={"help": "'latest' or a checkpoint folder (dset); cls mode takes 'latest'."}
     )
-    report_to: str | None = field(default="tensorboard", metadata={"help": "Accelerate tracker, or None."})
+    report_to: str | None = field(
+        default="tensorboard", metadata={"help": "Accelerate tracker, or None ('none' means None)."}
+    )
     logging_dir: str = field(default="logs", metadata={"help": "Tracker folder, relative to output_dir."})
     validation_prompt: str | None = field(
         default=None, metadata={"help": "Prompt of the validation images; default: each adapter's class prompt(s)."}
@@ -106,6 +119,8 @@ class GeneratorTrainingConfig:
     license: str = field(default="openrail++", metadata={"help": "License in the card (SD 2.1's is openrail++)."})
 
     def __post_init__(self):
+        if self.report_to == "none":
+            self.report_to = None
         if not self.pretrained_model_name_or_path:
             raise _bad("pretrained_model_name_or_path", self.pretrained_model_name_or_path, "pass a Hub id or folder")
         if self.mode not in ("dset", "cls"):
@@ -136,8 +151,8 @@ class GeneratorTrainingConfig:
                 (self.adam_weight_decay, self.adam_epsilon, self.max_grad_norm),
                 "use weight decay >= 0, epsilon > 0 and max_grad_norm > 0",
             )
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
-            raise _bad("mixed_precision", self.mixed_precision, "use 'no', 'fp16' or 'bf16'")
+        if self.mixed_precision not in (None, "no", "fp16", "bf16"):
+            raise _bad("mixed_precision", self.mixed_precision, "use 'no', 'fp16', 'bf16' or None (the Accelerator's)")
         if self.cls_strategy not in ("grouped", "sequential"):
             raise _bad("cls_strategy", self.cls_strategy, "use 'grouped' (fast) or 'sequential'")
         if self.classes_per_group is not None and (
@@ -163,7 +178,26 @@ class GeneratorTrainingConfig:
 
     @property
     def weight_dtype(self) -> torch.dtype:
+        if self.mixed_precision is None:
+            raise ValueError(
+                "`mixed_precision` is None (the Accelerator's): set it from `accelerator.mixed_precision` first, as "
+                "`train_generator` does."
+            )
         return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.mixed_precision]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+@dataclass
+class AdapterHubArguments:
+    """Where `train_datadream_lora.py` uploads the finished adapters; never written into the outputs."""
+
+    push_to_hub: bool = field(default=False, metadata={"help": "Upload the output folder to the Hub after training."})
+    hub_model_id: str | None = field(
+        default=None, metadata={"help": "Repo to push to (default: the output folder's name)."}
+    )
+    hub_token: str | None = field(
+        default=None, metadata={"help": "Hub token (default: the logged-in one). Never written anywhere."}
+    )
+    hub_private: bool = field(default=False, metadata={"help": "Create the repo as private."})

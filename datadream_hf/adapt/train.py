@@ -4,6 +4,7 @@ folder."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -40,6 +41,8 @@ def train_generator(
     The main process holds the folder's lock (`run_folder.OutputDirLock`) for the whole run, so a second run into the
     same `output_dir` is refused instead of mixing its files with this one's.
     """
+    if config.mixed_precision is None:  # the Accelerator's (the script's default: `accelerate launch` decides)
+        config = dataclasses.replace(config, mixed_precision=accelerator.mixed_precision)
     # Refuse another run's folder before taking the lock, which creates the folder.
     resume = config.resume_from_checkpoint is not None
     check_output_dir(Path(config.output_dir), run_record(config, data), resume)

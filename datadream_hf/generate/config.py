@@ -1,13 +1,19 @@
-"""Settings of stage 2 (`generate_synthetic.py`): how images are sampled, recorded in every generation folder;
-defaults are the reference's (`generate/generate.py`)."""
+"""Settings of stage 2 (`generate_synthetic.py`), each flag a field: `GenerationArguments` (the base model, the
+adapters, the classes and prompts, where the dataset goes) and `GenerationConfig` (how images are sampled, recorded in
+every generation folder); defaults are the reference's (`generate/generate.py`)."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Literal
 
 import torch
 
+from ..few_shot import FewShotManifest
+from ..prompts import DEFAULT_TEMPLATE, PromptTemplate
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+MIXED_PRECISION_DTYPES = {"no": "float32", "fp16": "float16", "bf16": "bfloat16"}  # accelerate's names of the dtypes
 
 
 class GenerationInputError(ValueError):
@@ -52,21 +58,32 @@ class GenerationConfig:
     shard_size: int = field(
         default=100, metadata={"help": "Images per shard file: the unit of atomic writing, resuming and work split."}
     )
-    dtype: str = field(
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = field(
         default="auto",
         metadata={
             "help": "'auto' (float16 on GPU, as the reference; float32 on CPU), 'float32', 'float16', 'bfloat16'."
         },
     )
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = field(
+        default=None, metadata={"help": "`dtype` as accelerate names it (no/fp16/bf16): an alias, folded into it."}
+    )
     seed: int = field(default=0, metadata={"help": "Root of every per-image seed (see `image_seed`)."})
     resolution: int | None = field(
         default=None, metadata={"help": "Image side in pixels; None = the model's default."}
     )
-    no_adapter: bool = field(
-        default=False, metadata={"help": "Frozen base model with the same prompts (the 'FakeIt'-style baseline)."}
-    )
 
     def __post_init__(self):
+        if self.mixed_precision is not None:
+            implied = MIXED_PRECISION_DTYPES.get(self.mixed_precision)
+            if implied is None:
+                raise GenerationInputError(
+                    f"`mixed_precision` must be one of {list(MIXED_PRECISION_DTYPES)}, got {self.mixed_precision!r}."
+                )
+            if self.dtype not in ("auto", implied):
+                raise GenerationInputError(
+                    f"`mixed_precision` {self.mixed_precision!r} contradicts `dtype` {self.dtype!r}: pass one of them."
+                )
+            self.dtype, self.mixed_precision = implied, None
         for name in ("images_per_class", "num_inference_steps", "batch_size", "shard_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -90,4 +107,101 @@ class GenerationConfig:
         return "float16" if torch.device(device).type == "cuda" else "float32"
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The settings `generation_config.json` records (the `mixed_precision` alias is in `dtype`)."""
+        settings = asdict(self)
+        del settings["mixed_precision"]
+        return settings
+
+
+@dataclass
+class GenerationArguments:
+    """What stage 2 generates from and where the dataset goes: the base model, the stage-1 adapters (or none), the
+    classes and prompts (stage 1's unless given), the output folder and what becomes of it."""
+
+    pretrained_model_name_or_path: str = field(
+        default=None, metadata={"help": "The base model stage 1 was trained on.", "required": True}
+    )
+    revision: str | None = field(default=None, metadata={"help": "Base model revision."})
+    variant: str | None = field(default=None, metadata={"help": "Base model weights variant, e.g. fp16."})
+    adapter_path: str | None = field(
+        default=None, metadata={"help": "Stage-1 --output_dir, or the Hub repo id it was pushed to."}
+    )
+    no_adapter: bool = field(
+        default=False,
+        metadata={
+            "help": "Frozen base model with the same prompts (the 'FakeIt'-style baseline); not with --adapter_path."
+        },
+    )
+    adapter_revision: str | None = field(default=None, metadata={"help": "Hub revision of --adapter_path."})
+    allow_base_model_mismatch: bool = field(
+        default=False,
+        metadata={
+            "help": "Skip the base-model id check (e.g. a local copy of the model stage 1 used); shapes are still "
+            "checked."
+        },
+    )
+    # Classes and prompts (taken from stage 1 when available)
+    class_names: list[str] | None = field(
+        default=None, metadata={"help": "Classes (`a,b,c`); needed with --no_adapter unless --few_shot_manifest."}
+    )
+    few_shot_manifest: str | None = field(
+        default=None, metadata={"help": "K-shot manifest to read the class names from (with --no_adapter)."}
+    )
+    dataset_preset: str | None = field(
+        default=None, metadata={"help": "Domain word preset, e.g. fgvc_aircraft; default: stage 1's template."}
+    )
+    domain: str | None = field(
+        default=None, metadata={"help": "Domain word with its trailing space, e.g. 'aircraft '; overrides the preset."}
+    )
+    prompt_template: str | None = field(
+        default=None, metadata={"help": f"Prompt template (default: stage 1's, else {DEFAULT_TEMPLATE!r})."}
+    )
+    clean_class_names: bool = field(default=False, metadata={"help": "Replace '_' by ' ' in class names."})
+    # Outputs
+    output_dir: str = field(default="datadream-synthetic", metadata={"help": "The generation folder."})
+    save_to_disk: str | None = field(
+        default=None, metadata={"help": "Also write the built dataset with `save_to_disk` to this folder."}
+    )
+    dataset_license: str = field(
+        default="other", metadata={"help": "License of the base model, e.g. openrail++ for SD 2.1."}
+    )
+    push_to_hub: bool = field(default=False, metadata={"help": "Upload the dataset (Parquet) and its card."})
+    hub_dataset_id: str | None = field(
+        default=None, metadata={"help": "Dataset repo to push to, e.g. <user>/datadream-aircraft."}
+    )
+    hub_token: str | None = field(
+        default=None, metadata={"help": "Hub token (default: the logged-in one); never written anywhere."}
+    )
+    hub_private: bool = field(default=False, metadata={"help": "Create the dataset repo as private."})
+
+    def __post_init__(self):
+        if not self.pretrained_model_name_or_path:
+            raise GenerationInputError("`pretrained_model_name_or_path` is required: the base model stage 1 used.")
+        if self.no_adapter and self.adapter_path is not None:
+            raise GenerationInputError("`no_adapter` is set but an `adapter_path` was given: choose one.")
+        if not self.no_adapter and self.adapter_path is None:
+            raise GenerationInputError("Pass `adapter_path` (a stage-1 output) or set `no_adapter` for the baseline.")
+        if self.no_adapter and not self.class_names and not self.few_shot_manifest:
+            raise GenerationInputError("`class_names` are required with `no_adapter` (there is no adapter index).")
+        if self.push_to_hub and not self.hub_dataset_id:
+            raise GenerationInputError("`push_to_hub` needs `hub_dataset_id`.")
+        self.requested_prompt_template()  # validates dataset_preset and domain
+
+    def requested_class_names(self) -> list[str] | None:
+        """The classes asked for (`class_names`, else the manifest's), or None: the adapters' own."""
+        if self.class_names:
+            return list(self.class_names)
+        if self.few_shot_manifest:
+            return FewShotManifest.load(self.few_shot_manifest).class_names
+        return None
+
+    def requested_prompt_template(self) -> PromptTemplate | None:
+        """A template only if one was asked for; otherwise stage 1's is used (`run.resolve_prompt_template`)."""
+        if self.dataset_preset is None and self.domain is None and self.prompt_template is None:
+            return None
+        kwargs = {"template": self.prompt_template or DEFAULT_TEMPLATE, "clean_class_names": self.clean_class_names}
+        if self.domain is not None:
+            return PromptTemplate(domain=self.domain, **kwargs)
+        if self.dataset_preset is not None:
+            return PromptTemplate.from_preset(self.dataset_preset, **kwargs)
+        return PromptTemplate(**kwargs)

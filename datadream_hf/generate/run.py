@@ -25,7 +25,7 @@ from ..synthetic import (
 )
 from ..versions import library_versions
 from .adapters import AdapterSet, check_adapters_fit, check_base_model_id, check_class_names, resolve_adapters
-from .config import DTYPES, GenerationConfig, GenerationInputError
+from .config import DTYPES, GenerationArguments, GenerationConfig, GenerationInputError
 from .dataset import write_sample_grid
 from .sampling import SyntheticImageSampler, load_generation_pipeline
 from .shards import generate_shards, split_work
@@ -72,7 +72,7 @@ def _identity(run_info: dict) -> dict:
 def describe_run(sampler: SyntheticImageSampler, base_model: dict, dtype: str, command: str | None = None) -> dict:
     """The content of `generation_config.json`: everything that made the images, plus a fingerprint of it."""
     generation = sampler.config.to_dict()
-    generation.update(dtype=dtype, resolution=sampler.resolution)
+    generation.update(dtype=dtype, resolution=sampler.resolution, no_adapter=sampler.adapters.mode == "none")
     info = {
         "format_version": GENERATION_FORMAT_VERSION,
         "base_model": base_model,
@@ -114,63 +114,43 @@ def check_output_dir(output_dir: str | Path, run_info: dict) -> None:
 
 
 def generate_synthetic_dataset(
-    output_dir: str | Path,
-    pretrained_model_name_or_path: str,
+    args: GenerationArguments,
     config: GenerationConfig,
-    adapter_path: str | None = None,
-    class_names: list[str] | None = None,
-    prompt_template: PromptTemplate | None = None,
-    revision: str | None = None,
-    variant: str | None = None,
-    adapter_revision: str | None = None,
-    token: str | None = None,
-    allow_base_model_mismatch: bool = False,
     state=None,
     command: str | None = None,
     on_shard_written: Callable[[Shard, Path], None] | None = None,
 ) -> dict:
-    """Runs stage 2 into `output_dir` (resuming a killed run) and returns the run description.
+    """Runs stage 2 into `args.output_dir` (resuming a killed run) and returns the run description.
 
     Args:
-        adapter_path: Stage-1 output folder or Hub repo id; must be None with `config.no_adapter`.
-        class_names: Required with `config.no_adapter`; otherwise must equal the adapters' classes if given.
-        state: An `accelerate.PartialState`; the shards are split across its processes.
-        on_shard_written: Called after each finished shard (tests use it to stop a run midway).
+        args: the base model, the adapters (`adapter_path`, or `no_adapter` with the classes), prompts, output folder.
+        config: how to sample.
+        state: an `accelerate.PartialState`; the shards are split across its processes.
+        command: the command line to record (the script's, its token masked).
+        on_shard_written: called after each finished shard (tests use it to stop a run midway).
     """
     from accelerate import PartialState
     from accelerate.utils import broadcast_object_list
 
     state = state or PartialState(cpu=not torch.cuda.is_available())
-    # 1. Validate everything before the first image.
-    if config.no_adapter:
-        if adapter_path is not None:
-            raise GenerationInputError("`no_adapter` is set but an `adapter_path` was given: choose one.")
-        if not class_names:
-            raise GenerationInputError("`class_names` are required with `no_adapter` (there is no adapter index).")
+    output_dir, model, revision = args.output_dir, args.pretrained_model_name_or_path, args.revision
+    # 1. Validate everything before the first image (`args` checked adapter_path / no_adapter / classes).
+    class_names = args.requested_class_names()
+    if args.no_adapter:
         adapters = AdapterSet.none(class_names)
     else:
-        if adapter_path is None:
-            raise GenerationInputError("Pass `adapter_path` (a stage-1 output) or set `no_adapter` for the baseline.")
-        adapters = resolve_adapters(adapter_path, revision=adapter_revision, token=token)
+        adapters = resolve_adapters(args.adapter_path, revision=args.adapter_revision, token=args.hub_token)
     check_class_names(adapters, class_names)
-    template = resolve_prompt_template(prompt_template, adapters)
+    template = resolve_prompt_template(args.requested_prompt_template(), adapters)
     # The recorded base model id is checked before the (slow) pipeline load; the weight shapes after it.
-    check_base_model_id(adapters, pretrained_model_name_or_path, revision, allow_base_model_mismatch)
+    check_base_model_id(adapters, model, revision, args.allow_base_model_mismatch)
     dtype = config.resolved_dtype(state.device)
     pipeline = load_generation_pipeline(
-        pretrained_model_name_or_path,
-        revision=revision,
-        variant=variant,
-        torch_dtype=DTYPES[dtype],
-        scheduler=config.scheduler,
+        model, revision=revision, variant=args.variant, torch_dtype=DTYPES[dtype], scheduler=config.scheduler
     )
-    check_adapters_fit(pipeline, adapters, pretrained_model_name_or_path, revision, allow_base_model_mismatch)
+    check_adapters_fit(pipeline, adapters, model, revision, args.allow_base_model_mismatch)
     sampler = SyntheticImageSampler(pipeline.to(state.device), adapters, template, config)
-    base_model = {
-        "pretrained_model_name_or_path": pretrained_model_name_or_path,
-        "revision": revision,
-        "variant": variant,
-    }
+    base_model = {"pretrained_model_name_or_path": model, "revision": revision, "variant": args.variant}
     run_info = describe_run(sampler, base_model, dtype, command=command)
     output_dir = Path(output_dir)
     check_output_dir(output_dir, run_info)
