@@ -1,10 +1,8 @@
-"""Image grids for cards and reports, and writing a PNG so that readers never see half of it."""
+"""Image grids for cards and reports (written with `files.save_png_atomic`)."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
-from pathlib import Path
 
 from PIL import Image
 
@@ -26,12 +24,3 @@ def image_grid(rows: Sequence[Sequence[Image.Image]], scale: int = 1, gap: int =
 def chunk(images: Sequence[Image.Image], columns: int) -> list[list[Image.Image]]:
     """`images` as rows of `columns` (the last row may be shorter)."""
     return [list(images[i : i + columns]) for i in range(0, len(images), columns)]
-
-
-def save_png_atomic(image: Image.Image, path: str | os.PathLike) -> Path:
-    """Saves `image` as PNG to a temp file beside `path` and renames it into place."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
