@@ -5,6 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 
+from .validation import K_SHOTS, SEED, check_ranges
+
+# What each command's numeric options may be (`datadream_hf.validation`), checked before any work.
+NUMERIC_RANGES = {"few-shot": {"k": K_SHOTS, "seed": SEED}}
+
 
 def _few_shot(args: argparse.Namespace) -> None:
     from .data import load_labelled_dataset
@@ -64,7 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        check_ranges(args, NUMERIC_RANGES.get(args.command, {}))
+    except ValueError as err:
+        parser.error(str(err))  # as argparse reports a bad flag value: usage, the message, exit status 2
     args.func(args)
 
 
