@@ -65,10 +65,11 @@ def _key(name: str) -> str:
 
 def match_curated(source_names: list[str], curated: list[str], preset: str) -> list[str]:
     """The curated name of each source class: by name when every class matches one curated name up to case, `_`, `-`
-    and spaces (any label order), else by position (the Hub copy keeps the dataset's canonical label order)."""
+    and spaces (any label order, any subset of the classes), else by position (all classes, in the dataset's canonical
+    label order, as the Hub copies keep it)."""
     by_key = {_key(name): name for name in curated}
     matched = [by_key.get(_key(name)) for name in source_names]
-    if None not in matched and len(set(matched)) == len(source_names) == len(curated):
+    if None not in matched and len(set(matched)) == len(source_names):
         return matched
     return renamed(source_names, curated, where=f"The curated class names of preset {preset!r}")
 

@@ -345,9 +345,9 @@ def test_missing_or_mismatched_data_is_named_before_training(few_shot, tiny_sd_p
     data = load_few_shot_data(make_config(tiny_sd_path, tmp_path, dataset=data_path, few_shot_manifest=manifest_path))
     assert data.class_names == CLASSES
     # Only a real mismatch is refused.
-    other = make_config(tiny_sd_path, tmp_path, dataset=data_path, few_shot_manifest=manifest_path, class_names=["one"])
+    mismatch = {"dataset": data_path, "few_shot_manifest": manifest_path, "class_names": ["one"]}
     with pytest.raises(DatasetInputError, match=r"manifest's classes .* differ from the dataset's classes"):
-        load_few_shot_data(other)
+        load_few_shot_data(make_config(tiny_sd_path, tmp_path, **mismatch))
 
 
 # --- resume -------------------------------------------------------------------------------------------------------
