@@ -254,7 +254,7 @@ class DataDreamTrainingArguments(TrainingArguments):
             # `use_cpu` is set before the devices are set up, i.e. here; otherwise each process trains alone.
             self.use_cpu = True
         if self.fp16 is None:
-            self.fp16 = torch.cuda.is_available() and not self.use_cpu
+            self.fp16 = default_fp16(self.use_cpu)
         super().__post_init__()
         self.samples_per_batch()  # validates real_samples_per_batch against the batch size
 
@@ -273,6 +273,11 @@ class DataDreamTrainingArguments(TrainingArguments):
                 "(>= 2) or change `real_samples_per_batch`."
             )
         return real, batch_size - real
+
+
+def default_fp16(use_cpu: bool) -> bool:
+    """fp16 autocast where the reference used it: on a CUDA GPU (its `--use_fp16 True`); fp32 on CPU."""
+    return torch.cuda.is_available() and not use_cpu
 
 
 def _has_accelerator() -> bool:
