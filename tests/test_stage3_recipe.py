@@ -61,39 +61,13 @@ def _recipe(training_args) -> dict:
 def test_reference_recipe_defaults(tmp_path):
     """Every stage-3 default equals the reference's value, in Python and through the script (no flag given)."""
     assert _recipe(DataDreamTrainingArguments(output_dir=str(tmp_path / "a"))) == REFERENCE_RECIPE
-    _, training_args = _load_script().parse_args(
-        [
-            "--real_dataset",
-            "x",
-            "--few_shot_manifest",
-            "m.json",
-            "--train_mode",
-            "real",
-            "--output_dir",
-            str(tmp_path / "b"),
-        ]  # fmt: skip
-    )
+    flags = ["--real_dataset", "x", "--few_shot_manifest", "m.json", "--train_mode", "real", "--output_dir"]
+    _, training_args = _load_script().parse_args([*flags, str(tmp_path / "b")])
     assert _recipe(training_args) == REFERENCE_RECIPE
     # An explicit flag wins.
+    explicit = ["--per_device_train_batch_size", "16", "--max_grad_norm", "1.0", "--fp16", "false"]
     _, training_args = _load_script().parse_args(
-        [
-            "--real_dataset",
-            "x",
-            "--few_shot_manifest",
-            "m.json",
-            "--train_mode",
-            "real",
-            "--output_dir",
-            str(tmp_path / "c"),
-            "--per_device_train_batch_size",
-            "16",
-            "--max_grad_norm",
-            "1.0",
-            "--fp16",
-            "false",
-            "--mix_augmentation",
-            "none",
-        ]  # fmt: skip
+        [*flags, str(tmp_path / "c"), *explicit, "--mix_augmentation", "none"]
     )
     assert (training_args.per_device_train_batch_size, training_args.max_grad_norm) == (16, 1.0)
     assert (training_args.fp16, training_args.mix_augmentation) == (False, "none")
