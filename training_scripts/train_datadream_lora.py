@@ -3,13 +3,15 @@
 Draw the K-shot subset once (every stage reads the same manifest), then train. SD 2.1-base, FGVC-Aircraft, 16 shots,
 the paper's settings (rank 16, AdamW 1e-4, batch 8, 200 epochs), one adapter per class, classes split over 8 GPUs:
 
-    datadream-hf few-shot --dataset <aircraft dataset id> --split train --k 16 --seed 0 --output aircraft_16shot.json
+    datadream-hf few-shot --dataset <aircraft dataset id> --dataset_preset fgvc_aircraft --output aircraft_16shot.json
     accelerate launch --num_processes 8 training_scripts/train_datadream_lora.py \
         --pretrained_model_name_or_path stabilityai/stable-diffusion-2-1-base \
         --dataset <aircraft dataset id> --split train --few_shot_manifest aircraft_16shot.json \
         --dataset_preset fgvc_aircraft --mode cls --output_dir datadream-aircraft-cls \
         --mixed_precision fp16 --checkpointing_steps 100 --resume_from_checkpoint latest
 
+The manifest gives the classes, their order and their names (the preset's curated names: `Boeing 717`, not a Hub
+copy's raw label); `--dataset_preset` also sets the prompts' domain word and the Hub copy's columns and split.
 (`stabilityai/stable-diffusion-2-1-base` was removed from the Hub in 2025: pass a mirror's id or a local copy, and
 `--revision` to pin it.) One adapter for the whole dataset (DataDream_dset), batches split over the processes:
 

@@ -1,6 +1,7 @@
 """Stage 3 of DataDream, whole: `train_classifier` loads the real K-shot, validation, test and synthetic rows, trains
-CLIP + LoRA with `MixedRealSyntheticTrainer` (the best epoch chosen on validation, never on test), evaluates it, and
-writes the adapter, run record, report and card, holding the output folder's lock; then the optional Hub upload."""
+CLIP + LoRA with `MixedRealSyntheticTrainer` (the best epoch chosen on validation, never on test), evaluates it (on a
+test set that holds no training or validation image), and writes the adapter, run record, report and card, holding the
+output folder's lock; then the optional Hub upload."""
 
 from __future__ import annotations
 
@@ -79,7 +80,7 @@ def _train_and_report(args, training_args, data: dict, push_to_hub: bool, hub_to
     evaluations = {"validation": (validation, data["validation_source"])}
     if data["test"] is not None:
         test = ImageClassificationDataset(data["test"], transform=eval_transform)
-        evaluations["test"] = (test, f"real split `{args.test_split}` (held out, report only)")
+        evaluations["test"] = (test, data["test_source"])
     results = {}
     for split, (dataset, source) in evaluations.items():
         prediction = trainer.predict(dataset, metric_key_prefix=split)

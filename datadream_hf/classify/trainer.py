@@ -4,14 +4,15 @@ synthetic images and whose loss is lambda * CE(real) + (1 - lambda) * CE(synthet
 from __future__ import annotations
 
 import logging
+import math
 from functools import partial
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from transformers import Trainer
-from transformers.trainer_utils import seed_worker
+from transformers import Trainer, get_scheduler
+from transformers.trainer_utils import SchedulerType, seed_worker
 
 from ..faults import kill_point
 from .augment import mix_batch
@@ -21,8 +22,9 @@ from .checkpoints import (
     latest_complete_checkpoint,
     remove_incomplete_checkpoints,
 )
-from .config import DataDreamTrainingArguments
+from .config import REFERENCE_SCHEDULE, REFERENCE_SCHEDULE_KWARGS, DataDreamTrainingArguments
 from .data import ImageClassificationDataset, RealSyntheticBatchSampler, collate_image_batch
+from .schedule import reference_lr_schedule
 
 logger = logging.getLogger(__name__)
 
@@ -161,6 +163,38 @@ class MixedRealSyntheticTrainer(Trainer):
         if shard is not None and getattr(shard, "batch_sampler", None) is sampler:
             shard.num_processes, shard.process_index = 1, 0
         return dataloader
+
+    # ---- learning-rate schedule ----
+
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
+        """The reference's schedule for `lr_scheduler_type` 'cosine_with_min_lr' (the default), else the Trainer's;
+        the warm-up lasts `warmup_steps` if > 0, else `warmup_epochs` epochs of this run's sampler."""
+        if self.lr_scheduler is not None:
+            return self.lr_scheduler
+        optimizer = optimizer if optimizer is not None else self.optimizer
+        if self.args.warmup_steps > 0:
+            warmup = self.args.get_warmup_steps(num_training_steps)
+        else:
+            batches = len(self._get_train_sampler())
+            steps_per_epoch = max(math.ceil(batches / self.args.gradient_accumulation_steps), 1)
+            warmup = round(self.args.warmup_epochs * steps_per_epoch)
+        warmup = min(warmup, num_training_steps)
+        kwargs = dict(self.args.lr_scheduler_kwargs or {})
+        if SchedulerType(self.args.lr_scheduler_type) == SchedulerType(REFERENCE_SCHEDULE):
+            min_lr = kwargs["min_lr"] if "min_lr" in kwargs else self.args.learning_rate * kwargs.get("min_lr_rate", 0)
+            self.lr_scheduler = reference_lr_schedule(optimizer, num_training_steps, warmup, float(min_lr))
+        else:
+            if kwargs == REFERENCE_SCHEDULE_KWARGS:  # the default schedule's floor, not an argument of the others
+                kwargs = {}
+            self.lr_scheduler = get_scheduler(
+                self.args.lr_scheduler_type,
+                optimizer=optimizer,
+                num_warmup_steps=warmup,
+                num_training_steps=num_training_steps,
+                scheduler_specific_kwargs=kwargs,
+            )
+        self._created_lr_scheduler = True
+        return self.lr_scheduler
 
     # ---- loss and logging ----
 
