@@ -12,6 +12,8 @@ from pathlib import Path
 import yaml
 from transformers import HfArgumentParser
 
+from .errors import DEBUG_HELP
+
 CONFIG_FILE_SUFFIXES = (".json", ".yaml", ".yml")
 
 
@@ -40,6 +42,7 @@ class ScriptArgumentParser(HfArgumentParser):
         negatable: Iterable[str] = (),
         **kwargs,
     ):
+        kwargs.setdefault("epilog", DEBUG_HELP)
         super().__init__(dataclass_types, **kwargs)
         self.script_defaults = dict(defaults or {})
         self.set_defaults(**self.script_defaults)

@@ -1,9 +1,14 @@
-"""`datadream-hf` command line: draw the K-shot manifest, write the offline tiny models and the bundled digits."""
+"""`datadream-hf` command line: draw the K-shot manifest, write the random-weight test models and the bundled digits.
+
+An input error prints one line (`--debug` or `DATADREAM_DEBUG=1`: the traceback).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+
+from .errors import DEBUG_HELP, run_script
 
 
 def _few_shot(args: argparse.Namespace) -> None:
@@ -39,7 +44,7 @@ def _digits(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="datadream-hf", description=__doc__)
+    parser = argparse.ArgumentParser(prog="datadream-hf", description=__doc__, epilog=DEBUG_HELP)
     commands = parser.add_subparsers(dest="command", required=True)
 
     few_shot = commands.add_parser("few-shot", help="Draw the seeded K-shot subset every stage reads.")
@@ -53,7 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     few_shot.add_argument("--output", required=True, help="Path of the manifest JSON to write.")
     few_shot.set_defaults(func=_few_shot)
 
-    tiny = commands.add_parser("tiny-models", help="Write the tiny offline SD and CLIP models (for tests and demos).")
+    tiny = commands.add_parser(
+        "tiny-models",
+        help="Write tiny SD and CLIP models with RANDOM weights, for plumbing tests only (they learn nothing useful). "
+        "For meaningful offline runs use the tiny world's pre-trained models (`datadream-hf tiny-world`).",
+    )
     tiny.add_argument("--output_dir", required=True)
     tiny.set_defaults(func=_tiny_models)
 
@@ -64,9 +73,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    """Runs a `datadream-hf` command; errors propagate (the console entry point is `console_main`)."""
+    _run(build_parser().parse_args(argv))
+
+
+def _run(args: argparse.Namespace) -> None:
     args.func(args)
 
 
+def console_main() -> None:
+    """The `datadream-hf` command: `main` with an input error as one line (`--debug`: the traceback)."""
+    run_script(_run, build_parser().parse_args, script="datadream-hf")
+
+
 if __name__ == "__main__":
-    main()
+    console_main()

@@ -13,10 +13,13 @@ import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
 from PIL import Image as PILImage
 
+from .errors import InputError
+from .sources import check_source
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
-class DatasetInputError(ValueError):
+class DatasetInputError(InputError):
     """Bad dataset input; the message names the culprit and what to do."""
 
 
@@ -82,6 +85,7 @@ def load_labelled_dataset(
     elif Path(source).exists():
         raise DatasetInputError(f"Dataset source {str(source)!r} is a file; pass a folder, a Dataset or a Hub id.")
     else:
+        check_source(source, "Dataset", repo_type="dataset")  # a mistyped folder fails here, not after Hub retries
         dataset = datasets.load_dataset(str(source), split=split, revision=revision)
     if isinstance(dataset, DatasetDict):
         if split not in dataset:
