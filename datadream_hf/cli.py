@@ -58,11 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     few_shot.add_argument("--output", required=True, help="Path of the manifest JSON to write.")
     few_shot.set_defaults(func=_few_shot)
 
-    tiny = commands.add_parser(
-        "tiny-models",
-        help="Write tiny SD and CLIP models with RANDOM weights, for plumbing tests only (they learn nothing useful). "
-        "For meaningful offline runs use the tiny world's pre-trained models (`datadream-hf tiny-world`).",
+    tiny_help = (
+        "Write tiny SD and CLIP models with RANDOM weights, for plumbing tests only (they learn nothing useful). "
+        "For meaningful offline runs use the tiny world's pre-trained models (`datadream-hf tiny-world`)."
     )
+    tiny = commands.add_parser("tiny-models", help=tiny_help, description=tiny_help)
     tiny.add_argument("--output_dir", required=True)
     tiny.set_defaults(func=_tiny_models)
 
