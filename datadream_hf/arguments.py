@@ -13,6 +13,7 @@ import yaml
 from transformers import HfArgumentParser
 from transformers.hf_argparser import string_to_bool
 
+from .errors import DEBUG_HELP
 from .presets import preset_flag_defaults
 
 CONFIG_FILE_SUFFIXES = (".json", ".yaml", ".yml")
@@ -46,6 +47,7 @@ class ScriptArgumentParser(HfArgumentParser):
         negatable: Iterable[str] = (),
         **kwargs,
     ):
+        kwargs.setdefault("epilog", DEBUG_HELP)
         super().__init__(dataclass_types, **kwargs)
         self.script_defaults = dict(defaults or {})
         self.set_defaults(**self.script_defaults)

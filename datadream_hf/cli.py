@@ -1,10 +1,15 @@
-"""`datadream-hf` command line: draw the K-shot manifest, list the dataset presets, write the offline tiny models
-and the bundled digits."""
+"""`datadream-hf` command line: draw the K-shot manifest, list the dataset presets, write the random-weight test models
+and the bundled digits.
+
+An input error prints one line (`--debug` or `DATADREAM_DEBUG=1`: the traceback).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+
+from .errors import DEBUG_HELP, run_script
 
 
 def _few_shot(args: argparse.Namespace) -> None:
@@ -81,7 +86,7 @@ def _digits(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="datadream-hf", description=__doc__)
+    parser = argparse.ArgumentParser(prog="datadream-hf", description=__doc__, epilog=DEBUG_HELP)
     commands = parser.add_subparsers(dest="command", required=True)
 
     few_shot = commands.add_parser("few-shot", help="Draw the seeded K-shot subset every stage reads.")
@@ -109,7 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     presets = commands.add_parser("presets", help="List the dataset presets (the paper's ten datasets).")
     presets.set_defaults(func=_presets)
 
-    tiny = commands.add_parser("tiny-models", help="Write the tiny offline SD and CLIP models (for tests and demos).")
+    tiny_help = (
+        "Write tiny SD and CLIP models with RANDOM weights, for plumbing tests only (they learn nothing useful). "
+        "For meaningful offline runs use the tiny world's pre-trained models (`datadream-hf tiny-world`)."
+    )
+    tiny = commands.add_parser("tiny-models", help=tiny_help, description=tiny_help)
     tiny.add_argument("--output_dir", required=True)
     tiny.set_defaults(func=_tiny_models)
 
@@ -120,9 +129,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    """Runs a `datadream-hf` command; errors propagate (the console entry point is `console_main`)."""
+    _run(build_parser().parse_args(argv))
+
+
+def _run(args: argparse.Namespace) -> None:
     args.func(args)
 
 
+def console_main() -> None:
+    """The `datadream-hf` command: `main` with an input error as one line (`--debug`: the traceback)."""
+    run_script(_run, build_parser().parse_args, script="datadream-hf")
+
+
 if __name__ == "__main__":
-    main()
+    console_main()

@@ -14,11 +14,14 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
 from PIL import Image as PILImage
 from PIL import ImageOps
 
+from .errors import InputError
+from .sources import check_source
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 ORIENTATION_TAG = 0x0112  # EXIF Orientation: 1 is upright, 2-8 a flip and/or rotation to undo
 
 
-class DatasetInputError(ValueError):
+class DatasetInputError(InputError):
     """Bad dataset input; the message names the culprit and what to do."""
 
 
@@ -84,6 +87,7 @@ def load_labelled_dataset(
     elif Path(source).exists():
         raise DatasetInputError(f"Dataset source {str(source)!r} is a file; pass a folder, a Dataset or a Hub id.")
     else:
+        check_source(source, "Dataset", repo_type="dataset")  # a mistyped folder fails here, not after Hub retries
         dataset = datasets.load_dataset(str(source), split=split, revision=revision)
     if isinstance(dataset, DatasetDict):
         if split not in dataset:

@@ -24,15 +24,19 @@ column and the train/test splits):
 
 Real-only baseline (same K images): `--train_mode real` without `--synthetic_dataset`. Synthetic-only:
 `--train_mode synthetic`. Several GPUs: `accelerate launch --num_processes 4 ...` or `torchrun --nproc_per_node 4`.
-Offline tiny run: `datadream-hf tiny-models --output_dir models && datadream-hf digits --output_dir digits`, then
-`--model_name_or_path models/tiny-clip --real_dataset digits --few_shot_manifest <manifest> --train_mode real`
-(a small run: add `--max_steps 20 --per_device_train_batch_size 8`).
+Offline plumbing check: `datadream-hf tiny-models --output_dir models && datadream-hf digits --output_dir digits`, then
+`--model_name_or_path models/tiny-clip --real_dataset digits --few_shot_manifest <manifest> --train_mode real` (a small
+run: add `--max_steps 20 --per_device_train_batch_size 8`). The tiny test CLIP has RANDOM weights (a plumbing check
+only); for meaningful offline runs use the tiny world's pre-trained CLIP (`datadream-hf tiny-world` prints its folder;
+`datadream_hf.tiny_world.world.tiny_world_paths().clip`).
 
 A killed run continues with the same command plus `--resume_from_checkpoint latest` (the newest complete checkpoint;
 one the kill left half written is deleted, never loaded). A second run into a busy `--output_dir` is refused.
 
 Every flag is a field of `ClassifierArguments` or `DataDreamTrainingArguments` (`datadream_hf.classify.config`, where
 their help and checks live). A JSON or YAML file of them can stand for the flags: `train_classifier.py stage3.yaml`.
+Bad input (a missing path, another stage's folder as `--synthetic_dataset`, fp16 on a CPU, ...) stops the script with
+one line naming it; `--debug` adds the traceback.
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ from datadream_hf.classify.config import (
     check_arguments,
 )
 from datadream_hf.classify.train import train_classifier
+from datadream_hf.console import setup_script_console
+from datadream_hf.errors import run_script
 
 
 def parse_args(input_args: list[str] | None = None) -> tuple[ClassifierArguments, DataDreamTrainingArguments]:
@@ -58,6 +64,7 @@ def parse_args(input_args: list[str] | None = None) -> tuple[ClassifierArguments
 
 def main(args: tuple[ClassifierArguments, DataDreamTrainingArguments]) -> dict:
     classifier_args, training_args = args
+    setup_script_console()
     report = train_classifier(classifier_args, training_args)
     if training_args.should_save:
         print(json.dumps({split: round(r["accuracy"], 4) for split, r in report["evaluations"].items()}))
@@ -65,4 +72,4 @@ def main(args: tuple[ClassifierArguments, DataDreamTrainingArguments]) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_script(main, parse_args)

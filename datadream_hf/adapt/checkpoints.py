@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors.torch import save_file
 
+from ..errors import InputError
 from ..faults import kill_point
 from ..lora import load_safetensors
 from ..run_folder import checkpoint_folders, checkpoint_path
@@ -30,7 +31,7 @@ OPTIMIZER_NAME = "optimizer.safetensors"
 STATE_NAME = "training_state.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint that cannot be resumed from; the message names it and what to do."""
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import TrainingArguments
 
+from ..guardrails import refuse_fp16_on_cpu
 from ..prompts import DEFAULT_TEMPLATE, PromptTemplate, domain_for_preset
 from .augment import AUGMENTATIONS, MIX_AUGMENTATIONS
 from .modeling import DEFAULT_CLASSIFIER_BASE
@@ -286,7 +287,10 @@ def _has_accelerator() -> bool:
 
 
 def check_arguments(args: ClassifierArguments, training_args: DataDreamTrainingArguments) -> None:
-    """The checks that need both dataclasses: the data `train_mode` trains on must be given."""
+    """The checks that need both dataclasses (the data `train_mode` trains on must be given) or the machine (no fp16
+    on a CPU)."""
+    if training_args.fp16:
+        refuse_fp16_on_cpu("fp16", training_args.device, "--fp16", "Drop it (fp32), or pass --bf16 true.")
     if training_args.train_mode != "real" and not args.synthetic_dataset:
         raise ValueError(f"`--train_mode {training_args.train_mode}` needs `--synthetic_dataset`.")
     if training_args.train_mode != "synthetic" and not args.few_shot_manifest:

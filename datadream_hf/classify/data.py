@@ -18,7 +18,8 @@ from torch.utils.data import Sampler
 from ..class_names import display_class_names, rename_classes
 from ..data import DatasetInputError, class_names_of, is_single_table, labels_of, load_labelled_dataset
 from ..few_shot import FewShotManifest, load_manifest_dataset
-from ..synthetic import is_generation_dir, load_synthetic_dataset
+from ..sources import STAGE1_FOLDER, STAGE2_FOLDER, STAGE3_FOLDER, output_folder_kind
+from ..synthetic import load_synthetic_dataset
 
 if TYPE_CHECKING:
     from .config import ClassifierArguments, DataDreamTrainingArguments
@@ -142,6 +143,43 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
         return item
 
 
+class TransformedRows(torch.utils.data.Dataset):
+    """A `datasets.Dataset` whose items already hold `pixel_values` and a `label` (or `labels`), e.g. through
+    `dataset.with_transform(...)` as in transformers' image-classification example, in the index layout of
+    `ImageClassificationDataset`: its real rows (its `is_real` column; every row without one), then its synthetic rows.
+    """
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+        if "is_real" in dataset.column_names:
+            is_real = np.asarray(
+                dataset.with_format("numpy")["is_real"][:], dtype=bool
+            )  # the raw column, untransformed
+        else:
+            is_real = np.ones(len(dataset), dtype=bool)
+        self.rows = np.concatenate([np.flatnonzero(is_real), np.flatnonzero(~is_real)])
+        self.num_real = int(is_real.sum())
+        self.num_synthetic = len(dataset) - self.num_real
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, key: int | SampleKey) -> dict:
+        index = key.index if isinstance(key, SampleKey) else key
+        item = self.dataset[int(self.rows[index])]
+        if "pixel_values" not in item or not ({"label", "labels"} & set(item)):
+            raise DatasetInputError(
+                f"Training items need `pixel_values` and `label` (or `labels`), got {sorted(item)}: give the dataset "
+                "a transform that adds `pixel_values`, e.g. `dataset.with_transform(preprocess)`."
+            )
+        label = item["labels"] if "labels" in item else item["label"]
+        return {
+            "pixel_values": torch.as_tensor(item["pixel_values"]),
+            "labels": int(label),
+            "is_real": index < self.num_real,
+        }
+
+
 def _takes_seed(transform) -> bool:
     try:
         return "seed" in signature(transform).parameters
@@ -176,10 +214,24 @@ def load_synthetic_training_set(
     label_column: str = "label",
     images_per_class: int | None = None,
     seed: int = 0,
+    real=None,
+    real_source: str | None = None,
 ):
     """Loads a stage-2 dataset (a `generate_synthetic.py` output folder, a `save_to_disk` folder or a Hub id) as
-    `image` + `label`, dropping provenance columns, and checks that its classes are `class_names` in the same order."""
-    if is_generation_dir(source):
+    `image` + `label`, dropping provenance columns, and checks that its classes are `class_names` in the same order.
+
+    Another stage's output folder is refused by name, and so is the real dataset itself (`real_source`, the path, or
+    `real`, the normalized real rows, when the synthetic rows are the same).
+    """
+    kind = output_folder_kind(source)
+    if kind in (STAGE1_FOLDER, STAGE3_FOLDER):
+        raise DatasetInputError(
+            f"--synthetic_dataset {source!r} is {kind}; pass the stage-2 output (the --output_dir of "
+            "generate_synthetic.py)."
+        )
+    if real_source is not None and _same_path(source, real_source):
+        raise DatasetInputError(_REAL_AS_SYNTHETIC.format(source=source))
+    if kind == STAGE2_FOLDER:
         source = load_synthetic_dataset(source)
     synthetic = load_labelled_dataset(source, split=split, image_column=image_column, label_column=label_column)
     names = class_names_of(synthetic)
@@ -189,15 +241,36 @@ def load_synthetic_training_set(
             f"({len(names)}), but the real data has {list(class_names)[:5]}{'...' if len(class_names) > 5 else ''} "
             f"({len(class_names)}). Generate it from the same class list (stage 2 reads it from the stage-1 output)."
         )
+    if real is not None and _same_rows(synthetic, real):
+        raise DatasetInputError(_REAL_AS_SYNTHETIC.format(source=source))
     return per_class_subset(synthetic, images_per_class, seed)
 
 
+_REAL_AS_SYNTHETIC = (
+    "--synthetic_dataset {source!r} holds the real training images (--real_dataset): pass the stage-2 output (the "
+    "--output_dir of generate_synthetic.py), or --train_mode real for a real-only run."
+)
+
+
+def _same_path(a: str, b: str) -> bool:
+    first, second = Path(a).expanduser(), Path(b).expanduser()
+    return first.resolve() == second.resolve() if first.exists() and second.exists() else str(a) == str(b)
+
+
+def _same_rows(a, b) -> bool:
+    """Whether two normalized datasets hold the same rows: labels, then the stored first and last images."""
+    if len(a) != len(b) or len(a) == 0 or not np.array_equal(labels_of(a), labels_of(b)):
+        return False
+    raw_a, raw_b = (d.cast_column("image", Image(decode=False)) for d in (a, b))
+    return all(raw_a[i]["image"] == raw_b[i]["image"] for i in (0, len(a) - 1))
+
+
 def collate_image_batch(features: list[dict]) -> dict[str, torch.Tensor]:
-    """Stacks items into `pixel_values` (B, 3, H, W), `labels` (B,), `is_real` (B,) bool and, when every item has
-    one, `augmentation_seeds` (B,)."""
+    """Stacks items into `pixel_values` (B, 3, H, W), `labels` (B,) (from each item's `labels`, else `label`),
+    `is_real` (B,) bool (True when absent) and, when every item has one, `augmentation_seeds` (B,)."""
     batch = {
-        "pixel_values": torch.stack([f["pixel_values"] for f in features]),
-        "labels": torch.tensor([f["labels"] for f in features], dtype=torch.long),
+        "pixel_values": torch.stack([torch.as_tensor(f["pixel_values"]) for f in features]),
+        "labels": torch.tensor([f["labels"] if "labels" in f else f["label"] for f in features], dtype=torch.long),
         "is_real": torch.tensor([bool(f.get("is_real", True)) for f in features], dtype=torch.bool),
     }
     if all("augmentation_seed" in f for f in features):
@@ -271,6 +344,8 @@ def load_classifier_data(args: ClassifierArguments, training_args: DataDreamTrai
             split=args.synthetic_split,
             images_per_class=args.synthetic_images_per_class,
             seed=training_args.seed,
+            real=real,
+            real_source=args.real_dataset,
         )
     if training_args.train_mode == "synthetic":
         data["real_train"] = None

@@ -23,10 +23,10 @@ from transformers.utils import ModelOutput
 from ..files import write_json_atomic
 from ..lora import classifier_lora_config, load_safetensors
 from ..prompts import PromptTemplate
+from ..run_folder import CLASSIFIER_CONFIG_NAME
 from ..versions import library_versions
 
 DEFAULT_CLASSIFIER_BASE = "openai/clip-vit-base-patch16"
-CLASSIFIER_CONFIG_NAME = "classifier_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 
@@ -139,7 +139,8 @@ class CLIPLoRAClassifier(nn.Module):
         save_directory = Path(save_directory)
         save_directory.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=save_directory, prefix=".adapter-") as tmp:
-            self.clip.save_pretrained(tmp, safe_serialization=True)
+            # No base embeddings (the vocabulary is never resized), so no Hub lookup of the base model at every save.
+            self.clip.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=False)
             for name in (ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME):
                 os.replace(Path(tmp) / name, save_directory / name)
         write_json_atomic(save_directory / CLASSIFIER_CONFIG_NAME, {**self.config_dict(), **(extra_config or {})})

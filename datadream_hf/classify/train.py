@@ -12,6 +12,7 @@ from transformers import CLIPProcessor, set_seed
 from .. import hub
 from ..lora import classifier_lora_config
 from ..run_folder import output_dir_lock
+from ..sources import check_source
 from .augment import build_transforms
 from .checkpoints import check_fresh_output_dir
 from .config import ClassifierArguments, DataDreamTrainingArguments, check_arguments
@@ -19,7 +20,7 @@ from .data import ImageClassificationDataset, load_classifier_data
 from .metrics import classification_report
 from .modeling import CLIPLoRAClassifier
 from .outputs import run_record, run_report, write_outputs
-from .trainer import MixedRealSyntheticTrainer, accuracy_compute_metrics
+from .trainer import MixedRealSyntheticTrainer, accuracy_compute_metrics, use_quiet_console
 
 
 def train_classifier(args: ClassifierArguments, training_args: DataDreamTrainingArguments) -> dict:
@@ -35,6 +36,7 @@ def train_classifier(args: ClassifierArguments, training_args: DataDreamTraining
     training_args.push_to_hub, training_args.hub_token = False, None
 
     # 1. Data (every input check happens here, before the model loads).
+    check_source(args.model_name_or_path, "--model_name_or_path", required="config.json", expected="a CLIP model")
     check_fresh_output_dir(training_args.output_dir, training_args.resume_from_checkpoint)
     data = load_classifier_data(args, training_args)
     # The main process holds the output folder for the rest of the run: a second run into it is refused.
@@ -74,6 +76,7 @@ def _train_and_report(args, training_args, data: dict, push_to_hub: bool, hub_to
         processing_class=processor,
         compute_metrics=accuracy_compute_metrics(len(class_names)),
     )
+    use_quiet_console(trainer)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
 
     # 4. Final evaluation of the selected model, saying where every number comes from.

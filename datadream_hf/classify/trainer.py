@@ -10,11 +10,15 @@ from functools import partial
 import numpy as np
 import torch
 import torch.nn.functional as F
+from datasets import Dataset
 from torch.utils.data import DataLoader
-from transformers import Trainer, get_scheduler
+from transformers import Trainer, TrainerCallback, get_scheduler
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import SchedulerType, seed_worker
 
+from ..console import on_terminal
 from ..faults import kill_point
+from ..guardrails import warn_long_warmup
 from .augment import mix_batch
 from .checkpoints import (
     TRAINER_STATE_NAME,
@@ -23,7 +27,7 @@ from .checkpoints import (
     remove_incomplete_checkpoints,
 )
 from .config import REFERENCE_SCHEDULE, REFERENCE_SCHEDULE_KWARGS, DataDreamTrainingArguments
-from .data import ImageClassificationDataset, RealSyntheticBatchSampler, collate_image_batch
+from .data import ImageClassificationDataset, RealSyntheticBatchSampler, TransformedRows, collate_image_batch
 from .schedule import reference_lr_schedule
 
 logger = logging.getLogger(__name__)
@@ -77,9 +81,40 @@ def accuracy_compute_metrics(num_classes: int):
     return compute_metrics
 
 
+class MetricsLogCallback(TrainerCallback):
+    """Logs each evaluation and the run's summary as one line; the per-step training logs stay in `trainer_state.json`
+    and the trackers (`report_to`), off the console."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs and "loss" not in logs:
+            logger.info(", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in logs.items()))
+
+
+class BarOnlyProgressCallback(ProgressCallback):
+    """The Trainer's progress bars without the log dict it writes under them at every logging step."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        pass
+
+
+def use_quiet_console(trainer: Trainer) -> None:
+    """Replaces the Trainer's console output (a printed dict per logging step, a bar redrawn per step even in a piped
+    log) by `MetricsLogCallback`, plus the bars alone on a terminal."""
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(MetricsLogCallback)
+    if on_terminal() and not trainer.args.disable_tqdm:
+        trainer.add_callback(BarOnlyProgressCallback)
+
+
 class MixedRealSyntheticTrainer(Trainer):
-    """`Trainer` for `CLIPLoRAClassifier` on an `ImageClassificationDataset`; overrides the train sampler/loader,
-    `compute_loss`, `log` and the checkpoint I/O (LoRA adapter only, not the full CLIP).
+    """`Trainer` for `CLIPLoRAClassifier`; overrides the train sampler/loader, `compute_loss`, `log` and the checkpoint
+    I/O (LoRA adapter only, not the full CLIP).
+
+    The training set is an `ImageClassificationDataset` (what `train_classifier` builds), or a plain
+    `datasets.Dataset` whose items hold `pixel_values` and `label` through a transform (`dataset.with_transform(...)`),
+    with an `is_real` column to mark its real rows (without one, every row is real: `train_mode="real"`). Evaluation
+    datasets are either kind.
 
     Gradient accumulation: every micro-batch holds the same numbers of real and synthetic images, so the mean of
     the micro-batch losses equals the loss of the whole accumulated batch. `compute_loss` therefore returns the
@@ -95,6 +130,8 @@ class MixedRealSyntheticTrainer(Trainer):
         super().__init__(*args, **kwargs)
         if not isinstance(self.args, DataDreamTrainingArguments):
             raise TypeError(f"`args` must be DataDreamTrainingArguments, got {type(self.args).__name__}.")
+        if isinstance(self.train_dataset, Dataset):
+            self.train_dataset = TransformedRows(self.train_dataset)
         self._partial_losses: dict[str, list[torch.Tensor]] = {}
         self._mix_rng = np.random.default_rng([self.args.seed, self.args.process_index, 1])
 
@@ -126,8 +163,11 @@ class MixedRealSyntheticTrainer(Trainer):
 
     def _get_train_sampler(self, train_dataset=None) -> RealSyntheticBatchSampler:
         dataset = train_dataset if train_dataset is not None else self.train_dataset
-        if not isinstance(dataset, ImageClassificationDataset):
-            raise TypeError(f"train_dataset must be an ImageClassificationDataset, got {type(dataset).__name__}.")
+        if not isinstance(dataset, (ImageClassificationDataset, TransformedRows)):
+            raise TypeError(
+                "train_dataset must be an ImageClassificationDataset or a datasets.Dataset (items with `pixel_values` "
+                f"and `label`), got {type(dataset).__name__}."
+            )
         real, synthetic = self.args.samples_per_batch()
         return RealSyntheticBatchSampler(
             num_real=dataset.num_real,
@@ -179,6 +219,9 @@ class MixedRealSyntheticTrainer(Trainer):
             steps_per_epoch = max(math.ceil(batches / self.args.gradient_accumulation_steps), 1)
             warmup = round(self.args.warmup_epochs * steps_per_epoch)
         warmup = min(warmup, num_training_steps)
+        if self.args.should_log:  # once per run: a warm-up as long as the run never reaches the learning rate
+            flag = "--warmup_steps" if self.args.warmup_steps > 0 else "--warmup_epochs"
+            warn_long_warmup(warmup, num_training_steps, flag, self.args.learning_rate)
         kwargs = dict(self.args.lr_scheduler_kwargs or {})
         if SchedulerType(self.args.lr_scheduler_type) == SchedulerType(REFERENCE_SCHEDULE):
             min_lr = kwargs["min_lr"] if "min_lr" in kwargs else self.args.learning_rate * kwargs.get("min_lr_rate", 0)
