@@ -1,32 +1,78 @@
-"""`datadream-hf` command line: draw the K-shot manifest, write the offline tiny models and the bundled digits."""
+"""`datadream-hf` command line: draw the K-shot manifest, list the dataset presets, write the random-weight test models
+and the bundled digits.
+
+An input error prints one line (`--debug` or `DATADREAM_DEBUG=1`: the traceback).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 
+from .errors import DEBUG_HELP, run_script
 from .validation import K_SHOTS, SEED, check_ranges
 
 # What each command's numeric options may be (`datadream_hf.validation`), checked before any work.
-NUMERIC_RANGES = {"few-shot": {"k": K_SHOTS, "seed": SEED}}
+NUMERIC_RANGES = {"few-shot": {"k": K_SHOTS.or_none(), "seed": SEED}}
 
 
 def _few_shot(args: argparse.Namespace) -> None:
-    from .data import load_labelled_dataset
+    from .class_names import display_class_names, rename_classes
+    from .data import class_names_of, load_labelled_dataset
     from .few_shot import draw_few_shot
+    from .presets import preset_flag_defaults
+    from .prompts import domain_for_preset
 
+    if args.dataset_preset:
+        domain_for_preset(args.dataset_preset)  # an unknown preset fails here, naming the known ones
+    # The preset's columns, split and K, unless given.
+    settings = {"split": "train", "image_column": "image", "label_column": "label", "k": 16}
+    settings.update({k: v for k, v in preset_flag_defaults(args.dataset_preset).items() if k in settings})
+    settings.update({k: getattr(args, k) for k in settings if getattr(args, k) is not None})
     class_names = args.class_names.split(",") if args.class_names else None
     dataset = load_labelled_dataset(
         args.dataset,
-        split=args.split,
-        image_column=args.image_column,
-        label_column=args.label_column,
+        split=settings["split"],
+        image_column=settings["image_column"],
+        label_column=settings["label_column"],
         class_names=class_names,
     )
-    manifest = draw_few_shot(dataset, k=args.k, seed=args.seed, source_name=str(args.dataset), split=args.split)
+    source_names = class_names_of(dataset)
+    dataset = rename_classes(dataset, display_class_names(source_names, args.dataset_preset, args.class_names_file))
+    manifest = draw_few_shot(
+        dataset,
+        k=settings["k"],
+        seed=args.seed,
+        source_name=str(args.dataset),
+        split=settings["split"],
+        source_class_names=source_names,
+    )
     manifest.select(dataset)  # decode the chosen images now: a corrupt file fails here, not in stage 1
     manifest.save(args.output)
-    print(json.dumps({"manifest": args.output, "k": args.k, "seed": args.seed, "classes": len(manifest.class_names)}))
+    summary = {"manifest": args.output, "k": manifest.k, "seed": args.seed, "classes": len(manifest.class_names)}
+    summary["names"] = dict(list(zip(source_names, manifest.class_names))[:3])  # e.g. {"n01440764": "tench"}
+    print(json.dumps(summary))
+
+
+def _presets(args: argparse.Namespace) -> None:
+    from .presets import PRESETS
+
+    rows = [("preset", "domain", "classes", "K", "stage-3 epochs", "Hub copy", "image / label", "train / test split")]
+    for preset in PRESETS.values():
+        names = preset.class_names
+        rows.append((
+            preset.name,
+            repr(preset.domain),
+            str(len(names)) if names else "-",
+            str(preset.k),
+            str(preset.classifier_epochs or "-"),
+            preset.hub_dataset or "-",
+            f"{preset.image_column} / {preset.label_column}",
+            f"{preset.train_split} / {preset.test_split}",
+        ))  # fmt: skip
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
 
 
 def _tiny_models(args: argparse.Namespace) -> None:
@@ -44,21 +90,39 @@ def _digits(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="datadream-hf", description=__doc__)
+    parser = argparse.ArgumentParser(prog="datadream-hf", description=__doc__, epilog=DEBUG_HELP)
     commands = parser.add_subparsers(dest="command", required=True)
 
     few_shot = commands.add_parser("few-shot", help="Draw the seeded K-shot subset every stage reads.")
     few_shot.add_argument("--dataset", required=True, help="Hub id, save_to_disk folder or image folder.")
-    few_shot.add_argument("--split", default="train")
-    few_shot.add_argument("--image_column", default="image")
-    few_shot.add_argument("--label_column", default="label")
+    few_shot.add_argument(
+        "--dataset_preset",
+        default=None,
+        help="One of the paper's datasets (`datadream-hf presets`): its curated class names, columns, split and K.",
+    )
+    few_shot.add_argument("--split", default=None, help="Split to draw from (default: the preset's, else train).")
+    few_shot.add_argument("--image_column", default=None, help="Default: the preset's, else image.")
+    few_shot.add_argument("--label_column", default=None, help="Default: the preset's, else label.")
     few_shot.add_argument("--class_names", default=None, help="Comma-separated classes to keep, in this order.")
-    few_shot.add_argument("--k", type=int, default=16, help="Real images per class (the paper uses 16).")
+    few_shot.add_argument(
+        "--class_names_file",
+        default=None,
+        help="Rename the classes: a JSON list (one name per class, in label order) or a mapping (dataset name -> "
+        "new name); the manifest records both names and every stage uses the new ones in its prompts.",
+    )
+    few_shot.add_argument("--k", type=int, default=None, help="Real images per class (default: the preset's, 16).")
     few_shot.add_argument("--seed", type=int, default=0)
     few_shot.add_argument("--output", required=True, help="Path of the manifest JSON to write.")
     few_shot.set_defaults(func=_few_shot)
 
-    tiny = commands.add_parser("tiny-models", help="Write the tiny offline SD and CLIP models (for tests and demos).")
+    presets = commands.add_parser("presets", help="List the dataset presets (the paper's ten datasets).")
+    presets.set_defaults(func=_presets)
+
+    tiny_help = (
+        "Write tiny SD and CLIP models with RANDOM weights, for plumbing tests only (they learn nothing useful). "
+        "For meaningful offline runs use the tiny world's pre-trained models (`datadream-hf tiny-world`)."
+    )
+    tiny = commands.add_parser("tiny-models", help=tiny_help, description=tiny_help)
     tiny.add_argument("--output_dir", required=True)
     tiny.set_defaults(func=_tiny_models)
 
@@ -69,14 +133,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        check_ranges(args, NUMERIC_RANGES.get(args.command, {}))
-    except ValueError as err:
-        parser.error(str(err))  # as argparse reports a bad flag value: usage, the message, exit status 2
+    """Runs a `datadream-hf` command; errors propagate (the console entry point is `console_main`)."""
+    _run(build_parser().parse_args(argv))
+
+
+def _run(args: argparse.Namespace) -> None:
+    check_ranges(args, NUMERIC_RANGES.get(args.command, {}))
     args.func(args)
 
 
+def console_main() -> None:
+    """The `datadream-hf` command: `main` with an input error as one line (`--debug`: the traceback)."""
+    run_script(_run, build_parser().parse_args, script="datadream-hf")
+
+
 if __name__ == "__main__":
-    main()
+    console_main()

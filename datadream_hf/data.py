@@ -13,13 +13,18 @@ import datasets
 import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
 from PIL import Image as PILImage
+from PIL import ImageOps
+
+from .errors import InputError
+from .sources import check_source
 
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+ORIENTATION_TAG = 0x0112  # EXIF Orientation: 1 is upright, 2-8 a flip and/or rotation to undo
 
 
-class DatasetInputError(ValueError):
+class DatasetInputError(InputError):
     """Bad dataset input; the message names the culprit and what to do."""
 
 
@@ -112,6 +117,7 @@ def load_labelled_dataset(
     elif Path(source).exists():
         raise DatasetInputError(f"Dataset source {str(source)!r} is a file; pass a folder, a Dataset or a Hub id.")
     else:
+        check_source(source, "Dataset", repo_type="dataset")  # a mistyped folder fails here, not after Hub retries
         dataset = datasets.load_dataset(str(source), split=split, revision=revision)
     if isinstance(dataset, DatasetDict):
         if split not in dataset:
@@ -183,6 +189,15 @@ def _check_class_names(names: list[str], where: str) -> None:
         seen.add(name)
 
 
+def is_single_table(source) -> bool:
+    """True when `source` has no splits (an image folder, a `Dataset` or its `save_to_disk` folder): every `split`
+    name loads the same rows. A `DatasetDict`, its folder and a Hub id have splits."""
+    if isinstance(source, (Dataset, DatasetDict)):
+        return isinstance(source, Dataset)
+    root = Path(source)
+    return root.is_dir() and not (root / "dataset_dict.json").exists()
+
+
 def dataset_fingerprint(dataset: Dataset) -> str:
     """A content fingerprint of a normalized dataset's labels and class names (image bytes are not read)."""
     payload = json.dumps({"class_names": class_names_of(dataset), "labels": labels_of(dataset).tolist()})
@@ -198,7 +213,8 @@ def class_names_of(dataset: Dataset) -> list[str]:
 
 
 def decode_images(dataset: Dataset) -> list[PILImage.Image]:
-    """Decodes every image of a (small) dataset to RGB; a corrupt or unreadable file raises an error naming it."""
+    """Decodes every image of a (small) dataset to upright RGB (see `to_rgb`); a corrupt or unreadable file raises an
+    error naming it."""
     raw = dataset.cast_column("image", Image(decode=False))[:]["image"]
     images = []
     for row, item in enumerate(raw):
@@ -218,11 +234,16 @@ def decode_images(dataset: Dataset) -> list[PILImage.Image]:
 
 
 def to_rgb(image: PILImage.Image) -> PILImage.Image:
-    """An RGB version of any PIL image; 16-bit, 32-bit and float grayscale are rescaled to 8 bits, not clipped.
+    """An upright RGB version of any PIL image; 16-bit, 32-bit and float grayscale are rescaled to 8 bits, not clipped.
+
+    Upright: an EXIF orientation (a camera's rotated or mirrored JPEG) is applied, as the reference's stage 1 does
+    (`ImageOps.exif_transpose`) and `datasets` does when it decodes; the tag is dropped, so a second call is a no-op.
 
     PIL's own `convert("RGB")` clips 16-bit values (mode `I;16`, e.g. 16-bit PNG) at 255, which turns such an image
     almost white. Alpha is dropped, as the reference's `Image.open(path).convert("RGB")` does.
     """
+    if image.getexif().get(ORIENTATION_TAG, 1) != 1:
+        image = ImageOps.exif_transpose(image)
     if image.mode == "RGB":
         return image
     if image.mode.startswith("I;16") or image.mode in ("I", "F"):

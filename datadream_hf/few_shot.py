@@ -10,7 +10,15 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from datasets import Dataset
 
-from .data import DatasetInputError, class_names_of, dataset_fingerprint, decode_images, labels_of
+from .class_names import rename_classes
+from .data import (
+    DatasetInputError,
+    class_names_of,
+    dataset_fingerprint,
+    decode_images,
+    labels_of,
+    load_labelled_dataset,
+)
 from .files import write_json_atomic
 from .validation import K_SHOTS, SEED, check_value
 
@@ -20,6 +28,9 @@ MANIFEST_FORMAT_VERSION = 1
 @dataclass
 class FewShotManifest:
     """K row indices per class into a normalized dataset (see `data.load_labelled_dataset`), with their origin.
+
+    The manifest is the one source of the class list: every stage loads the dataset with `source_class_names` (which
+    classes, in which order) and gives them `class_names` (the names prompts, folders and reports use).
 
     Checked when made or loaded (K distinct non-negative integer rows per class) and against the dataset it is used
     with (`check_matches`: same classes, same fingerprint, every row inside it and of the class it is listed under);
@@ -32,6 +43,10 @@ class FewShotManifest:
     indices: list[list[int]] = field(metadata={"help": "indices[c] = the K row ids of class c, in draw order."})
     source: dict = field(default_factory=dict, metadata={"help": "name, split, num_rows and fingerprint."})
     format_version: int = MANIFEST_FORMAT_VERSION
+    source_class_names: list[str] | None = field(
+        default=None,
+        metadata={"help": "The dataset's own names of the classes, in label order, when renamed (None: class_names)."},
+    )
     path: str | None = field(
         default=None, compare=False, metadata={"help": "The file it was loaded from, for error messages; not saved."}
     )
@@ -55,9 +70,13 @@ class FewShotManifest:
             return f"field 'source' must be a mapping, got {self.source!r}."
         if len(self.indices) != len(self.class_names):
             return f"it lists {len(self.class_names)} classes but {len(self.indices)} index lists."
-        bad_names = [n for n in self.class_names if not isinstance(n, str) or not n.strip()]
-        if bad_names or len(set(self.class_names)) != len(self.class_names):
-            return f"class names must be distinct non-empty strings, got {self.class_names[:10]}."
+        if self.source_class_names is not None and len(self.source_class_names) != len(self.class_names):
+            return f"it lists {len(self.class_names)} class names but {len(self.source_class_names)} source names."
+        for i, name in enumerate(self.class_names):
+            if not isinstance(name, str) or not name.strip():
+                return f"class name {name!r} is empty or not a string."
+            if name in self.class_names[:i]:
+                return f"class name {name!r} appears twice; class names must be unique."
         first_seen: dict[int, str] = {}
         for name, rows in zip(self.class_names, self.indices):
             if not isinstance(rows, list) or len(rows) != self.k:
@@ -70,6 +89,11 @@ class FewShotManifest:
                     return f"row {row} is listed twice (class {first_seen[int(row)]!r} and class {name!r})."
                 first_seen[int(row)] = name
         return None
+
+    @property
+    def dataset_class_names(self) -> list[str]:
+        """The classes as the source dataset names them, in the manifest's label order."""
+        return list(self.source_class_names or self.class_names)
 
     @property
     def flat_indices(self) -> list[int]:
@@ -145,8 +169,42 @@ class FewShotManifest:
         return dataset.select([i for i in range(len(dataset)) if i not in chosen])
 
 
-def draw_few_shot(dataset: Dataset, k: int, seed: int, source_name: str = "", split: str = "") -> FewShotManifest:
-    """Draws K images per class without replacement, with a generator seeded by `seed` (one stream per class)."""
+def load_manifest_dataset(
+    manifest: FewShotManifest,
+    source,
+    split: str = "train",
+    image_column: str = "image",
+    label_column: str = "label",
+    class_names: list[str] | None = None,
+    revision: str | None = None,
+) -> Dataset:
+    """`split` of `source` (any `load_labelled_dataset` source) with the manifest's classes, in its order and under its
+    names. `class_names`, if given, must be the manifest's (its own or the source's names): only a mismatch fails."""
+    if class_names is not None and list(class_names) not in (manifest.class_names, manifest.dataset_class_names):
+        raise DatasetInputError(
+            f"The manifest's classes {manifest.class_names[:5]}... differ from the dataset's classes given by "
+            f"`class_names` {list(class_names)[:5]}...: leave `class_names` unset (the manifest carries the classes, "
+            "their order and names) or draw the manifest again with these classes."
+        )
+    dataset = load_labelled_dataset(
+        source, split, image_column, label_column, class_names=manifest.dataset_class_names, revision=revision
+    )
+    return rename_classes(dataset, manifest.class_names)
+
+
+def draw_few_shot(
+    dataset: Dataset,
+    k: int,
+    seed: int,
+    source_name: str = "",
+    split: str = "",
+    source_class_names: list[str] | None = None,
+) -> FewShotManifest:
+    """Draws K images per class without replacement, with a generator seeded by `seed` (one stream per class).
+
+    `source_class_names`: the source dataset's names of `dataset`'s classes when `dataset` was renamed (e.g. to a
+    preset's curated names), so that every stage can load and rename it the same way.
+    """
     check_value("k", k, K_SHOTS, DatasetInputError)
     check_value("seed", seed, SEED, DatasetInputError)
     labels = labels_of(dataset)
@@ -166,4 +224,13 @@ def draw_few_shot(dataset: Dataset, k: int, seed: int, source_name: str = "", sp
         "num_rows": len(dataset),
         "fingerprint": dataset_fingerprint(dataset),
     }
-    return FewShotManifest(k=k, seed=seed, class_names=names, indices=indices, source=source)
+    if source_class_names is not None and list(source_class_names) == names:
+        source_class_names = None
+    return FewShotManifest(
+        k=k,
+        seed=seed,
+        class_names=names,
+        indices=indices,
+        source=source,
+        source_class_names=None if source_class_names is None else list(source_class_names),
+    )

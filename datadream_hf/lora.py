@@ -60,12 +60,14 @@ def save_generator_lora(
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
 
-    unet_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=adapter_name))
-    text_layers = None
-    if text_encoder is not None:
-        text_layers = convert_state_dict_to_diffusers(
-            get_peft_model_state_dict(text_encoder, adapter_name=adapter_name)
-        )
+    # The vocabulary is never resized here: no base embeddings to save, and no Hub lookup of the base model's config
+    # (peft's "auto" asks the Hub at every save, then warns when it cannot).
+    def lora_layers(model):
+        state = get_peft_model_state_dict(model, adapter_name=adapter_name, save_embedding_layers=False)
+        return convert_state_dict_to_diffusers(state)
+
+    unet_layers = lora_layers(unet)
+    text_layers = lora_layers(text_encoder) if text_encoder is not None else None
 
     def metadata(model):
         config = model.peft_config[adapter_name]

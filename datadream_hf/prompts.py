@@ -5,6 +5,8 @@ from __future__ import annotations
 import unicodedata
 from dataclasses import dataclass, field
 
+from .errors import InputError
+
 # Domain words of the reference code (DataDream `generate/generate.py` and `datadream.py`); each ends in a space
 # so that the empty domain gives "a photo of a {classname}".
 DOMAIN_PRESETS: dict[str, str] = {
@@ -74,7 +76,7 @@ class PromptTemplate:
         for name in class_names:
             key = prompt_key(self(name))
             if key in seen:
-                raise ValueError(
+                raise InputError(
                     f"Classes {seen[key]!r} and {name!r} get prompts that differ only in case, accents or spacing "
                     f"({self(seen[key])!r}, {self(name)!r}): CLIP's tokenizer lower-cases text and collapses spaces, "
                     "so their text embeddings are (nearly) the same and no classifier head built on them can tell the "

@@ -10,7 +10,10 @@ import unicodedata
 from contextlib import contextmanager
 from pathlib import Path
 
+from .errors import InputError
+
 TRAINING_CONFIG_NAME = "datadream_config.json"  # what made a stage-1 or stage-3 output (stage 2: its own record)
+CLASSIFIER_CONFIG_NAME = "classifier_config.json"  # beside every stage-3 adapter (its classes and prompts)
 MAX_SLUG_LENGTH = 48
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 LOCK_NAME = ".datadream.lock"
@@ -73,7 +76,7 @@ def checkpoint_folders(folder: str | os.PathLike) -> list[Path]:
 # --- the lock ---------------------------------------------------------------------------------------------------
 
 
-class OutputDirLockedError(RuntimeError):
+class OutputDirLockedError(InputError, RuntimeError):
     """Another live process holds the output folder."""
 
 

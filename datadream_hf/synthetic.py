@@ -3,7 +3,8 @@ stage 2) and the `datasets` builder that reads a finished folder (stage 3, the t
 
 A generation folder holds `generation_config.json` (what made it), `shards/<class folder>/shard-<start>-<end>.parquet`
 (PNG bytes + per-image provenance) each with a `.json` manifest written after it, and, once complete,
-`generation_manifest.json`, `sample_grid.png` and `README.md` (the dataset card, `generate.dataset`).
+`generation_manifest.json`, `sample_grid.png` and `README.md` (the dataset card, `generate.dataset`), whose YAML points
+`datasets.load_dataset(<folder>)` at the shards themselves (no second copy of the images).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .errors import InputError
 from .faults import fault_point
 from .files import atomic_write, file_sha256, write_json_atomic
 from .run_folder import class_folder_name
@@ -24,6 +26,7 @@ from .run_folder import class_folder_name
 GENERATION_CONFIG_NAME = "generation_config.json"
 GENERATION_MANIFEST_NAME = "generation_manifest.json"
 SHARDS_DIR = "shards"
+SHARD_FILES = f"{SHARDS_DIR}/*/shard-*.parquet"  # what the dataset card points `load_dataset(<folder>)` at
 SHARD_FORMAT_VERSION = 1
 
 SHARD_SCHEMA = pa.schema(
@@ -37,7 +40,7 @@ SHARD_SCHEMA = pa.schema(
 )
 
 
-class SyntheticDatasetError(ValueError):
+class SyntheticDatasetError(InputError):
     """A generation folder that is missing, incomplete or inconsistent; the message names the file and the fix."""
 
 
@@ -242,9 +245,17 @@ def synthetic_features(class_names: list[str]) -> datasets.Features:
     )
 
 
-def is_generation_dir(path) -> bool:
-    """True for an output folder of `generate_synthetic.py` (it holds the generation config)."""
-    return isinstance(path, (str, os.PathLike)) and (Path(path) / GENERATION_CONFIG_NAME).is_file()
+def shard_features(class_names: list[str]) -> datasets.Features:
+    """The shard files' columns as `datasets` features, in file order: what `datasets.load_dataset(<generation
+    folder>)` gives through the dataset card's YAML (PNG bytes as `Image`, the label as `ClassLabel`)."""
+    features = {
+        "label": datasets.ClassLabel(names=list(class_names)),
+        "image_index": datasets.Value("int64"),
+        "seed": datasets.Value("int64"),
+        "prompt": datasets.Value("string"),
+        "image": datasets.Image(),
+    }
+    return datasets.Features({name: features[name] for name in SHARD_SCHEMA.names})
 
 
 def load_synthetic_dataset(generation_dir: str | os.PathLike, cache_dir: str | None = None) -> datasets.Dataset:

@@ -2,7 +2,8 @@
 
 Every builder here makes real diffusers / transformers objects from configs under a fixed seed, so the
 scripts run on them exactly as they would on `stabilityai/stable-diffusion-2-1-base` or
-`openai/clip-vit-base-patch16`: save them with `save_pretrained` and pass the folder as the model id.
+`openai/clip-vit-base-patch16`: save them with `save_pretrained` and pass the folder as the model id. Their weights
+are random: they test the plumbing, not the method (the tiny world's pre-trained models, `tiny_world.world`, do).
 """
 
 from __future__ import annotations

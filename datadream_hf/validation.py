@@ -14,6 +14,8 @@ import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from .errors import InputError
+
 SEED_MAX = 2**32 - 1  # numpy's global seeding (transformers' `set_seed`) takes seeds below 2**32
 
 
@@ -98,13 +100,13 @@ def range_error(name: str, value, allowed: Range) -> str:
     return message
 
 
-def check_value(name: str, value, allowed: Range, error: type[Exception] = ValueError) -> None:
+def check_value(name: str, value, allowed: Range, error: type[Exception] = InputError) -> None:
     """Raises `error` naming `--name`, `value` and the range unless `allowed` holds `value`."""
     if not allowed.allows(value):
         raise error(range_error(name, value, allowed))
 
 
-def check_ranges(settings, ranges: Mapping[str, Range], error: type[Exception] = ValueError) -> None:
+def check_ranges(settings, ranges: Mapping[str, Range], error: type[Exception] = InputError) -> None:
     """`check_value` on every attribute of `settings` that `ranges` names, in order."""
     for name, allowed in ranges.items():
         check_value(name, getattr(settings, name), allowed, error)
@@ -113,8 +115,9 @@ def check_ranges(settings, ranges: Mapping[str, Range], error: type[Exception] =
 # --- the second line of defence: numbers that stop being finite during a run -------------------------------------
 
 
-class NonFiniteError(FloatingPointError):
-    """A training loss, trained weights or generated images that are NaN or infinite; nothing is written from them."""
+class NonFiniteError(InputError):
+    """A training loss, trained weights or generated images that are NaN or infinite; nothing is written from them.
+    An input error: its causes are settings or weights, which the message names."""
 
 
 NON_FINITE_CAUSES = (

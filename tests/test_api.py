@@ -19,9 +19,9 @@ PUBLIC_API = {
 }  # fmt: skip
 
 
-def readme_python_section() -> str:
-    """The code block of the README's "Use it from Python" section."""
-    section = (REPO / "README.md").read_text().split("## Use it from Python", 1)[1].split("\n## ", 1)[0]
+def readme_python_section(title: str = "Use it from Python") -> str:
+    """The code block of a README section (default: "Use it from Python")."""
+    section = (REPO / "README.md").read_text().split(f"## {title}", 1)[1].split("\n## ", 1)[0]
     (code,) = re.findall(r"```python\n(.*?)```", section, flags=re.S)
     return code
 
@@ -55,3 +55,11 @@ def test_readme_python_section_runs(tmp_path, monkeypatch):
     assert json.loads(Path("synthetic/generation_manifest.json").read_text())["num_images"] == 16
     report = json.loads(Path("classifier/report.json").read_text())
     assert set(report["evaluations"]) == {"validation", "test"} and report["real_loss_weight"] == 0.8
+
+    # "Use the Trainer in your own script", on that section's folders: plain datasets, a transform, `is_real`.
+    namespace = {"__name__": "readme"}
+    exec(compile(readme_python_section("Use the Trainer in your own script"), "README.md", "exec"), namespace)
+    trainer = namespace["trainer"]
+    assert trainer.state.global_step == 4 and trainer.args.samples_per_batch() == (4, 4)
+    assert (trainer.train_dataset.num_real, trainer.train_dataset.num_synthetic) == (16, 16)
+    assert "eval_loss" in trainer.state.log_history[-1]

@@ -31,9 +31,10 @@ import datadream_hf.faults as faults
 from datadream_hf.adapt.checkpoints import STATE_NAME, list_checkpoints
 from datadream_hf.adapter_index import ADAPTER_INDEX_NAME, read_adapter_index
 from datadream_hf.classify.checkpoints import is_complete_checkpoint, latest_complete_checkpoint
+from datadream_hf.cli import main as cli_main
 from datadream_hf.data import DatasetInputError, decode_images, load_image_folder, load_labelled_dataset
 from datadream_hf.faults import FAIL_AT_ENV, KILL_AT_ENV, KILL_POINTS, STOP_AT_ENV, fault_point, parse_kill_spec
-from datadream_hf.few_shot import draw_few_shot
+from datadream_hf.few_shot import FewShotManifest, draw_few_shot
 from datadream_hf.generate.config import GenerationArguments, GenerationConfig, GenerationInputError
 from datadream_hf.generate.run import generate_synthetic_dataset
 from datadream_hf.lora import LORA_WEIGHT_NAME
@@ -531,6 +532,22 @@ def _edit_json(path: Path, **changes):
     path.write_text(json.dumps(payload))
 
 
+def _manifest_of(ctx: Ctx, class_names: list[str]) -> str:
+    """A manifest (the class list every stage reads) of `class_names`, one image each."""
+    path = ctx.tmp / "classes_manifest.json"
+    FewShotManifest(k=1, seed=0, class_names=class_names, indices=[[i] for i in range(len(class_names))]).save(path)
+    return str(path)
+
+
+def _manifest_naming_a_missing_class(folder_and_manifest: tuple[Path, Path]) -> tuple[Path, Path]:
+    """The manifest (which carries the class list) names a class `bird` that has no folder."""
+    folder, manifest = folder_and_manifest
+    payload = json.loads(manifest.read_text())
+    bird = [1000 + i for i in range(payload["k"])]  # rows of no other class, so only the folder is missing
+    _edit_json(manifest, class_names=[*payload["class_names"], "bird"], indices=[*payload["indices"], bird])
+    return folder, manifest
+
+
 def _reshape_lora_weight(folder: Path):
     path = folder / class_folder_name(1, "one") / LORA_WEIGHT_NAME
     weights = load_file(str(path))
@@ -586,16 +603,16 @@ def _stage1_with_broken_link(ctx: Ctx):
 
 def _case_twins(ctx: Ctx) -> tuple[str, str]:
     """An image folder whose classes are `Cat` and `cat`, and its manifest."""
-    root = write_image_folder(ctx.tmp / "twins", {"Cat": [noise_image(), noise_image(seed=1)],
-                                                  "cat": [noise_image(seed=2), noise_image(seed=3)]})  # fmt: skip
+    root = write_image_folder(ctx.tmp / "twins", {"Cat": [noise_image(seed=i) for i in range(3)],
+                                                  "cat": [noise_image(seed=3 + i) for i in range(3)]})  # fmt: skip
     draw_few_shot(load_image_folder(root), k=2, seed=0).save(ctx.tmp / "twins.json")
     return str(root), str(ctx.tmp / "twins.json")
 
 
 def _stage3_case_twins(ctx: Ctx):
     root, manifest = _case_twins(ctx)
-    ctx.stage3("--real_dataset", root, "--few_shot_manifest", manifest, "--test_split", "", "--validation_split",
-               "train")  # fmt: skip
+    ctx.stage3("--real_dataset", root, "--few_shot_manifest", manifest, "--test_split", "none",
+               "--validation_per_class", "1")  # fmt: skip
 
 
 def _cli_few_shot(ctx: Ctx, k: int):
@@ -633,17 +650,21 @@ CASES = {
     "1 x 300 pixel image": Case(odd_image_case(noise_image(size=(1, 300)))),
     # Folders and classes
     "missing class folder": Case(
-        lambda c: c.stage1(*map(str, folder_with(c.tmp, b"")), "--class_names", "cat,dog,bird"),
-        DatasetInputError, r"\['bird'\] have no sub-folder"),
+        lambda c: c.stage1(*map(str, _manifest_naming_a_missing_class(folder_with(c.tmp, b""))), "--class_names",
+                           "cat,dog,bird"), DatasetInputError, r"\['bird'\] have no sub-folder"),
     "empty class folder": Case(
         lambda c: c.stage1(str(write_image_folder(c.tmp / "images", {"cat": [noise_image()], "dog": []})),
-                           c.stage1_data["manifest"]), DatasetInputError, r"dog'? holds no image file"),
+                           _manifest_of(c, ["cat", "dog"])), DatasetInputError, r"dog'? holds no image file"),
     "K larger than a class has": Case(lambda c: _cli_few_shot(c, k=3), DatasetInputError,
                                       r"Class 'cat' has 2 images but K=3.*lower K"),
-    "duplicate class names": Case(lambda c: c.stage1_digits("--class_names", "zero,zero"), DatasetInputError,
-                                  r"'zero' appears twice.*unique"),
-    "unknown class name": Case(lambda c: c.stage1_digits("--class_names", "zero,eleven"), DatasetInputError,
-                               r"Unknown class name\(s\) \['eleven'\]"),
+    "duplicate class names": Case(
+        lambda c: c.stage1(c.stage1_data["dataset"], _manifest_of(c, ["zero", "zero"])), DatasetInputError,
+        r"'zero' appears twice.*unique"),
+    "unknown class name": Case(lambda c: c.stage1(c.stage1_data["dataset"], _manifest_of(c, ["zero", "eleven"])),
+                               DatasetInputError, r"Unknown class name\(s\) \['eleven'\]"),
+    "class names that differ from the manifest's": Case(
+        lambda c: c.stage1_digits("--class_names", "one,zero"), DatasetInputError,
+        r"manifest's classes \['zero', 'one'\].* differ from the dataset's classes given by `class_names`"),
     "class name with /": Case(hostile_name_case("stealth/bomber")),
     "class name ..": Case(hostile_name_case("..")),
     "class name ../../escape": Case(hostile_name_case("../../escape")),
@@ -655,7 +676,8 @@ CASES = {
         lambda c: c.stage1(saved_dataset(c, Value("float32"), [0.5, 1.5]), c.stage1_data["manifest"]),
         DatasetInputError, r"Label column 'label' has type.*expected a ClassLabel, integer or string column"),
     "integer labels without class names": Case(
-        lambda c: c.stage1(saved_dataset(c, Value("int64"), [0, 1]), c.stage1_data["manifest"]),
+        lambda c: cli_main(["few-shot", "--dataset", saved_dataset(c, Value("int64"), [0, 1]), "--k", "1",
+                            "--output", str(c.out / "m.json")]),
         DatasetInputError, r"holds integers without class names; pass `class_names`"),
     "missing image column": Case(lambda c: c.stage1_digits("--image_column", "picture"), DatasetInputError,
                                  r"Column 'picture' \(image_column\) not found.*Pass `image_column=...`"),
@@ -734,7 +756,8 @@ CASES = {
                                              r"`--learning_rate` = inf is invalid: use a finite number in \(0, 1\]"),
     "NaN warm-up (stage 3)": Case(lambda c: c.stage3("--warmup_steps", "nan"), ValueError,
                                   r"`--warmup_steps` = nan is invalid: use a finite number >= 0"),
-    "K of 0 (datadream-hf few-shot)": Case(lambda c: _cli_few_shot(c, k=0), SystemExit, r"^2$"),  # usage error
+    "K of 0 (datadream-hf few-shot)": Case(lambda c: _cli_few_shot(c, k=0), ValueError,
+                                           r"`--k` = 0 is invalid: use an integer >= 1"),
     # Hand-edited manifests (every kind: tests/test_validation.py), refused before the model loads
     "manifest row of another class": Case(
         lambda c: c.stage1_digits("--few_shot_manifest", _edited_manifest(c, lambda m: m["indices"].reverse())),

@@ -341,9 +341,13 @@ def test_missing_or_mismatched_data_is_named_before_training(few_shot, tiny_sd_p
         load_few_shot_data(make_config(tiny_sd_path, tmp_path, dataset=data_path))
     with pytest.raises(DatasetInputError, match="missing.json"):
         load_few_shot_data(make_config(tiny_sd_path, tmp_path, dataset=data_path, few_shot_manifest="missing.json"))
-    # The manifest was drawn over 3 classes: all 10 is another dataset.
-    with pytest.raises(DatasetInputError, match="classes"):
-        load_few_shot_data(make_config(tiny_sd_path, tmp_path, dataset=data_path, few_shot_manifest=manifest_path))
+    # The manifest was drawn over 3 of the 10 classes: it alone says which, in which order (no --class_names).
+    data = load_few_shot_data(make_config(tiny_sd_path, tmp_path, dataset=data_path, few_shot_manifest=manifest_path))
+    assert data.class_names == CLASSES
+    # Only a real mismatch is refused.
+    mismatch = {"dataset": data_path, "few_shot_manifest": manifest_path, "class_names": ["one"]}
+    with pytest.raises(DatasetInputError, match=r"manifest's classes .* differ from the dataset's classes"):
+        load_few_shot_data(make_config(tiny_sd_path, tmp_path, **mismatch))
 
 
 # --- resume -------------------------------------------------------------------------------------------------------

@@ -62,6 +62,11 @@ def _args(tmp_path, **overrides):
         "augmentation": "none",
         "warmup_steps": 0,
         "seed": 0,
+        # The mechanics under test, not the reference recipe (whose defaults test_reference_recipe_defaults pins).
+        "per_device_train_batch_size": 8,
+        "mix_augmentation": "none",
+        "lr_scheduler_type": "constant",
+        "warmup_epochs": 0,
     }
     return DataDreamTrainingArguments(**{**defaults, **overrides})
 

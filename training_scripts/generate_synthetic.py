@@ -18,22 +18,25 @@ the same prompts:
         --few_shot_manifest aircraft_16shot.json --dataset_preset fgvc_aircraft \
         --output_dir synthetic-aircraft-frozen --dtype float16
 
-Offline, on the tiny test model (CPU, seconds), after stage 1 wrote `out`:
+Offline plumbing check on the tiny test model (RANDOM weights: for meaningful images pass the tiny world's pre-trained
+generator, `datadream-hf tiny-world` prints its folder), after stage 1 wrote `out` (CPU, seconds):
 
     python training_scripts/generate_synthetic.py --pretrained_model_name_or_path models/tiny-sd \
         --adapter_path out --images_per_class 4 --num_inference_steps 3 --output_dir synthetic
 
 Outputs: Parquet shards under `shards/` (PNG bytes + per-image seed and prompt), `generation_config.json`,
 `generation_manifest.json`, `sample_grid.png` and a dataset card `README.md`. Load the result with
-`datadream_hf.load_synthetic_dataset(output_dir)`.
+`datasets.load_dataset(output_dir, split="train")` (Image + ClassLabel, read from the shards through the card's YAML)
+or `datadream_hf.load_synthetic_dataset(output_dir)` (plus the per-class provenance columns); `load_from_disk` does
+not apply to the folder (`--save_to_disk DIR` also writes a `save_to_disk` copy).
 
 Every flag is a field of `GenerationArguments` or `GenerationConfig` (`datadream_hf.generate.config`, where their help
 and checks live). A JSON or YAML file of them can stand for the flags: `generate_synthetic.py stage2.yaml`.
+Bad input (a missing path, fp16 on a CPU, ...) stops the script with one line naming it; `--debug` adds the traceback.
 """
 
 from __future__ import annotations
 
-import logging
 import shlex
 import sys
 
@@ -42,8 +45,10 @@ import transformers
 from accelerate import PartialState
 
 from datadream_hf.arguments import ScriptArgumentParser
+from datadream_hf.console import setup_script_console
+from datadream_hf.errors import run_script
 from datadream_hf.generate.config import GenerationArguments, GenerationConfig
-from datadream_hf.generate.dataset import push_synthetic_dataset_to_hub, save_synthetic_dataset, write_dataset_card
+from datadream_hf.generate.dataset import push_synthetic_dataset_to_hub, save_synthetic_dataset
 from datadream_hf.generate.run import generate_synthetic_dataset
 
 
@@ -58,7 +63,7 @@ def parse_args(input_args: list[str] | None = None) -> tuple[GenerationArguments
 
 def main(args: tuple[GenerationArguments, GenerationConfig]) -> None:
     generation, config = args
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    setup_script_console(libraries=("datasets", "diffusers", "huggingface_hub", "transformers"))
     transformers.utils.logging.disable_progress_bar()  # else a "Loading weights" bar at every adapter switch
     state = PartialState(cpu=not torch.cuda.is_available())
 
@@ -70,11 +75,8 @@ def main(args: tuple[GenerationArguments, GenerationConfig]) -> None:
     # 2. Generation (resumes from the finished shards in --output_dir).
     generate_synthetic_dataset(generation, config, state=state, command=shlex.join(["python", *argv]))
 
-    # 3. The dataset: card, optional save_to_disk copy, optional Hub upload (Parquet).
+    # 3. The dataset (its card written by the run): optional save_to_disk copy, optional Hub upload (Parquet).
     if state.is_main_process:
-        write_dataset_card(
-            generation.output_dir, license=generation.dataset_license, repo_id=generation.hub_dataset_id
-        )
         if generation.save_to_disk:
             save_synthetic_dataset(generation.output_dir, generation.save_to_disk)
         if generation.push_to_hub:
@@ -90,4 +92,4 @@ def main(args: tuple[GenerationArguments, GenerationConfig]) -> None:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_script(main, parse_args)

@@ -3,13 +3,15 @@
 Draw the K-shot subset once (every stage reads the same manifest), then train. SD 2.1-base, FGVC-Aircraft, 16 shots,
 the paper's settings (rank 16, AdamW 1e-4, batch 8, 200 epochs), one adapter per class, classes split over 8 GPUs:
 
-    datadream-hf few-shot --dataset <aircraft dataset id> --split train --k 16 --seed 0 --output aircraft_16shot.json
+    datadream-hf few-shot --dataset <aircraft dataset id> --dataset_preset fgvc_aircraft --output aircraft_16shot.json
     accelerate launch --num_processes 8 training_scripts/train_datadream_lora.py \
         --pretrained_model_name_or_path stabilityai/stable-diffusion-2-1-base \
         --dataset <aircraft dataset id> --split train --few_shot_manifest aircraft_16shot.json \
         --dataset_preset fgvc_aircraft --mode cls --output_dir datadream-aircraft-cls \
         --mixed_precision fp16 --checkpointing_steps 100 --resume_from_checkpoint latest
 
+The manifest gives the classes, their order and their names (the preset's curated names: `Boeing 717`, not a Hub
+copy's raw label); `--dataset_preset` also sets the prompts' domain word and the Hub copy's columns and split.
 (`stabilityai/stable-diffusion-2-1-base` was removed from the Hub in 2025: pass a mirror's id or a local copy, and
 `--revision` to pin it.) One adapter for the whole dataset (DataDream_dset), batches split over the processes:
 
@@ -19,7 +21,9 @@ the paper's settings (rank 16, AdamW 1e-4, batch 8, 200 epochs), one adapter per
         --mode dset --output_dir datadream-aircraft-dset --mixed_precision fp16 \
         --push_to_hub --hub_model_id <user>/datadream-aircraft-dset
 
-Offline, on the tiny test model and the bundled digits (CPU, seconds):
+Offline plumbing check on the tiny test models and the bundled digits (CPU, seconds). The tiny test models have RANDOM
+weights: they learn nothing. For offline runs that mean something, use the tiny world's pre-trained generator
+(`datadream-hf tiny-world` prints its folder; in Python `datadream_hf.tiny_world.world.tiny_world_paths().generator`):
 
     datadream-hf tiny-models --output_dir models && datadream-hf digits --output_dir digits
     datadream-hf few-shot --dataset digits --k 4 --output digits_4shot.json
@@ -42,12 +46,14 @@ classes are grouped, and 2.4-3.2x faster than the reference's way on a 2-core CP
 
 Every flag is a field of `GeneratorTrainingConfig` or `AdapterHubArguments` (`datadream_hf.adapt.config`, where their
 help and checks live). A JSON or YAML file of them can stand for the flags: `train_datadream_lora.py stage1.yaml`.
+Bad input (a missing path, fp16 on a CPU, ...) stops the script with one line naming it; `--debug` adds the traceback.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -59,6 +65,9 @@ from datadream_hf.adapt.data import load_few_shot_data
 from datadream_hf.adapt.outputs import push_adapters_to_hub
 from datadream_hf.adapt.train import train_generator
 from datadream_hf.arguments import ScriptArgumentParser
+from datadream_hf.console import setup_script_console
+from datadream_hf.errors import run_script
+from datadream_hf.guardrails import refuse_fp16_on_cpu
 
 
 def parse_args(input_args: list[str] | None = None) -> tuple[GeneratorTrainingConfig, AdapterHubArguments]:
@@ -74,8 +83,12 @@ def parse_args(input_args: list[str] | None = None) -> tuple[GeneratorTrainingCo
 
 def main(args: tuple[GeneratorTrainingConfig, AdapterHubArguments]) -> None:
     config, hub = args
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    setup_script_console(libraries=("datasets", "diffusers", "huggingface_hub", "transformers"))
     # 1. Accelerate (CPU-only machines need cpu=True to start several processes); the config takes its precision.
+    #    fp16 on a CPU is refused first (the flag, or `accelerate launch --mixed_precision fp16`): slow and pointless.
+    precision = config.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    refuse_fp16_on_cpu(precision, device, "--mixed_precision fp16 (flag or accelerate launch)", "Pass no (or bf16).")
     output_dir = Path(config.output_dir)
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
@@ -105,4 +118,4 @@ def main(args: tuple[GeneratorTrainingConfig, AdapterHubArguments]) -> None:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_script(main, parse_args)

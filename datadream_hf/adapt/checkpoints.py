@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors.torch import save_file
 
+from ..errors import InputError
 from ..faults import fault_point
 from ..files import json_text
 from ..lora import load_safetensors
@@ -32,7 +33,7 @@ OPTIMIZER_NAME = "optimizer.safetensors"
 STATE_NAME = "training_state.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint that cannot be resumed from; the message names it and what to do."""
 
 

@@ -42,10 +42,15 @@ class GeneratorTrainingConfig:
     image_column: str = field(default="image", metadata={"help": "Image column of the dataset."})
     label_column: str = field(default="label", metadata={"help": "Label column of the dataset."})
     class_names: list[str] | None = field(
-        default=None, metadata={"help": "Classes to keep, in order, as when drawing the manifest (`a,b,c`)."}
+        default=None,
+        metadata={"help": "Optional: the manifest carries the classes, their order and names; if given, must match."},
     )
     dataset_preset: str | None = field(
-        default=None, metadata={"help": f"Sets the prompt's domain word: one of {sorted(DOMAIN_PRESETS)}."}
+        default=None,
+        metadata={
+            "help": f"The prompt's domain word of one of {sorted(DOMAIN_PRESETS)}; in the script also the columns and "
+            "split of the paper's dataset (`datadream-hf presets`)."
+        },
     )
     domain: str | None = field(default=None, metadata={"help": "Domain word with trailing space, e.g. 'aircraft '."})
     clean_class_names: bool = field(default=False, metadata={"help": "Replace '_' by ' ' in class names."})

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..data import DatasetInputError, decode_images, labels_of, load_labelled_dataset
-from ..few_shot import FewShotManifest
+from ..data import DatasetInputError, decode_images, labels_of
+from ..few_shot import FewShotManifest, load_manifest_dataset
 from ..run_folder import class_folder_name
 
 if TYPE_CHECKING:
@@ -44,7 +44,8 @@ class FewShotData:
 
 
 def load_few_shot_data(config: GeneratorTrainingConfig) -> FewShotData:
-    """Loads `config.dataset` and selects the rows of `config.few_shot_manifest`; errors name the missing input."""
+    """Loads `config.dataset` with the manifest's classes and names (`config.class_names` may repeat them) and selects
+    the rows of `config.few_shot_manifest`; errors name the missing input."""
     for name in ("dataset", "few_shot_manifest"):
         if not getattr(config, name):
             raise DatasetInputError(
@@ -52,8 +53,8 @@ def load_few_shot_data(config: GeneratorTrainingConfig) -> FewShotData:
                 "(draw it with `datadream-hf few-shot`)."
             )
     manifest = FewShotManifest.load(config.few_shot_manifest)
-    dataset = load_labelled_dataset(
-        config.dataset, config.split, config.image_column, config.label_column, config.class_names
+    dataset = load_manifest_dataset(
+        manifest, config.dataset, config.split, config.image_column, config.label_column, config.class_names
     )
     return FewShotData.from_dataset(dataset, manifest)
 

@@ -15,6 +15,7 @@ from peft.tuners.lora import LoraLayer
 
 from ..faults import fault_point
 from ..lora import ADAPTER_NAME, LORA_WEIGHT_NAME, generator_lora_configs, save_generator_lora
+from ..sources import check_source
 from ..validation import check_finite_weights
 from .config import GeneratorTrainingConfig
 from .data import StepBatch, TrainingUnit, init_generator
@@ -37,8 +38,12 @@ class GeneratorModels:
     def device(self) -> torch.device:
         return self.unet.device
 
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
     def latent_shape(self, resolution: int) -> tuple[int, int, int]:
-        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        factor = self.vae_scale_factor
         return (self.unet.config.in_channels, resolution // factor, resolution // factor)
 
     def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
@@ -58,6 +63,9 @@ def load_generator_models(config: GeneratorTrainingConfig, device: torch.device 
     from transformers import CLIPTextModel, CLIPTokenizer
 
     path = config.pretrained_model_name_or_path
+    check_source(
+        path, "--pretrained_model_name_or_path", required="unet/config.json", expected="a Stable Diffusion model"
+    )
     tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=config.revision)
     # The reference trains with DDPM noising whatever the model's sampling scheduler is.
     noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=config.revision)

@@ -92,20 +92,22 @@ def _result_signature(record: dict) -> dict:
     return {"hparams": hparams, "few_shot": few_shot, **{k: record[k] for k in keys}}
 
 
-def existing_artifacts(output_dir: Path) -> list[Path]:
-    patterns = (TRAINING_CONFIG_NAME, ADAPTER_INDEX_NAME, LORA_WEIGHT_NAME, f"*/{LORA_WEIGHT_NAME}", "checkpoint-*",
-                "*/checkpoint-*")  # fmt: skip
-    return sorted(p for pattern in patterns for p in output_dir.glob(pattern))
+def trained_artifacts(output_dir: Path) -> list[Path]:
+    """What a stage-1 run that trained leaves: adapters, checkpoints, the index (its run record alone is not that)."""
+    patterns = (ADAPTER_INDEX_NAME, LORA_WEIGHT_NAME, f"*/{LORA_WEIGHT_NAME}", "checkpoint-*", "*/checkpoint-*")
+    return sorted(p for pattern in patterns for p in output_dir.glob(pattern)) if output_dir.is_dir() else []
 
 
 def check_output_dir(output_dir: Path, record: dict, resume: bool) -> None:
-    """Refuses an output dir that holds another run, or a resume whose settings differ from the run's."""
+    """Refuses an output dir that holds another run's adapters or checkpoints, or a resume whose settings differ from
+    the run's. A run that never trained (its record alone: it stopped before its first checkpoint) is replaced."""
     if output_dir.exists() and not output_dir.is_dir():
         raise ValueError(f"--output_dir {str(output_dir)!r} is a file; pass a folder.")
+    trained = trained_artifacts(output_dir)
     if not resume:
-        refuse_new_run(output_dir, existing_artifacts(output_dir) if output_dir.is_dir() else [], "a stage-1 run")
+        refuse_new_run(output_dir, trained, "a stage-1 run")
     previous = output_dir / TRAINING_CONFIG_NAME
-    if resume and previous.is_file():
+    if resume and trained and previous.is_file():
         with open(previous) as f:
             old, new = _result_signature(json.load(f)), _result_signature(record)
         differing = {

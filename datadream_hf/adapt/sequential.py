@@ -39,10 +39,12 @@ StepCallback = Callable[[TrainingUnit, int], None]
 
 
 def progress_bar(accelerator, total: int, initial: int, name: str):
-    """An adapter's (or group's) step bar, on the local main process only."""
+    """An adapter's (or group's) step bar, on the local main process and a terminal only (tqdm's `disable=None`); a
+    piped log gets one line per adapter (`train_unit`), the losses go to `training_log.json` and the trackers."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc=f"adapter {name}", disable=not accelerator.is_local_main_process)
+    disable = None if accelerator.is_local_main_process else True
+    return tqdm(total=total, initial=initial, desc=f"adapter {name}", disable=disable)
 
 
 def training_step(
@@ -149,4 +151,6 @@ def train_unit(
     if writes:
         write_training_log(folder, log_history)  # before the adapter, which marks the unit done
         save_adapter_atomic(models, folder)
+        last_loss = f", last loss {log_history[-1]['loss']:.4f}" if log_history else ""
+        logger.info("Adapter %r trained: %d steps%s -> %s", unit.name, num_steps, last_loss, adapter)
     return adapter

@@ -8,6 +8,7 @@ import dataclasses
 import logging
 from pathlib import Path
 
+from ..guardrails import fp16_on_cpu, fp16_on_cpu_message, native_resolution, warn_far_resolution, warn_long_warmup
 from ..lora import LORA_WEIGHT_NAME
 from ..run_folder import class_folder_name, output_dir_lock
 from .checkpoints import CheckpointError
@@ -46,23 +47,33 @@ def train_generator(
     config.prompt_template().check_distinct(data.class_names)  # classes whose prompts are one cannot be told apart
     # Refuse another run's folder before taking the lock, which creates the folder.
     resume = config.resume_from_checkpoint is not None
-    check_output_dir(Path(config.output_dir), run_record(config, data), resume)
+    record = run_record(config, data)
+    check_output_dir(Path(config.output_dir), record, resume)
+    if accelerator.is_main_process:  # unwise settings, said once (the script refuses fp16 on a CPU outright)
+        if fp16_on_cpu(config.mixed_precision, accelerator.device):
+            logger.warning(
+                fp16_on_cpu_message("`mixed_precision`", "Use 'no' or 'bf16' unless fp16 itself is tested.")
+            )
+        steps = record["steps_per_adapter"]
+        warn_long_warmup(config.lr_warmup_steps, steps, "--lr_warmup_steps", config.learning_rate)
     with output_dir_lock(config.output_dir, accelerator):
         return _train_generator(config, data, accelerator, models, step_callback)
 
 
 def _train_generator(config, data, accelerator, models, step_callback) -> Path:
     output_dir = Path(config.output_dir)
-    # 1. Refuse to mix with another run before anything expensive (checked by every process, then written by one).
+    # 1. Refuse to mix with another run before anything expensive (checked by every process).
     record = run_record(config, data)
     check_output_dir(output_dir, record, resume=config.resume_from_checkpoint is not None)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        write_run_record(output_dir, record)
 
-    # 2. Load the base model once; every adapter of this process is trained on it.
+    # 2. Load the base model once; every adapter of this process is trained on it. The run record is written only
+    #    now: a run that failed before (a wrong model path) leaves no record that would refuse the corrected command.
     if models is None:
         models = load_generator_models(config, accelerator.device)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        warn_far_resolution(config.resolution, native_resolution(models.unet, models.vae_scale_factor))
+        write_run_record(output_dir, record)
     units = build_units(config, data, models.tokenizer, accelerator.process_index, accelerator.num_processes)
     logger.info(
         "Process %d of %d trains adapter(s) %s.",

@@ -10,6 +10,7 @@ from typing import ClassVar
 import torch
 from transformers import TrainingArguments
 
+from ..guardrails import refuse_fp16_on_cpu
 from ..prompts import DEFAULT_TEMPLATE, PromptTemplate, domain_for_preset
 from ..validation import (
     BETA,
@@ -22,12 +23,16 @@ from ..validation import (
     SEED,
     Range,
     check_ranges,
+    check_value,
     integer,
 )
 from .augment import AUGMENTATIONS, MIX_AUGMENTATIONS
 from .modeling import DEFAULT_CLASSIFIER_BASE
 
 TRAIN_MODES = ("real+synthetic", "synthetic", "real")
+# The `lr_scheduler_type` that runs the reference's schedule (`schedule.reference_lr_schedule`).
+REFERENCE_SCHEDULE = "cosine_with_min_lr"
+REFERENCE_SCHEDULE_KWARGS = {"min_lr": 1e-8}
 # The script's defaults over `TrainingArguments`': model selection on the validation split at every epoch; only the
 # best and the last checkpoint are kept.
 SCRIPT_DEFAULTS = {
@@ -41,7 +46,7 @@ SCRIPT_DEFAULTS = {
 }
 # The numeric `TrainingArguments` fields stage 3 inherits, and what each may be.
 TRAINING_ARGUMENT_RANGES = {
-    "per_device_train_batch_size": COUNT,
+    "per_device_train_batch_size": COUNT.with_hint("reference: 64"),
     "per_device_eval_batch_size": COUNT,
     "gradient_accumulation_steps": COUNT,
     "num_train_epochs": POSITIVE,
@@ -52,7 +57,7 @@ TRAINING_ARGUMENT_RANGES = {
     "adam_beta1": BETA,
     "adam_beta2": BETA,
     "adam_epsilon": RATE,
-    "max_grad_norm": NON_NEGATIVE.with_hint("0: no clipping"),
+    "max_grad_norm": NON_NEGATIVE.with_hint("0: no clipping, as the reference"),
     "label_smoothing_factor": BETA,
     "neftune_noise_alpha": POSITIVE.or_none(),
     "torch_empty_cache_steps": COUNT.or_none(),
@@ -84,7 +89,13 @@ class ClassifierArguments:
     real_split: str = field(default="train", metadata={"help": "Split holding the K-shot images."})
     image_column: str = field(default="image")
     label_column: str = field(default="label")
-    class_names: str | None = field(default=None, metadata={"help": "Comma-separated classes to keep, in order."})
+    class_names: str | None = field(
+        default=None,
+        metadata={
+            "help": "Comma-separated classes to keep, in order, when there is no manifest; with one, the manifest "
+            "carries the classes, their order and names (if given, this must match it)."
+        },
+    )
     few_shot_manifest: str | None = field(
         default=None,
         metadata={"help": "K-shot manifest (datadream-hf few-shot); required unless train_mode=synthetic."},
@@ -97,7 +108,25 @@ class ClassifierArguments:
         default=16, metadata={"help": "Validation images per class when carved from real_split."}
     )
     test_split: str | None = field(
-        default="test", metadata={"help": "Real split for the final report only (never used for selection)."}
+        default="test",
+        metadata={
+            "help": "Held-out real split for the final report only (never used for training or selection), of "
+            "`test_dataset` if given, else of `real_dataset`; 'none': no test evaluation."
+        },
+    )
+    test_dataset: str | None = field(
+        default=None,
+        metadata={
+            "help": "Held-out real data for the final report when `real_dataset` has no test split (e.g. an image "
+            "folder): an image folder, save_to_disk folder or Hub id."
+        },
+    )
+    test_per_class: int | None = field(
+        default=None,
+        metadata={
+            "help": "Carve the test set from `real_split` instead: this many images per class outside the K shots "
+            "and the validation carve (recorded in the report)."
+        },
     )
     synthetic_dataset: str | None = field(
         default=None, metadata={"help": "Stage-2 dataset: save_to_disk folder or Hub id (columns image, label)."}
@@ -107,7 +136,11 @@ class ClassifierArguments:
         default=None, metadata={"help": "Use at most this many synthetic images per class (default: all)."}
     )
     dataset_preset: str | None = field(
-        default=None, metadata={"help": "Prompt domain preset, e.g. fgvc_aircraft (same as stage 1)."}
+        default=None,
+        metadata={
+            "help": "One of the paper's datasets, e.g. fgvc_aircraft (`datadream-hf presets`): the prompts' domain "
+            "word (as stage 1), and in the script the columns, splits and epochs the paper used."
+        },
     )
     domain: str | None = field(default=None, metadata={"help": "Domain word with trailing space; overrides preset."})
     prompt_template: str = field(default=DEFAULT_TEMPLATE)
@@ -123,6 +156,7 @@ class ClassifierArguments:
     # What every numeric flag may be (`datadream_hf.validation`), checked before any work.
     NUMERIC_RANGES: ClassVar[dict[str, Range]] = {
         "validation_per_class": COUNT,
+        "test_per_class": COUNT.or_none().with_hint("None: a test split or dataset"),
         "synthetic_images_per_class": COUNT.or_none().with_hint("None: all"),
         "lora_rank": COUNT.with_hint("reference: 16"),
         "lora_alpha": COUNT.with_hint("reference: 32"),
@@ -133,7 +167,13 @@ class ClassifierArguments:
         if not self.real_dataset:
             raise ValueError("`--real_dataset` is required (the K-shot source, and the validation/test splits).")
         check_ranges(self, self.NUMERIC_RANGES)
-        if self.validation_split is not None and self.validation_split == self.test_split:
+        if isinstance(self.test_split, str) and self.test_split.lower() in ("none", ""):
+            self.test_split = None
+        if self.test_per_class is not None:
+            if self.test_dataset:
+                raise ValueError("Pass either `--test_per_class` (a carve of `real_split`) or `--test_dataset`.")
+            self.test_split = None  # the carve is the test set
+        if self.validation_split is not None and self.validation_split == self.test_split and not self.test_dataset:
             raise ValueError(
                 f"`--validation_split` and `--test_split` are both {self.test_split!r}: selecting the model on the "
                 "test split inflates its accuracy. Use another split or leave `--validation_split` unset."
@@ -151,8 +191,12 @@ class ClassifierArguments:
 class DataDreamTrainingArguments(TrainingArguments):
     """`TrainingArguments` plus the real/synthetic mixing of DataDream's classifier training.
 
-    Defaults that differ from `TrainingArguments` follow the reference classifier (AdamW lr 1e-4, wd 1e-4, cosine)
-    or avoid known pitfalls (`remove_unused_columns=False` keeps `is_real`; `label_names=["labels"]`).
+    Defaults that differ from `TrainingArguments` are the reference classifier's recipe (ExplainableML/DataDream
+    `classify/`: its README command, `bash_run.sh`, `config.py`): batch 64 per device, AdamW lr 1e-4 and weight decay
+    1e-4, a 3-epoch linear warm-up from the minimum lr 1e-8 then a cosine down to it, no gradient clipping, fp16
+    autocast on a GPU (fp32 on CPU), MixUp/CutMix on 20% of the batches, 100 epochs (its default; a dataset preset
+    sets the paper's, e.g. 50 for FGVC-Aircraft). Others avoid known pitfalls (`remove_unused_columns=False` keeps
+    `is_real`; `label_names=["labels"]`).
     """
 
     real_loss_weight: float = field(
@@ -179,17 +223,56 @@ class DataDreamTrainingArguments(TrainingArguments):
         },
     )
     mix_augmentation: str = field(
-        default="none",
-        metadata={"help": "MixUp/CutMix on some batches (off by default).", "choices": list(MIX_AUGMENTATIONS)},
+        default="mixup_or_cutmix",
+        metadata={
+            "help": "MixUp or CutMix (one drawn per batch) on `mix_probability` of the batches, as the reference's "
+            "command (`--is_mix_aug=True`); 'none' turns it off.",
+            "choices": list(MIX_AUGMENTATIONS),
+        },
     )
     mix_probability: float = field(
         default=0.2, metadata={"help": "Fraction of training batches that get MixUp/CutMix (reference: 0.2)."}
     )
     mix_alpha: float = field(default=1.0, metadata={"help": "Beta(alpha, alpha) of the MixUp/CutMix weight."})
-    # Overridden defaults.
-    learning_rate: float = field(default=1e-4, metadata={"help": "Initial AdamW learning rate (reference: 1e-4)."})
+    warmup_epochs: float = field(
+        default=3.0,
+        metadata={
+            "help": "Linear warm-up over this many epochs (reference: 3), unless `warmup_steps` > 0 is given; "
+            "with the default schedule it starts from the minimum lr, as the reference's."
+        },
+    )
+    # Overridden defaults: the reference's recipe.
+    per_device_train_batch_size: int = field(
+        default=64, metadata={"help": "Training images per device and step (reference: 64)."}
+    )
+    num_train_epochs: float = field(
+        default=100.0,
+        metadata={"help": "Epochs (reference default: 100; `--dataset_preset` sets the paper's where known)."},
+    )
+    learning_rate: float = field(default=1e-4, metadata={"help": "Peak AdamW learning rate (reference: 1e-4)."})
     weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay (reference: 1e-4)."})
-    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning rate schedule (reference: cosine)."})
+    lr_scheduler_type: str = field(
+        default=REFERENCE_SCHEDULE,
+        metadata={
+            "help": f"Learning rate schedule. '{REFERENCE_SCHEDULE}' (default) is the reference's: warm-up from "
+            "`lr_scheduler_kwargs['min_lr']` to `learning_rate`, then a cosine down to that minimum; the Trainer's "
+            "other schedules warm up from 0."
+        },
+    )
+    lr_scheduler_kwargs: dict | str | None = field(
+        default_factory=lambda: dict(REFERENCE_SCHEDULE_KWARGS),
+        metadata={"help": "Schedule arguments; `min_lr` is the floor of the cosine (reference: 1e-8)."},
+    )
+    max_grad_norm: float = field(
+        default=0.0, metadata={"help": "Gradient clipping norm; 0 clips nothing (the reference does not clip)."}
+    )
+    fp16: bool | None = field(
+        default=None,
+        metadata={
+            "help": "fp16 autocast with loss scaling. Default: on when a CUDA GPU trains (the reference's "
+            "`--use_fp16 True`), off on CPU."
+        },
+    )
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Kept False: the model's forward does not take `is_real`, the loss does."}
     )
@@ -208,6 +291,7 @@ class DataDreamTrainingArguments(TrainingArguments):
         "real_samples_per_batch": COUNT.or_none().with_hint("None: half the batch"),
         "mix_probability": PROBABILITY.with_hint("reference: 0.2"),
         "mix_alpha": POSITIVE,
+        "warmup_epochs": NON_NEGATIVE.with_hint("reference: 3"),
         **TRAINING_ARGUMENT_RANGES,
     }
 
@@ -223,7 +307,12 @@ class DataDreamTrainingArguments(TrainingArguments):
             # Several CPU processes (accelerate launch / torchrun without a GPU) only form a DDP group when
             # `use_cpu` is set before the devices are set up, i.e. here; otherwise each process trains alone.
             self.use_cpu = True
+        if self.fp16 is None:
+            self.fp16 = default_fp16(self.use_cpu)
         super().__post_init__()
+        if isinstance(self.lr_scheduler_kwargs, dict) and "min_lr" in self.lr_scheduler_kwargs:  # parsed by now
+            check_value("lr_scheduler_kwargs.min_lr", self.lr_scheduler_kwargs["min_lr"], PROBABILITY.with_hint(
+                "the cosine's floor; reference: 1e-8"))  # fmt: skip
         self.samples_per_batch()  # validates real_samples_per_batch against the batch size
 
     def samples_per_batch(self) -> tuple[int, int]:
@@ -243,13 +332,21 @@ class DataDreamTrainingArguments(TrainingArguments):
         return real, batch_size - real
 
 
+def default_fp16(use_cpu: bool) -> bool:
+    """fp16 autocast where the reference used it: on a CUDA GPU (its `--use_fp16 True`); fp32 on CPU."""
+    return torch.cuda.is_available() and not use_cpu
+
+
 def _has_accelerator() -> bool:
     accelerator = getattr(torch, "accelerator", None)
     return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
 
 
 def check_arguments(args: ClassifierArguments, training_args: DataDreamTrainingArguments) -> None:
-    """The checks that need both dataclasses: the data `train_mode` trains on must be given."""
+    """The checks that need both dataclasses (the data `train_mode` trains on must be given) or the machine (no fp16
+    on a CPU)."""
+    if training_args.fp16:
+        refuse_fp16_on_cpu("fp16", training_args.device, "--fp16", "Drop it (fp32), or pass --bf16 true.")
     if training_args.train_mode != "real" and not args.synthetic_dataset:
         raise ValueError(f"`--train_mode {training_args.train_mode}` needs `--synthetic_dataset`.")
     if training_args.train_mode != "synthetic" and not args.few_shot_manifest:

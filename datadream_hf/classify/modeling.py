@@ -22,11 +22,11 @@ from transformers.utils import ModelOutput
 from ..files import staged_files, write_json_atomic
 from ..lora import classifier_lora_config, load_safetensors
 from ..prompts import PromptTemplate
+from ..run_folder import CLASSIFIER_CONFIG_NAME
 from ..validation import check_finite_weights
 from ..versions import library_versions
 
 DEFAULT_CLASSIFIER_BASE = "openai/clip-vit-base-patch16"
-CLASSIFIER_CONFIG_NAME = "classifier_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 
@@ -142,7 +142,8 @@ class CLIPLoRAClassifier(nn.Module):
             get_peft_model_state_dict(self.clip), f"the classifier adapter in {str(save_directory)!r}"
         )
         with staged_files(save_directory, names=(ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME)) as tmp:
-            self.clip.save_pretrained(tmp, safe_serialization=True)
+            # No base embeddings (the vocabulary is never resized), so no Hub lookup of the base model at every save.
+            self.clip.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=False)
         write_json_atomic(save_directory / CLASSIFIER_CONFIG_NAME, {**self.config_dict(), **(extra_config or {})})
 
     def load_adapter_weights(self, adapter_directory: str | os.PathLike) -> None:

@@ -29,6 +29,7 @@ def run_record(args, training_args, data: dict, prompt_template: PromptTemplate,
         "training_args": {k: v for k, v in training_args.to_dict().items() if not k.endswith("_token")},
         "class_names": data["class_names"],
         "prompt_template": prompt_template.to_dict(),
+        "prompts": [prompt_template(name) for name in data["class_names"]],  # the classifier head's class prompts
         "manifest": None if manifest is None else {"k": manifest.k, "seed": manifest.seed, "source": manifest.source},
         "num_real": train_dataset.num_real,
         "num_synthetic": train_dataset.num_synthetic,

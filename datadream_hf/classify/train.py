@@ -1,6 +1,7 @@
 """Stage 3 of DataDream, whole: `train_classifier` loads the real K-shot, validation, test and synthetic rows, trains
-CLIP + LoRA with `MixedRealSyntheticTrainer` (the best epoch chosen on validation, never on test), evaluates it, and
-writes the adapter, run record, report and card, holding the output folder's lock; then the optional Hub upload."""
+CLIP + LoRA with `MixedRealSyntheticTrainer` (the best epoch chosen on validation, never on test), evaluates it (on a
+test set that holds no training or validation image), and writes the adapter, run record, report and card, holding the
+output folder's lock; then the optional Hub upload."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from transformers import CLIPProcessor, set_seed
 from .. import hub
 from ..lora import classifier_lora_config
 from ..run_folder import output_dir_lock
+from ..sources import check_source
 from .augment import build_transforms
 from .checkpoints import check_fresh_output_dir
 from .config import ClassifierArguments, DataDreamTrainingArguments, check_arguments
@@ -18,7 +20,7 @@ from .data import ImageClassificationDataset, load_classifier_data
 from .metrics import classification_report
 from .modeling import CLIPLoRAClassifier
 from .outputs import run_record, run_report, write_outputs
-from .trainer import MixedRealSyntheticTrainer, accuracy_compute_metrics
+from .trainer import MixedRealSyntheticTrainer, accuracy_compute_metrics, use_quiet_console
 
 
 def train_classifier(args: ClassifierArguments, training_args: DataDreamTrainingArguments) -> dict:
@@ -34,6 +36,7 @@ def train_classifier(args: ClassifierArguments, training_args: DataDreamTraining
     training_args.push_to_hub, training_args.hub_token = False, None
 
     # 1. Data (every input check happens here, before the model loads).
+    check_source(args.model_name_or_path, "--model_name_or_path", required="config.json", expected="a CLIP model")
     check_fresh_output_dir(training_args.output_dir, training_args.resume_from_checkpoint)
     data = load_classifier_data(args, training_args)
     args.class_prompt_template().check_distinct(data["class_names"])  # the head must tell every class apart
@@ -74,13 +77,14 @@ def _train_and_report(args, training_args, data: dict, push_to_hub: bool, hub_to
         processing_class=processor,
         compute_metrics=accuracy_compute_metrics(len(class_names)),
     )
+    use_quiet_console(trainer)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
 
     # 4. Final evaluation of the selected model, saying where every number comes from.
     evaluations = {"validation": (validation, data["validation_source"])}
     if data["test"] is not None:
         test = ImageClassificationDataset(data["test"], transform=eval_transform)
-        evaluations["test"] = (test, f"real split `{args.test_split}` (held out, report only)")
+        evaluations["test"] = (test, data["test_source"])
     results = {}
     for split, (dataset, source) in evaluations.items():
         prediction = trainer.predict(dataset, metric_key_prefix=split)

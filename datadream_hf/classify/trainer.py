@@ -4,6 +4,7 @@ synthetic images and whose loss is lambda * CE(real) + (1 - lambda) * CE(synthet
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 from functools import partial
 from pathlib import Path
@@ -11,12 +12,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from datasets import Dataset
 from torch.utils.data import DataLoader
-from transformers import Trainer
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, seed_worker
+from transformers import Trainer, TrainerCallback, get_scheduler
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SchedulerType, seed_worker
 
+from ..console import on_terminal
 from ..faults import fault_point
 from ..files import staged_files
+from ..guardrails import warn_long_warmup
 from ..validation import check_finite_loss
 from .augment import mix_batch
 from .checkpoints import (
@@ -25,8 +30,9 @@ from .checkpoints import (
     latest_complete_checkpoint,
     remove_incomplete_checkpoints,
 )
-from .config import DataDreamTrainingArguments
-from .data import ImageClassificationDataset, RealSyntheticBatchSampler, collate_image_batch
+from .config import REFERENCE_SCHEDULE, REFERENCE_SCHEDULE_KWARGS, DataDreamTrainingArguments
+from .data import ImageClassificationDataset, RealSyntheticBatchSampler, TransformedRows, collate_image_batch
+from .schedule import reference_lr_schedule
 
 logger = logging.getLogger(__name__)
 
@@ -79,9 +85,40 @@ def accuracy_compute_metrics(num_classes: int):
     return compute_metrics
 
 
+class MetricsLogCallback(TrainerCallback):
+    """Logs each evaluation and the run's summary as one line; the per-step training logs stay in `trainer_state.json`
+    and the trackers (`report_to`), off the console."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs and "loss" not in logs:
+            logger.info(", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in logs.items()))
+
+
+class BarOnlyProgressCallback(ProgressCallback):
+    """The Trainer's progress bars without the log dict it writes under them at every logging step."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        pass
+
+
+def use_quiet_console(trainer: Trainer) -> None:
+    """Replaces the Trainer's console output (a printed dict per logging step, a bar redrawn per step even in a piped
+    log) by `MetricsLogCallback`, plus the bars alone on a terminal."""
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(MetricsLogCallback)
+    if on_terminal() and not trainer.args.disable_tqdm:
+        trainer.add_callback(BarOnlyProgressCallback)
+
+
 class MixedRealSyntheticTrainer(Trainer):
-    """`Trainer` for `CLIPLoRAClassifier` on an `ImageClassificationDataset`; overrides the train sampler/loader,
-    `compute_loss`, `log` and the checkpoint I/O (LoRA adapter only, not the full CLIP).
+    """`Trainer` for `CLIPLoRAClassifier`; overrides the train sampler/loader, `compute_loss`, `log` and the checkpoint
+    I/O (LoRA adapter only, not the full CLIP).
+
+    The training set is an `ImageClassificationDataset` (what `train_classifier` builds), or a plain
+    `datasets.Dataset` whose items hold `pixel_values` and `label` through a transform (`dataset.with_transform(...)`),
+    with an `is_real` column to mark its real rows (without one, every row is real: `train_mode="real"`). Evaluation
+    datasets are either kind.
 
     Gradient accumulation: every micro-batch holds the same numbers of real and synthetic images, so the mean of
     the micro-batch losses equals the loss of the whole accumulated batch. `compute_loss` therefore returns the
@@ -97,6 +134,8 @@ class MixedRealSyntheticTrainer(Trainer):
         super().__init__(*args, **kwargs)
         if not isinstance(self.args, DataDreamTrainingArguments):
             raise TypeError(f"`args` must be DataDreamTrainingArguments, got {type(self.args).__name__}.")
+        if isinstance(self.train_dataset, Dataset):
+            self.train_dataset = TransformedRows(self.train_dataset)
         self._partial_losses: dict[str, list[torch.Tensor]] = {}
         self._mix_rng = np.random.default_rng([self.args.seed, self.args.process_index, 1])
 
@@ -128,8 +167,11 @@ class MixedRealSyntheticTrainer(Trainer):
 
     def _get_train_sampler(self, train_dataset=None) -> RealSyntheticBatchSampler:
         dataset = train_dataset if train_dataset is not None else self.train_dataset
-        if not isinstance(dataset, ImageClassificationDataset):
-            raise TypeError(f"train_dataset must be an ImageClassificationDataset, got {type(dataset).__name__}.")
+        if not isinstance(dataset, (ImageClassificationDataset, TransformedRows)):
+            raise TypeError(
+                "train_dataset must be an ImageClassificationDataset or a datasets.Dataset (items with `pixel_values` "
+                f"and `label`), got {type(dataset).__name__}."
+            )
         real, synthetic = self.args.samples_per_batch()
         return RealSyntheticBatchSampler(
             num_real=dataset.num_real,
@@ -165,6 +207,41 @@ class MixedRealSyntheticTrainer(Trainer):
         if shard is not None and getattr(shard, "batch_sampler", None) is sampler:
             shard.num_processes, shard.process_index = 1, 0
         return dataloader
+
+    # ---- learning-rate schedule ----
+
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
+        """The reference's schedule for `lr_scheduler_type` 'cosine_with_min_lr' (the default), else the Trainer's;
+        the warm-up lasts `warmup_steps` if > 0, else `warmup_epochs` epochs of this run's sampler."""
+        if self.lr_scheduler is not None:
+            return self.lr_scheduler
+        optimizer = optimizer if optimizer is not None else self.optimizer
+        if self.args.warmup_steps > 0:
+            warmup = self.args.get_warmup_steps(num_training_steps)
+        else:
+            batches = len(self._get_train_sampler())
+            steps_per_epoch = max(math.ceil(batches / self.args.gradient_accumulation_steps), 1)
+            warmup = round(self.args.warmup_epochs * steps_per_epoch)
+        if self.args.should_log:  # once per run: a warm-up as long as the run never reaches the learning rate
+            flag = "--warmup_steps" if self.args.warmup_steps > 0 else "--warmup_epochs"
+            warn_long_warmup(warmup, num_training_steps, flag, self.args.learning_rate)
+        warmup = min(warmup, num_training_steps)
+        kwargs = dict(self.args.lr_scheduler_kwargs or {})
+        if SchedulerType(self.args.lr_scheduler_type) == SchedulerType(REFERENCE_SCHEDULE):
+            min_lr = kwargs["min_lr"] if "min_lr" in kwargs else self.args.learning_rate * kwargs.get("min_lr_rate", 0)
+            self.lr_scheduler = reference_lr_schedule(optimizer, num_training_steps, warmup, float(min_lr))
+        else:
+            if kwargs == REFERENCE_SCHEDULE_KWARGS:  # the default schedule's floor, not an argument of the others
+                kwargs = {}
+            self.lr_scheduler = get_scheduler(
+                self.args.lr_scheduler_type,
+                optimizer=optimizer,
+                num_warmup_steps=warmup,
+                num_training_steps=num_training_steps,
+                scheduler_specific_kwargs=kwargs,
+            )
+        self._created_lr_scheduler = True
+        return self.lr_scheduler
 
     # ---- loss and logging ----
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,11 +16,11 @@ from ..adapter_index import read_adapter_index
 from ..files import file_sha256
 from ..lora import LORA_WEIGHT_NAME, pickled_weight_files
 from ..run_folder import TRAINING_CONFIG_NAME
+from ..sources import check_source
 from .config import GenerationInputError
 
 logger = logging.getLogger(__name__)
 
-HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Suffixes of LoRA factors in diffusers-format files (old and peft spellings) -> which factor they are.
 LORA_FACTOR_SUFFIXES = {
     ".lora.down.weight": "down",
@@ -103,11 +102,15 @@ def resolve_adapters(
 
     Checks that every class has a safetensors adapter file; pickled weights are refused, never loaded.
     """
-    local = Path(adapter_path).expanduser()
     resolved_revision = None
-    if local.is_dir():
-        root = local
-    elif HUB_REPO_ID.match(adapter_path):
+    # A mistyped local path fails here at once (and a Hub id in offline mode with no cached copy).
+    if check_source(adapter_path, "--adapter_path") == "local":
+        root = Path(adapter_path).expanduser()
+        if not root.is_dir():
+            raise GenerationInputError(
+                f"`adapter_path` {adapter_path!r} is a file: pass the --output_dir of train_datadream_lora.py."
+            )
+    else:
         from huggingface_hub import snapshot_download
 
         try:
@@ -120,17 +123,12 @@ def resolve_adapters(
                     allow_patterns=["*.json", "*.safetensors"],
                 )
             )
-        except Exception as err:  # offline, unknown repo, gated...: all mean "no adapters from there"
+        except Exception as err:  # unknown repo, gated, unreachable...: all mean "no adapters from there"
             raise GenerationInputError(
                 f"`adapter_path` {adapter_path!r} is not a local folder and could not be fetched from the Hub "
                 f"({type(err).__name__}: {err}). Pass the stage-1 --output_dir or a reachable Hub repo id."
             ) from err
         resolved_revision = root.name  # snapshot folders are named by commit hash
-    else:
-        raise GenerationInputError(
-            f"`adapter_path` {adapter_path!r} is neither an existing folder nor a Hub repo id ('owner/name'). Pass "
-            "the --output_dir of train_datadream_lora.py."
-        )
     index = read_adapter_index(root)
     names = index["class_names"]
     if index["mode"] == "dset":

@@ -9,6 +9,7 @@ from typing import ClassVar, Literal
 
 import torch
 
+from ..errors import InputError
 from ..few_shot import FewShotManifest
 from ..prompts import DEFAULT_TEMPLATE, PromptTemplate
 from ..validation import COUNT, NON_NEGATIVE, SEED, Range, check_ranges, integer
@@ -17,7 +18,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 MIXED_PRECISION_DTYPES = {"no": "float32", "fp16": "float16", "bf16": "bfloat16"}  # accelerate's names of the dtypes
 
 
-class GenerationInputError(ValueError):
+class GenerationInputError(InputError):
     """Bad stage-2 input (adapters, base model, class names, output folder); raised before any image is made."""
 
 

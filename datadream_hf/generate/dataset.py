@@ -1,5 +1,6 @@
-"""The finished synthetic dataset of stage 2: its sample grid, its dataset card, a `save_to_disk` copy and the Hub
-upload (Parquet + card). Reading a generation folder as a `datasets.Dataset` is `synthetic.load_synthetic_dataset`."""
+"""The finished synthetic dataset of stage 2: its sample grid, its dataset card (through which `datasets.load_dataset`
+reads the folder), a `save_to_disk` copy and the Hub upload (Parquet + card). The package's own reader of a generation
+folder, with every provenance column, is `synthetic.load_synthetic_dataset`."""
 
 from __future__ import annotations
 
@@ -18,10 +19,12 @@ from ..files import save_png_atomic, write_text_atomic
 from ..grids import image_grid
 from ..synthetic import (
     DATADREAM_CITATION,
+    SHARD_FILES,
     Shard,
     load_synthetic_dataset,
     read_generation_config,
     read_shard,
+    shard_features,
     synthetic_features,
 )
 
@@ -61,23 +64,28 @@ def render_dataset_card(
     license: str = "other",
     repo_id: str | None = None,
     pretty_name: str | None = None,
+    hub_layout: bool = False,
 ) -> str:
     """The dataset card (README.md) of a generation folder, from `model_cards/dataset_card.md`.
 
     Args:
         license: License of the base model, which the generated images inherit (e.g. `openrail++` for SD 2.1).
         repo_id: The Hub dataset id, used in the card's loading snippet.
+        hub_layout: the card of the Hub upload (`data/train-*` Parquet files of the built dataset) instead of the
+            generation folder's own (its YAML points `datasets.load_dataset(<folder>)` at the shard files).
     """
     config = read_generation_config(generation_dir)
     names, params = config["class_names"], config["generation"]
-    features = synthetic_features(names)
+    files, features = (
+        ("data/train-*", synthetic_features(names)) if hub_layout else (SHARD_FILES, shard_features(names))
+    )
     metadata = {
         "license": license,
         "pretty_name": pretty_name or "DataDream synthetic dataset",
         "task_categories": ["image-classification"],
         "tags": ["datadream", "synthetic", "diffusers", "stable-diffusion", "lora"],
         "size_categories": [_size_category(len(names) * params["images_per_class"])],
-        "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": "data/train-*"}]}],
+        "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": files}]}],
         "dataset_info": {"features": features._to_yaml_list()},
     }
     per_class = config["adapters"]["per_class"]
@@ -90,6 +98,7 @@ def render_dataset_card(
         metadata_yaml=yaml.safe_dump(metadata, sort_keys=False, allow_unicode=True),
         pretty_name=metadata["pretty_name"],
         repo_id=repo_id or "<your-namespace>/<dataset-name>",
+        hub_layout=hub_layout,
         license=license,
         base_model=config["base_model"],
         adapters=config["adapters"],
@@ -136,7 +145,7 @@ def push_synthetic_dataset_to_hub(
         write_sample_grid(generation_dir)
     with tempfile.TemporaryDirectory() as staging:
         Path(staging, "README.md").write_text(
-            render_dataset_card(generation_dir, license=license, repo_id=repo_id), encoding="utf-8"
+            render_dataset_card(generation_dir, license=license, repo_id=repo_id, hub_layout=True), encoding="utf-8"
         )
         Path(staging, SAMPLE_GRID_NAME).write_bytes((Path(generation_dir) / SAMPLE_GRID_NAME).read_bytes())
         url = hub.push_folder_to_hub(

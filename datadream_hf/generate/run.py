@@ -7,18 +7,23 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from ..files import write_json_atomic
+from ..guardrails import native_resolution, refuse_fp16_on_cpu, warn_far_resolution
 from ..prompts import PromptTemplate
 from ..run_folder import TRAINING_CONFIG_NAME, OutputDirLock, OutputDirLockedError, settings_diff
+from ..sources import check_source
 from ..synthetic import (
     GENERATION_CONFIG_NAME,
     GENERATION_MANIFEST_NAME,
+    SHARDS_DIR,
     Shard,
+    is_shard_finished,
     missing_shards,
     plan_shards,
     remove_stale_temp_files,
@@ -26,7 +31,7 @@ from ..synthetic import (
 from ..versions import library_versions
 from .adapters import AdapterSet, check_adapters_fit, check_base_model_id, check_class_names, resolve_adapters
 from .config import DTYPES, GenerationArguments, GenerationConfig, GenerationInputError
-from .dataset import write_sample_grid
+from .dataset import write_dataset_card, write_sample_grid
 from .sampling import SyntheticImageSampler, load_generation_pipeline
 from .shards import generate_shards, split_work
 
@@ -91,15 +96,20 @@ def describe_run(sampler: SyntheticImageSampler, base_model: dict, dtype: str, c
     return info
 
 
-def check_output_dir(output_dir: str | Path, run_info: dict) -> None:
-    """Refuses to resume into a folder that holds a run with other settings (its shards would be mixed in)."""
+def check_output_dir(output_dir: str | Path, run_info: dict) -> bool:
+    """Refuses to resume into a folder that holds a run with other settings (its shards would be mixed in). Returns
+    True when that run never finished a shard (e.g. it ran out of memory at its first batch): this run replaces it."""
     path = Path(output_dir) / GENERATION_CONFIG_NAME
     if not path.is_file():
-        return
+        return False
     try:
         previous = json.loads(path.read_text())
         if previous.get("fingerprint") == run_info["fingerprint"]:
-            return
+            return False
+        names, params = previous["class_names"], previous["generation"]
+        plan = plan_shards(len(names), params["images_per_class"], params["shard_size"])
+        if not any(is_shard_finished(output_dir, s, names, previous["fingerprint"]) for s in plan):
+            return True
         old, new = _identity(previous), _identity(run_info)
     except (json.JSONDecodeError, KeyError) as err:
         raise GenerationInputError(f"{str(path)!r} is unreadable ({err}); use a new --output_dir.") from err
@@ -135,6 +145,13 @@ def generate_synthetic_dataset(
     state = state or PartialState(cpu=not torch.cuda.is_available())
     output_dir, model, revision = args.output_dir, args.pretrained_model_name_or_path, args.revision
     # 1. Validate everything before the first image (`args` checked adapter_path / no_adapter / classes).
+    check_source(
+        model, "--pretrained_model_name_or_path", required="model_index.json", expected="a diffusers pipeline"
+    )
+    dtype = config.resolved_dtype(state.device)
+    refuse_fp16_on_cpu(
+        dtype, state.device, "--dtype float16 (or --mixed_precision fp16)", "Leave --dtype auto (float32 on a CPU)."
+    )
     class_names = args.requested_class_names()
     if args.no_adapter:
         adapters = AdapterSet.none(class_names)
@@ -145,12 +162,13 @@ def generate_synthetic_dataset(
     template.check_distinct(adapters.class_names)  # classes whose prompts are one cannot be told apart
     # The recorded base model id is checked before the (slow) pipeline load; the weight shapes after it.
     check_base_model_id(adapters, model, revision, args.allow_base_model_mismatch)
-    dtype = config.resolved_dtype(state.device)
     pipeline = load_generation_pipeline(
         model, revision=revision, variant=args.variant, torch_dtype=DTYPES[dtype], scheduler=config.scheduler
     )
     check_adapters_fit(pipeline, adapters, model, revision, args.allow_base_model_mismatch)
     sampler = SyntheticImageSampler(pipeline.to(state.device), adapters, template, config)
+    if state.is_main_process and config.resolution is not None:
+        warn_far_resolution(config.resolution, native_resolution(pipeline.unet, pipeline.vae_scale_factor))
     base_model = {"pretrained_model_name_or_path": model, "revision": revision, "variant": args.variant}
     run_info = describe_run(sampler, base_model, dtype, command=command)
     output_dir = Path(output_dir)
@@ -162,7 +180,10 @@ def generate_synthetic_dataset(
     if state.is_main_process:
         try:
             lock.acquire()
-            check_output_dir(output_dir, run_info)  # again: another run may have started since the check above
+            # Again: another run may have started since the check above.
+            if check_output_dir(output_dir, run_info):
+                logger.info(f"Replacing the run in {output_dir}, which never finished a shard.")
+                shutil.rmtree(output_dir / SHARDS_DIR, ignore_errors=True)
             write_json_atomic(output_dir / GENERATION_CONFIG_NAME, run_info)
             for tmp in remove_stale_temp_files(output_dir):
                 logger.info(f"Removed {tmp}, left by an interrupted run.")
@@ -195,7 +216,7 @@ def generate_synthetic_dataset(
         sampler.switcher.reset()
         state.wait_for_everyone()
 
-        # 4. The main process checks the union and writes the run manifest and a sample grid.
+        # 4. The main process checks the union and writes the run manifest, a sample grid and the dataset card.
         if state.is_main_process:
             still_missing = missing_shards(output_dir, run_info)
             if still_missing:
@@ -211,6 +232,8 @@ def generate_synthetic_dataset(
                 ],
             }
             write_json_atomic(output_dir / GENERATION_MANIFEST_NAME, manifest)
+            # The card last: its YAML makes the folder loadable with `datasets.load_dataset(output_dir)`.
+            write_dataset_card(output_dir, license=args.dataset_license, repo_id=args.hub_dataset_id)
         state.wait_for_everyone()
     finally:
         lock.release()

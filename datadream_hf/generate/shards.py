@@ -4,6 +4,7 @@ encoding and the atomic shard write) on a background thread while the next one i
 from __future__ import annotations
 
 import io
+import logging
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -13,6 +14,8 @@ from PIL import Image as PILImage
 
 from ..synthetic import Shard, write_shard
 from .sampling import SyntheticImageSampler, image_seed
+
+logger = logging.getLogger(__name__)
 
 
 def encode_png(image: PILImage.Image) -> bytes:
@@ -35,7 +38,8 @@ def generate_shards(
     show_progress: bool = True,
     on_shard_written: Callable[[Shard, Path], None] | None = None,
 ) -> None:
-    """Generates and writes `shards` in order, with an overall and a per-class progress bar (images/s)."""
+    """Generates and writes `shards` in order, with an overall and a per-class progress bar (images/s) on a terminal,
+    a log line per written shard elsewhere."""
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as writer:
         _generate_shards(sampler, output_dir, shards, run_fingerprint, show_progress, on_shard_written, writer)
 
@@ -50,11 +54,14 @@ def _generate_shards(sampler, output_dir, shards, run_fingerprint, show_progress
 
     def finish(shard: Shard, written: Future) -> None:
         path = written.result()  # re-raises a failed write here, in the main thread
+        if show_progress and overall.disable:  # no terminal, no bars: a line per shard instead
+            logger.info(f"Wrote {path.parent.name}/{path.name} ({shard.num_images} images).")
         if on_shard_written is not None:
             on_shard_written(shard, path)
 
     names = sampler.adapters.class_names
-    overall = tqdm(total=sum(s.num_images for s in shards), unit="img", desc="images", disable=not show_progress)
+    disable = None if show_progress else True  # None: tqdm shows bars only on a terminal
+    overall = tqdm(total=sum(s.num_images for s in shards), unit="img", desc="images", disable=disable)
     class_bar, current, pending = None, None, None
     for shard in shards:
         if shard.class_index != current:
@@ -67,7 +74,7 @@ def _generate_shards(sampler, output_dir, shards, run_fingerprint, show_progress
                 leave=False,
                 desc=f"class {current} ({names[current]})",
                 position=1,
-                disable=not show_progress,
+                disable=disable,
             )
 
         def advance(n, class_bar=class_bar):
