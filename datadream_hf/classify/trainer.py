@@ -218,10 +218,10 @@ class MixedRealSyntheticTrainer(Trainer):
             batches = len(self._get_train_sampler())
             steps_per_epoch = max(math.ceil(batches / self.args.gradient_accumulation_steps), 1)
             warmup = round(self.args.warmup_epochs * steps_per_epoch)
-        warmup = min(warmup, num_training_steps)
         if self.args.should_log:  # once per run: a warm-up as long as the run never reaches the learning rate
             flag = "--warmup_steps" if self.args.warmup_steps > 0 else "--warmup_epochs"
             warn_long_warmup(warmup, num_training_steps, flag, self.args.learning_rate)
+        warmup = min(warmup, num_training_steps)
         kwargs = dict(self.args.lr_scheduler_kwargs or {})
         if SchedulerType(self.args.lr_scheduler_type) == SchedulerType(REFERENCE_SCHEDULE):
             min_lr = kwargs["min_lr"] if "min_lr" in kwargs else self.args.learning_rate * kwargs.get("min_lr_rate", 0)
