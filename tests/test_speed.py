@@ -685,7 +685,8 @@ def test_benchmarks_run_and_report_ratios(tiny_sd_path, tmp_path, monkeypatch, c
         "--train_batch_size", "2", "--max_train_steps", "2", "--skip_ablations", "--output_dir", str(tmp_path / "s1"),
         "--json", str(tmp_path / "s1.json"),
     ]))  # fmt: skip
-    assert set(stage1) == {"reference", "ours"} and stage1["ours"]["max_relative_diff_B"] < 1e-3
+    assert set(stage1) == {"reference", "auto", "ours"} and stage1["ours"]["max_relative_diff_B"] < 1e-3
+    assert stage1["auto"]["max_relative_diff_B"] < 1e-3 and stage1["auto"]["classes_per_group"] == 2
     generation = bench_generation.main(bench_generation.parse_args([
         "--pretrained_model_name_or_path", tiny_sd_path, "--num_classes", "2", "--images_per_class", "1",
         "--num_inference_steps", "2", "--output_dir", str(tmp_path / "g"),
@@ -694,8 +695,11 @@ def test_benchmarks_run_and_report_ratios(tiny_sd_path, tmp_path, monkeypatch, c
     assert generation["reference"]["max_pixel_diff_vs_ours"] <= 2
     printed = capsys.readouterr().out
     assert "target >= 3x" in printed and "target < 5%" in printed
-    ours = json.loads((tmp_path / "s1.json").read_text())["results"]["ours"]
-    assert ours["speedup_vs_reference"] > 0 and ours["steady_speedup_vs_reference"] > 0
+    stage1_lines = printed[printed.index("Stage 1, cls mode") :].splitlines()
+    assert stage1_lines[1].startswith("default path (auto, 2 classes per group) vs reference-style: ")
+    for name in ("auto", "ours"):
+        result = json.loads((tmp_path / "s1.json").read_text())["results"][name]
+        assert result["speedup_vs_reference"] > 0 and result["steady_speedup_vs_reference"] > 0
 
 
 def test_benchmark_model_choices(tmp_path, monkeypatch):

@@ -258,6 +258,15 @@ def train_group(
     return adapters
 
 
+def one_class_does_not_fit(units: list[TrainingUnit], config: GeneratorTrainingConfig, error: Exception):
+    """The error of a step that runs out of memory with one class alone: nothing left to halve."""
+    return torch.OutOfMemoryError(
+        f"One class's training step does not fit in memory ({[u.name for u in units]}, batch "
+        f"{config.train_batch_size}, {config.resolution} px): lower --train_batch_size or --resolution, or use "
+        f"--mixed_precision bf16 or --gradient_checkpointing. {error}"
+    )
+
+
 def train_groups(
     models: GeneratorModels,
     units: list[TrainingUnit],
@@ -292,11 +301,7 @@ def train_groups(
             return size
         except torch.OutOfMemoryError as error:
             if len(running) <= 1:
-                raise torch.OutOfMemoryError(
-                    f"One class's training step does not fit in memory ({[u.name for u in running]}, batch "
-                    f"{config.train_batch_size}, {config.resolution} px): lower --train_batch_size or --resolution, "
-                    f"or use --mixed_precision bf16 or --gradient_checkpointing. {error}"
-                ) from error
+                raise one_class_does_not_fit(running, config, error) from error
         # Out of memory: free what the group held (the exception's frames are gone by now), then halve the groups
         # and continue from the checkpoints, which every class of the failed group has at a common step.
         gc.collect()

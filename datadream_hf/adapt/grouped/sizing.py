@@ -24,7 +24,7 @@ import torch
 from ..config import GeneratorTrainingConfig
 from ..data import TrainingUnit, make_step_batch
 from ..modeling import GeneratorModels, build_latent_cache
-from .loop import grouped_losses
+from .loop import grouped_losses, one_class_does_not_fit
 from .lora import GroupedLora
 
 
@@ -107,7 +107,7 @@ def choose_group_size(
             reason += f"; {agreed} is the smallest size of the {num_processes} processes"
         size = agreed
     if size > busiest:
-        reason += f" (capped at the {busiest} classes of the busiest process)"
+        reason += f"; capped at the {busiest} classes of the busiest process"
     return GroupSizing(min(size, busiest), reason)
 
 
@@ -137,11 +137,12 @@ class _SavedTensorBytes:
 
 def _step_bytes(models: GeneratorModels, unit: TrainingUnit, config: GeneratorTrainingConfig, num_groups: int) -> int:
     """The memory a grouped step of `num_groups` copies of `unit` adds to what is allocated (see the module doc)."""
-    cuda = models.device.type == "cuda"
+    device = models.device
+    cuda = device.type == "cuda"
     if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
     weights = {p.untyped_storage().data_ptr() for m in (models.unet, models.text_encoder, models.vae)
                for p in [*m.parameters(), *m.buffers()]}  # fmt: skip
     caches = [build_latent_cache(models, unit, config) for _ in range(num_groups)]
@@ -157,8 +158,8 @@ def _step_bytes(models: GeneratorModels, unit: TrainingUnit, config: GeneratorTr
         if cuda:
             losses.sum().backward()
     if cuda:
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - before + 2 * lora_bytes  # + AdamW's moments
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before + 2 * lora_bytes  # + AdamW's moments
     cached = sum(t.numel() * t.element_size() for cache in caches if cache is not None
                  for mean, std in cache.posteriors.values() for t in (mean, std))  # fmt: skip
     return saved.total + 4 * lora_bytes + cached  # + the stacks, their gradients and AdamW's moments
@@ -184,7 +185,10 @@ def probe_group_memory(models: GeneratorModels, unit: TrainingUnit, config: Gene
     if cuda:
         torch.cuda.empty_cache()
     available, source = _available_bytes(models.device)
-    one = _step_bytes(models, unit, config, 1)
+    try:
+        one = _step_bytes(models, unit, config, 1)
+    except torch.OutOfMemoryError as error:
+        raise one_class_does_not_fit([unit], config, error) from error
     try:
         two = _step_bytes(models, unit, config, 2)
     except torch.OutOfMemoryError:
