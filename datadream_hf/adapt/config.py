@@ -85,21 +85,28 @@ class GeneratorTrainingConfig:
         },
     )
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for memory."})
-    cls_strategy: Literal["grouped", "sequential"] = field(
-        default="sequential",
+    cls_strategy: Literal["auto", "grouped", "sequential"] = field(
+        default="auto",
         metadata={
-            "help": "cls mode: 'grouped' trains several classes' adapters in one forward pass per step (each sample "
-            "routed to its class's LoRA; equal to 'sequential' up to float rounding, which then depends on how "
-            "classes are grouped), 'sequential' one class after the other (bit-identical whatever the number of "
-            "processes)."
+            "help": "cls mode: 'auto' trains several classes' adapters in one forward pass per step (each sample "
+            "routed to its class's LoRA), as many per group as the free memory holds (measured on a one- and a "
+            "two-class step); 'grouped' the same with `classes_per_group` classes (None: all of a process's); both "
+            "equal 'sequential' up to float rounding, which then depends on how classes are grouped. 'sequential': "
+            "one class after the other, bit-identical whatever the number of processes."
         },
     )
     classes_per_group: int | None = field(
-        default=4,
+        default=None,
         metadata={
-            "help": "cls 'grouped': classes per super-batch; memory grows with it (SD 2.1-base, 512 px, bf16, "
-            "batch 8: peak 10.5 GB for 1 class, 35 GB for 4 on an H200). None: all of a process's classes."
+            "help": "cls 'auto'/'grouped': classes per super-batch; set, it forces the size, None: 'auto' sizes it "
+            "from memory, 'grouped' takes all of a process's classes. Memory grows with it (SD 2.1-base, 512 px, "
+            "bf16, batch 8: peak 10.5 GB for 1 class, 35 GB for 4 on an H200). A group that runs out of GPU memory "
+            "is halved and continues from its last checkpoint."
         },
+    )
+    memory_safety_margin: float = field(
+        default=0.2,
+        metadata={"help": "cls 'auto': fraction of the free memory left unused when sizing the groups."},
     )
     cache_latents: bool = field(
         default=True,
@@ -158,12 +165,14 @@ class GeneratorTrainingConfig:
             )
         if self.mixed_precision not in (None, "no", "fp16", "bf16"):
             raise _bad("mixed_precision", self.mixed_precision, "use 'no', 'fp16', 'bf16' or None (the Accelerator's)")
-        if self.cls_strategy not in ("grouped", "sequential"):
-            raise _bad("cls_strategy", self.cls_strategy, "use 'grouped' (fast) or 'sequential'")
+        if self.cls_strategy not in ("auto", "grouped", "sequential"):
+            raise _bad("cls_strategy", self.cls_strategy, "use 'auto' (fast, the default), 'grouped' or 'sequential'")
         if self.classes_per_group is not None and (
             not isinstance(self.classes_per_group, int) or self.classes_per_group < 1
         ):
-            raise _bad("classes_per_group", self.classes_per_group, "use an integer >= 1, or None for all classes")
+            raise _bad("classes_per_group", self.classes_per_group, "use an integer >= 1, or None")
+        if not isinstance(self.memory_safety_margin, (int, float)) or not 0 <= self.memory_safety_margin < 1:
+            raise _bad("memory_safety_margin", self.memory_safety_margin, "use a fraction in [0, 1), e.g. 0.2")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise _bad("seed", self.seed, "use an integer >= 0")
         if self.mode == "cls" and self.resume_from_checkpoint not in (None, "latest"):
