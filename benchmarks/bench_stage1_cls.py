@@ -1,12 +1,14 @@
 """Benchmark stage 1 in cls mode: the reference's way vs ours, in one process, on the same model and data.
 
 Reference-style baseline (DataDream's `datadream.py` run once per class): load the model for every class, train the
-classes one after the other, VAE-encode every batch. Ours: load once, train the classes together (grouped LoRA, one
-forward pass per step) on cached VAE posteriors. Both end with the same adapters up to float rounding; the script
-prints the wall times and their ratio, the steady-state cost of one class's step and its ratio (`StepClock`: without
-model loads, caches and exports, what runs of the paper's 400 steps per class approach), the peak memory of each and
-the largest adapter difference, plus the ablations between the two (sequential with one load, with the latent cache,
-grouped without it).
+classes one after the other, VAE-encode every batch. Ours, the default path (`--cls_strategy auto`): load once, size
+the groups to the free memory (a probe of a one- and a two-class step, included in its time), train each group's
+classes together (grouped LoRA, one forward pass per step) on cached VAE posteriors; and the same with the group size
+forced (`--classes_per_group`). All end with the same adapters up to float rounding; the script prints the default
+path's ratio first, then every variant's wall time and ratio, the steady-state cost of one class's step and its ratio
+(`StepClock`: without model loads, probes, caches and exports, what runs of the paper's 400 steps per class approach),
+the peak memory of each and the largest adapter difference, plus the ablations between them (sequential with one
+load, with the latent cache, grouped without it).
 
 Tiny model, CPU (default; ~1 minute on 2 cores):
 
@@ -20,13 +22,14 @@ Real Stable Diffusion 2.1-base on a GPU, 10 classes, 16 shots, 20 steps per clas
 `--pretrained_model_name_or_path random-sd21-base` times the same architecture with random weights (no download;
 `make benchmark-gpu` runs both benchmarks so).
 
-Measured on this repo's 2-core CPU, tiny model, defaults (8 steps, one group of 10), six runs: 2.65x to 3.20x in wall
-time (the three full runs 2.99x, 3.01x, 3.20x; with --skip_ablations 2.65x, 2.70x, 2.81x), 2.38x and 2.51x per
-class-step at steady state; with 40 steps 2.22x wall, 2.10x steady. The CPU is compute-bound (a batch of 80 costs
-nearly 10 batches of 8), so what grouping saves there is the small-batch inefficiency of using both cores. On one H200,
-with an earlier version (latent cache encoded one image at a time, each sample's LoRA factors gathered), an
-SD-2.1-base-shaped model with random weights, 512 px, bf16, 4 steps, groups of 4: 38.9 s -> 13.1 s (2.96x), peak
-10.5 -> 35.1 GB; the tiny model, 8 steps, one group of 10: 11.7 s -> 2.0 s (5.8x).
+Measured on this repo's 2-core CPU, tiny model, defaults (8 steps; the forced group: one of 10), before the default
+path existed, six runs: 2.65x to 3.20x in wall time (the three full runs 2.99x, 3.01x, 3.20x; with --skip_ablations
+2.65x, 2.70x, 2.81x), 2.38x and 2.51x per class-step at steady state; with 40 steps 2.22x wall, 2.10x steady. The CPU
+is compute-bound (a batch of 80 costs nearly 10 batches of 8), so what grouping saves there is the small-batch
+inefficiency of using both cores. On one H200, with an earlier version of the grouped path (forced groups of 4, latent
+cache encoded one image at a time, each sample's LoRA factors gathered; the default path's probe and sizing did not
+exist, and have not been measured on a GPU), an SD-2.1-base-shaped model with random weights, 512 px, bf16, 4 steps:
+38.9 s -> 13.1 s (2.96x), peak 10.5 -> 35.1 GB; the tiny model, 8 steps, one group of 10: 11.7 s -> 2.0 s (5.8x).
 
 The few-shot images are the bundled digits (square, so one crop offset each: the latent cache is exact and complete).
 The baseline does not pay the reference's per-class process start-up (~5 s of imports each), so the ratio is a lower
@@ -79,9 +82,12 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"])
     parser.add_argument(
         "--classes_per_group", type=int, default=0,
-        help="Classes per grouped forward pass; 0 (default): all of them in one group (the library default is 4).",
+        help="Classes per group of the forced-size variant; 0 (default): all of them in one group. The default path "
+        "(auto) sizes its groups itself.",
     )  # fmt: skip
-    parser.add_argument("--skip_ablations", action="store_true", help="Only the baseline and ours.")
+    parser.add_argument(
+        "--skip_ablations", action="store_true", help="Only the baseline, the default path and the forced size."
+    )
     parser.add_argument("--num_threads", type=int, default=None, help="CPU threads (default: torch's).")
     parser.add_argument("--output_dir", type=str, default=None, help="Work folder (default: a temp folder).")
     parser.add_argument("--json", type=str, default=None, help="Also write the results to this JSON file.")
@@ -127,7 +133,6 @@ def main(args: argparse.Namespace) -> dict:
         "pretrained_model_name_or_path": model, "revision": args.revision, "mode": "cls", "resolution": resolution,
         "train_batch_size": args.train_batch_size, "max_train_steps": args.max_train_steps, "lr_warmup_steps": 0,
         "mixed_precision": args.mixed_precision, "report_to": None, "checkpointing_steps": 10**9,
-        "classes_per_group": args.classes_per_group or None,
     }  # fmt: skip
 
     def config(name: str, **overrides) -> GeneratorTrainingConfig:
@@ -138,18 +143,21 @@ def main(args: argparse.Namespace) -> dict:
     train_generator(warm, FewShotData(data.images[: args.k], data.labels[: args.k], data.class_names[:1],
                                       data.manifest), accelerator)  # fmt: skip
 
-    variants = {  # name: (label, strategy, cache_latents)
-        "reference": ("reference-style: load per class, sequential, VAE every step", "sequential", False),
-        "seq": ("sequential, one load, VAE every step", "sequential", False),
-        "seq-cache": ("sequential, one load, cached latents", "sequential", True),
-        "grouped": ("grouped, one load, VAE every step", "grouped", False),
-        "ours": ("ours: grouped, one load, cached latents", "grouped", True),
+    forced = args.classes_per_group or None  # None: all classes in one group
+    size = f"groups of {forced}" if forced else "one group"
+    variants = {  # name: (label, strategy, cache_latents, classes_per_group)
+        "reference": ("reference-style: load per class, sequential, VAE every step", "sequential", False, None),
+        "auto": ("default (auto): groups sized to memory, cached latents", "auto", True, None),
+        "ours": (f"grouped, {size} (forced), one load, cached latents", "grouped", True, forced),
+        "seq": ("sequential, one load, VAE every step", "sequential", False, None),
+        "seq-cache": ("sequential, one load, cached latents", "sequential", True, None),
+        "grouped": (f"grouped, {size} (forced), one load, VAE every step", "grouped", False, forced),
     }
     if args.skip_ablations:
-        variants = {k: v for k, v in variants.items() if k in ("reference", "ours")}
+        variants = {k: v for k, v in variants.items() if k in ("reference", "auto", "ours")}
     results = {}
-    for name, (label, strategy, cache) in variants.items():
-        cfg = config(name, cls_strategy=strategy, cache_latents=cache)
+    for name, (label, strategy, cache, classes_per_group) in variants.items():
+        cfg = config(name, cls_strategy=strategy, cache_latents=cache, classes_per_group=classes_per_group)
         gc.collect()
         clock = StepClock(device)
         with measure(device) as m:
@@ -171,22 +179,31 @@ def main(args: argparse.Namespace) -> dict:
             results["reference"]["seconds_per_class_step"] / result["seconds_per_class_step"]
         )
 
+    grouping = json.loads((work / "auto" / "datadream_config.json").read_text())["cls_grouping"]
+    results["auto"].update(classes_per_group=grouping["classes_per_group"], grouping_reason=grouping["reason"])
+
+    def ratio(name: str, title: str) -> str:
+        result = results[name]
+        return (
+            f"{title} vs reference-style: {result['speedup_vs_reference']:.2f}x faster in wall time (target >= 3x), "
+            f"{result['steady_speedup_vs_reference']:.2f}x per class-step at steady state (what long runs approach); "
+            f"adapters equal to {result['max_abs_diff']:.1e} max abs ({result['max_relative_diff_B']:.1e} relative "
+            "on B)."
+        )
+
     print(f"\nStage 1, cls mode: {args.num_classes} classes x {args.max_train_steps} steps of batch "
           f"{args.train_batch_size}, K={args.k}, {resolution} px, {model}, {device}, mixed precision "
-          f"{args.mixed_precision}; memory = {results['ours']['memory']}")  # fmt: skip
-    print(f"{'variant':<62}{'wall s':>9}{'speed-up':>10}{'ms/class-step':>14}{'steady':>8}{'peak MiB':>10}"
+          f"{args.mixed_precision}; memory = {results['auto']['memory']}")  # fmt: skip
+    print(ratio("auto", f"default path (auto, {grouping['classes_per_group']} classes per group)"))
+    print(f"  why that size: {grouping['reason']}")
+    print(f"\n{'variant':<62}{'wall s':>9}{'speed-up':>10}{'ms/class-step':>14}{'steady':>8}{'peak MiB':>10}"
           f"{'+MiB':>8}{'max|dW|':>10}{'rel dB':>9}")  # fmt: skip
     for result in results.values():
         print(f"{result['label']:<62}{result['seconds']:>9.2f}{result['speedup_vs_reference']:>9.2f}x"
               f"{1000 * result['seconds_per_class_step']:>14.1f}{result['steady_speedup_vs_reference']:>7.2f}x"
               f"{result['peak_mib']:>10.0f}{result['peak_above_start_mib']:>8.0f}{result['max_abs_diff']:>10.2e}"
               f"{result['max_relative_diff_B']:>9.1e}")  # fmt: skip
-    ours = results["ours"]
-    print(
-        f"\nours vs reference-style: {ours['speedup_vs_reference']:.2f}x faster in wall time (target >= 3x), "
-        f"{ours['steady_speedup_vs_reference']:.2f}x per class-step at steady state (what long runs approach); "
-        f"adapters equal to {ours['max_abs_diff']:.1e} max abs ({ours['max_relative_diff_B']:.1e} relative on B)."
-    )
+    print("\n" + ratio("ours", f"grouped, {size} (forced)"))
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "device": device, "results": results}, indent=1))
     accelerator.end_training()

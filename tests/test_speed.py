@@ -1,5 +1,6 @@
 """Speed paths give the same results: grouped cls training == sequential, cached latents == VAE every step, prompts
-encoded once == per sample, direct adapter fusion == diffusers' fuse; grouped resume == uninterrupted; benchmarks run.
+encoded once == per sample, direct adapter fusion == diffusers' fuse; grouped resume == uninterrupted; auto sizes its
+groups from memory, halves one that runs out of it, and resumes across strategies; benchmarks run.
 """
 
 import json
@@ -19,11 +20,13 @@ from safetensors.torch import save_file
 from datadream_hf.adapt.checkpoints import STATE_NAME, WEIGHTS_NAME, list_checkpoints
 from datadream_hf.adapt.config import GeneratorTrainingConfig
 from datadream_hf.adapt.data import FewShotData, build_units, make_step_batch, make_unit
-from datadream_hf.adapt.grouped.loop import group_units, train_groups
+from datadream_hf.adapt.grouped.loop import train_groups
 from datadream_hf.adapt.grouped.lora import GroupedLoraLinear, contiguous_block_size
+from datadream_hf.adapt.grouped.plan import group_units, resume_plan
+from datadream_hf.adapt.grouped.sizing import MemoryReading, choose_group_size, probe_group_memory
 from datadream_hf.adapt.latent_cache import LatentCache, encode_posterior
 from datadream_hf.adapt.modeling import diffusion_loss, encode_prompts, load_generator_models
-from datadream_hf.adapt.outputs import TRAINING_LOG_NAME
+from datadream_hf.adapt.outputs import TRAINING_LOG_NAME, write_training_log
 from datadream_hf.adapt.train import train_generator
 from datadream_hf.data import load_labelled_dataset
 from datadream_hf.few_shot import draw_few_shot
@@ -66,7 +69,7 @@ def models(tiny_sd_path):
 
 @pytest.fixture(scope="module")
 def runs(tiny_sd_path, data, models, accelerator, tmp_path_factory):
-    """The same 3-class cls run four ways, on one set of models (each way leaves the peft layers in place), at the
+    """The same 3-class cls run five ways, on one set of models (each way leaves the peft layers in place), at the
     paper's lr: Adam turns float rounding in near-zero gradients into differences of up to ~lr/10 per step."""
     root = tmp_path_factory.mktemp("speed-runs")
     variants = {
@@ -74,6 +77,7 @@ def runs(tiny_sd_path, data, models, accelerator, tmp_path_factory):
         "sequential-uncached": {"cls_strategy": "sequential", "cache_latents": False},
         "grouped": {"cls_strategy": "grouped"},
         "grouped-by-2": {"cls_strategy": "grouped", "classes_per_group": 2},
+        "auto": {"cls_strategy": "auto"},
     }
     for name, overrides in variants.items():
         config = make_config(tiny_sd_path, root / name, learning_rate=1e-4, **overrides)
@@ -160,7 +164,7 @@ def test_contiguous_block_size_detects_only_ordered_equal_blocks(index, num_grou
 
 def test_grouped_equals_sequential_and_classes_differ(runs):
     sequential = adapters(runs / "sequential")
-    for variant in ("grouped", "grouped-by-2"):
+    for variant in ("grouped", "grouped-by-2", "auto"):
         assert_close_adapters(sequential, adapters(runs / variant))
     # The tolerance is far below what tells the classes apart.
     assert relative_b_difference(sequential[0], sequential[1]) > 100 * 1e-3
@@ -174,14 +178,15 @@ def test_grouped_equals_sequential_and_classes_differ(runs):
 
 
 def test_grouped_with_two_processes_matches_sequential(runs, digits, digits_path, tiny_sd_path, tmp_path):
-    """A real 2-process `accelerate launch`: each process groups its own classes (process 0: zero and two in one
-    forward pass; process 1: one alone), and every adapter equals the 1-process sequential run's to tolerance."""
+    """A real 2-process `accelerate launch` of the default strategy (auto): both processes probe their memory and
+    agree on one group size, each groups its own classes (process 0: zero and two in one forward pass; process 1: one
+    alone), and every adapter equals the 1-process sequential run's to tolerance."""
     dataset = load_labelled_dataset(digits, split="train", class_names=CLASSES)
     manifest = tmp_path / "manifest.json"
     draw_few_shot(dataset, k=2, seed=0, source_name="digits", split="train").save(manifest)
     flags = {**SMALL_RUN, "learning_rate": 1e-4, "pretrained_model_name_or_path": tiny_sd_path, "dataset": digits_path,
              "class_names": ",".join(CLASSES), "few_shot_manifest": manifest, "output_dir": tmp_path / "out",
-             "report_to": "none"}  # fmt: skip
+             "report_to": "none", "cls_strategy": "auto"}  # fmt: skip
     script = BENCHMARKS.parent / "training_scripts" / "train_datadream_lora.py"
     command = accelerate_launch_command(script, 2) + [str(a) for k, v in flags.items() for a in (f"--{k}", v)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -189,6 +194,10 @@ def test_grouped_with_two_processes_matches_sequential(runs, digits, digits_path
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Training adapters ['zero', 'two'] together" in result.stderr
     assert "Training adapters ['one'] together" in result.stderr
+    assert "Grouped cls training: 2 classes per group (auto, " in result.stderr
+    assert "of available RAM / 2 processes" in result.stderr  # the processes of one machine share its RAM
+    grouping = json.loads((tmp_path / "out" / "datadream_config.json").read_text())["cls_grouping"]
+    assert (grouping["num_processes"], grouping["groups"]) == (2, [["zero", "two"], ["one"]])
     assert_close_adapters(adapters(runs / "sequential"), adapters(tmp_path / "out"))
 
 
@@ -227,7 +236,7 @@ def test_models_keep_their_peft_layers_after_grouped_training(runs, models):
 def test_groups_and_process_split(data, models, tiny_sd_path, accelerator, runs, tmp_path):
     config = make_config(tiny_sd_path, tmp_path, classes_per_group=2, learning_rate=1e-4)
     units = build_units(config, data, models.tokenizer)
-    assert [[u.name for u in group] for group in group_units(units, config)] == [["zero", "one"], ["two"]]
+    assert [[u.name for u in group] for group in group_units(units, config, 2)] == [["zero", "one"], ["two"]]
     # Process 1 of 2 trains class "one" alone; its adapter equals the 1-process run's to tolerance.
     mine = build_units(config, data, models.tokenizer, process_index=1, num_processes=2)
     train_groups(models, mine, config, accelerator)
@@ -280,6 +289,237 @@ def test_grouped_resume_equals_uninterrupted(tiny_sd_path, data, models, acceler
     seen.clear()
     train_generator(resumed, data, accelerator, models=models, step_callback=crash_at(None, 0, seen))
     assert seen == []
+
+
+# --- auto: the group size from memory, running out of memory, resuming across strategies ---------------------------
+
+GIB = 2**30
+
+
+def sizing(overrides=None, num_classes=10, num_processes=1, previous=None, reading=None, agree=None):
+    config = GeneratorTrainingConfig(pretrained_model_name_or_path="m", **(overrides or {}))
+    measured = []
+
+    def measure():
+        measured.append(True)
+        return reading
+
+    return choose_group_size(config, num_classes, num_processes, previous, measure, agree), measured
+
+
+@pytest.mark.parametrize(
+    "reading, expected, why",
+    [(MemoryReading(1 * GIB, 2 * GIB, 100 * GIB, "cuda"), 10, "capped at the 10 classes"),  # large: all classes
+     (MemoryReading(10 * GIB, 18 * GIB, 60 * GIB, "cuda"), 5, "each further class 8.00 GiB"),  # 48 GiB usable
+     (MemoryReading(10 * GIB, 18 * GIB, 20 * GIB, "cuda"), 1, "each further class"),  # room for one only
+     (MemoryReading(30 * GIB, 50 * GIB, 20 * GIB, "cuda"), 1, "one class's step needs 30.00 GiB"),  # not even one
+     (MemoryReading(10 * GIB, None, 100 * GIB, "cuda"), 1, "two-class step ran out of memory"),
+     (MemoryReading(10 * GIB, 9 * GIB, 100 * GIB, "cuda"), 8, "each further class 10.00 GiB")],  # noise: 2nd >= 1st
+)  # fmt: skip
+def test_auto_sizes_the_group_to_the_memory_measured(reading, expected, why):
+    chosen, measured = sizing(reading=reading)
+    assert chosen.classes_per_group == expected and measured == [True]
+    assert why in chosen.reason and "with the 20% safety margin" in chosen.reason and chosen.reason.startswith("auto")
+
+
+def test_group_size_without_probing_forced_reused_or_one_class():
+    large = MemoryReading(1, 2, 100 * GIB, "cuda")
+    cases = [
+        (sizing({"classes_per_group": 3}, reading=large), 3, "forced by --classes_per_group"),
+        (sizing({"classes_per_group": 30}, reading=large), 10, "capped at the 10 classes"),
+        (sizing({"cls_strategy": "grouped"}, reading=large), 10, "all of a process's classes"),
+        (sizing(num_classes=1, reading=large), 1, "each process trains one class"),
+        (sizing(num_classes=4, num_processes=4, reading=large), 1, "each process trains one class"),
+        (sizing(previous={"classes_per_group": 4, "num_processes": 1}, reading=large), 4, "the resumed run recorded"),
+    ]
+    for (chosen, measured), expected, why in cases:
+        assert (chosen.classes_per_group, measured) == (expected, []) and why in chosen.reason
+    # Recorded with another process count, or by a sequential run: measured again.
+    for previous in ({"classes_per_group": 4, "num_processes": 2}, {"strategy": "sequential", "num_processes": 1}):
+        chosen, measured = sizing(previous=previous, reading=large)
+        assert (chosen.classes_per_group, measured) == (10, [True])
+    # Processes agree on the smallest size; a process without classes does not constrain it.
+    chosen, _ = sizing(num_classes=10, num_processes=2, reading=large, agree=lambda size: min(size, 3))
+    assert chosen.classes_per_group == 3 and "3 is the smallest size of the 2 processes" in chosen.reason
+    chosen, _ = sizing(num_classes=3, num_processes=2, reading=None)
+    assert chosen.classes_per_group == 2 and "trains no class" in chosen.reason
+
+
+def test_cpu_probe_measures_a_second_class_and_changes_nothing(models, data, tiny_sd_path, tmp_path):
+    config = make_config(tiny_sd_path, tmp_path)
+    unit = build_units(config, data, models.tokenizer)[0]
+    before = {name: p.detach().clone() for name, p in models.trainable_parameters().items()}
+    reading = probe_group_memory(models, unit, config)
+    assert 0 < reading.one < reading.two < reading.available and reading.source == "of available RAM"
+    assert all(torch.equal(before[name], p) for name, p in models.trainable_parameters().items())
+    assert not any(isinstance(m, GroupedLoraLinear) for m in models.unet.modules())
+
+
+def fake_probe(monkeypatch, one_class_bytes):
+    """Makes the auto probe read `one_class_bytes` per class against 10 GiB (8 GiB usable), without measuring."""
+    import datadream_hf.adapt.train as train_module
+
+    def probe(models, unit, config):
+        return MemoryReading(one_class_bytes, 2 * one_class_bytes, 10 * GIB, "faked")
+
+    monkeypatch.setattr(train_module, "probe_group_memory", probe)
+
+
+def grouping_of(output_dir):
+    return json.loads((Path(output_dir) / "datadream_config.json").read_text())["cls_grouping"]
+
+
+def test_auto_logs_and_records_the_size_it_chose(
+    tiny_sd_path, data, models, accelerator, tmp_path, monkeypatch, caplog
+):
+    fake_probe(monkeypatch, 3 * GIB)  # 8 GiB usable: 2 classes per group
+    caplog.set_level("INFO")
+    seen = []
+    train_generator(make_config(tiny_sd_path, tmp_path / "auto", cls_strategy="auto"), data, accelerator,
+                    models=models, step_callback=crash_at(None, 0, seen))  # fmt: skip
+    assert "Grouped cls training: 2 classes per group (auto, 10.00 GiB faked, 8.00 GiB with the 20%" in caplog.text
+    assert seen == [(n, s) for s in (1, 2, 3) for n in ("zero", "one")] + [("two", s) for s in (1, 2, 3)]
+    grouping = grouping_of(tmp_path / "auto")
+    assert (grouping["strategy"], grouping["classes_per_group"], grouping["num_processes"]) == ("auto", 2, 1)
+    assert grouping["groups"] == [["zero", "one"], ["two"]] and "each further class 3.00 GiB" in grouping["reason"]
+
+
+def out_of_memory_at(call, group_size):
+    """A grouped step that raises CUDA's out-of-memory error at its `call`-th call with `group_size` classes."""
+    import datadream_hf.adapt.grouped.loop as loop
+
+    real, calls = loop.grouped_training_step, []
+
+    def step(models, grouped, state, batches, config):
+        calls.append(len(batches))
+        if len(batches) == group_size and calls.count(group_size) == call:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (faked)")
+        return real(models, grouped, state, batches, config)
+
+    return step
+
+
+def test_out_of_memory_halves_the_group_and_continues_from_its_checkpoint(
+    tiny_sd_path, data, models, accelerator, runs, tmp_path, monkeypatch, caplog
+):
+    """3 classes in one group, checkpoint-2 written, out of memory in step 3: the classes continue from checkpoint-2 in
+    groups of 2 (zero and one, then two); the adapters equal the sequential ones and the record says why."""
+    import datadream_hf.adapt.grouped.loop as loop
+
+    monkeypatch.setattr(loop, "grouped_training_step", out_of_memory_at(3, 3))
+    caplog.set_level("INFO")
+    seen = []
+    config = make_config(tiny_sd_path, tmp_path / "out", cls_strategy="auto", learning_rate=1e-4)
+    train_generator(config, data, accelerator, models=models, step_callback=crash_at(None, 0, seen))
+    assert seen == [(n, s) for s in (1, 2) for n in CLASSES] + [("zero", 3), ("one", 3), ("two", 3)]
+    assert "ran out of memory: continuing from its last checkpoint with 2 classes per group" in caplog.text
+    assert_close_adapters(adapters(runs / "sequential"), adapters(tmp_path / "out"))
+    grouping = grouping_of(tmp_path / "out")
+    assert grouping["classes_per_group"] == 2 and grouping["reason"].startswith("halved after ['zero', 'one', 'two']")
+    assert all(not list((tmp_path / "out" / f).glob(".*")) for f in FOLDERS)  # no temp folder left
+    # A single class that does not fit is an error that says what to do.
+    monkeypatch.setattr(loop, "grouped_training_step", out_of_memory_at(1, 1))
+    with pytest.raises(torch.OutOfMemoryError, match="lower --train_batch_size"):
+        train_generator(make_config(tiny_sd_path, tmp_path / "one", classes_per_group=1), data, accelerator,
+                        models=models)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def five_steps(tiny_sd_path, data, models, accelerator, tmp_path_factory):
+    """The sequential 5-step run (checkpoints at 2 and 4) the cross-strategy resumes must end at."""
+    output = tmp_path_factory.mktemp("five-steps")
+    config = make_config(tiny_sd_path, output, max_train_steps=5, cls_strategy="sequential", learning_rate=1e-4)
+    train_generator(config, data, accelerator, models=models)
+    return output
+
+
+def resumed(config, **overrides):
+    return GeneratorTrainingConfig(**{**config.to_dict(), "resume_from_checkpoint": "latest", **overrides})
+
+
+def test_a_sequential_run_resumes_as_auto_without_losing_a_step(
+    tiny_sd_path, data, models, accelerator, five_steps, tmp_path
+):
+    """Killed in class one's step 5 (zero done, one at checkpoint-4, two not started); resumed with auto: one continues
+    alone from checkpoint-4, two trains from its init, zero is not retrained."""
+    config = make_config(tiny_sd_path, tmp_path, max_train_steps=5, cls_strategy="sequential", learning_rate=1e-4)
+    with pytest.raises(Crash):
+        train_generator(config, data, accelerator, models=models, step_callback=crash_at("one", 5, []))
+    seen = []
+    train_generator(resumed(config, cls_strategy="auto"), data, accelerator, models=models,
+                    step_callback=crash_at(None, 0, seen))  # fmt: skip
+    assert seen == [("one", 5)] + [("two", s) for s in range(1, 6)]
+    assert_close_adapters(adapters(five_steps), adapters(tmp_path))
+    assert grouping_of(tmp_path)["strategy"] == "auto"
+
+
+def test_an_auto_run_resumes_as_sequential_and_back(tiny_sd_path, data, models, accelerator, five_steps, tmp_path):
+    """auto, killed after step 5 before the export (all classes at checkpoint-4); resumed sequential, killed again in
+    class one's step 5 (zero done); resumed auto: each class continues from its own latest checkpoint."""
+    config = make_config(tiny_sd_path, tmp_path, max_train_steps=5, cls_strategy="auto", learning_rate=1e-4)
+    with pytest.raises(Crash):
+        train_generator(config, data, accelerator, models=models, step_callback=crash_at("two", 5, []))
+    seen = []
+    with pytest.raises(Crash):
+        train_generator(resumed(config, cls_strategy="sequential"), data, accelerator, models=models,
+                        step_callback=crash_at("one", 5, seen))  # fmt: skip
+    assert seen == [("zero", 5), ("one", 5)] and grouping_of(tmp_path)["strategy"] == "sequential"
+    seen.clear()
+    train_generator(resumed(config), data, accelerator, models=models, step_callback=crash_at(None, 0, seen))
+    assert seen == [("one", 5), ("two", 5)]  # one and two: checkpoint-4, but made by other groups
+    assert_close_adapters(adapters(five_steps), adapters(tmp_path))
+
+
+def test_a_resumed_auto_run_keeps_its_recorded_size(
+    tiny_sd_path, data, models, accelerator, runs, tmp_path, monkeypatch, caplog
+):
+    """Sized to 2 per group, killed in the first group; resumed where memory would allow 3: the same groups as
+    recorded (not measured again), ending bit-identical to the uninterrupted groups of 2."""
+    fake_probe(monkeypatch, 3 * GIB)
+    config = make_config(tiny_sd_path, tmp_path, cls_strategy="auto", learning_rate=1e-4)
+    with pytest.raises(Crash):
+        train_generator(config, data, accelerator, models=models, step_callback=crash_at("one", 3, []))
+    fake_probe(monkeypatch, GIB)
+    caplog.set_level("INFO")
+    train_generator(resumed(config), data, accelerator, models=models)
+    assert "2 classes per group (the size the resumed run recorded" in caplog.text
+    assert "Training adapters ['zero', 'one'] together" in caplog.text
+    for folder in FOLDERS:
+        a = load_safetensors(runs / "grouped-by-2" / folder / LORA_WEIGHT_NAME)
+        b = load_safetensors(tmp_path / folder / LORA_WEIGHT_NAME)
+        assert all(torch.equal(a[k], b[k]) for k in a), folder
+
+
+def test_resume_plan_keeps_a_group_whole_or_regroups_by_checkpoint(data, models, tiny_sd_path, tmp_path):
+    """The plan read from the folder alone: a kill between a group's checkpoint writes keeps the group whole (from
+    the step all hold); checkpoints made by other groups regroup the classes by (step, group)."""
+    config = make_config(tiny_sd_path, tmp_path)
+    units = build_units(config, data, models.tokenizer)
+
+    def checkpoint(folder, step, trained_with):
+        path = tmp_path / folder / f"checkpoint-{step}"
+        path.mkdir(parents=True)
+        (path / STATE_NAME).write_text(json.dumps({"step": step, "trained_with": trained_with}))
+
+    def plan():
+        return [([u.name for u in start.units], start.step) for start in resume_plan(units, tmp_path)]
+
+    assert plan() == [(CLASSES, 0)]
+    for folder in FOLDERS:
+        checkpoint(folder, 2, FOLDERS)
+    checkpoint(FOLDERS[0], 4, FOLDERS)  # the group was killed while writing checkpoint-4
+    assert plan() == [(CLASSES, 2)]
+    # zero finished in this group (killed while the group exported): retrained with it for the same rounding.
+    (tmp_path / FOLDERS[0] / LORA_WEIGHT_NAME).touch()
+    write_training_log(tmp_path / FOLDERS[0], [], trained_with=FOLDERS)
+    assert plan() == [(CLASSES, 2)]
+    write_training_log(tmp_path / FOLDERS[0], [])  # zero finished alone (e.g. sequential): not retrained
+    assert plan() == [(["one", "two"], 2)]
+    checkpoint(FOLDERS[1], 6, None)  # one went on alone: it continues from there, two from where it is
+    assert plan() == [(["one"], 6), (["two"], 2)]
+    for folder in FOLDERS[1:]:
+        (tmp_path / folder / LORA_WEIGHT_NAME).touch()
+    assert plan() == []
 
 
 # --- latent cache and prompt deduplication ------------------------------------------------------------------------
@@ -363,7 +603,8 @@ def test_direct_fusion_equals_diffusers_fuse_and_restores_the_base(runs, tiny_sd
 
 
 @pytest.mark.parametrize("overrides, culprit", [({"cls_strategy": "batched"}, "cls_strategy"),
-                                                ({"classes_per_group": 0}, "classes_per_group")])  # fmt: skip
+                                                ({"classes_per_group": 0}, "classes_per_group"),
+                                                ({"memory_safety_margin": 1.0}, "memory_safety_margin")])  # fmt: skip
 def test_bad_speed_settings_name_the_field(overrides, culprit):
     with pytest.raises(ValueError, match=culprit):
         GeneratorTrainingConfig(pretrained_model_name_or_path="some/model", **overrides)
@@ -431,7 +672,7 @@ def test_script_flags_reach_the_config(monkeypatch):
                                                         "--no-cache_latents"])  # fmt: skip
     assert (config.cls_strategy, config.classes_per_group, config.cache_latents) == ("grouped", 4, False)
     default, _ = train_datadream_lora.parse_args(base)
-    assert (default.cls_strategy, default.cache_latents) == ("sequential", True)
+    assert (default.cls_strategy, default.classes_per_group, default.cache_latents) == ("auto", None, True)
 
 
 def test_benchmarks_run_and_report_ratios(tiny_sd_path, tmp_path, monkeypatch, capsys):
@@ -444,7 +685,8 @@ def test_benchmarks_run_and_report_ratios(tiny_sd_path, tmp_path, monkeypatch, c
         "--train_batch_size", "2", "--max_train_steps", "2", "--skip_ablations", "--output_dir", str(tmp_path / "s1"),
         "--json", str(tmp_path / "s1.json"),
     ]))  # fmt: skip
-    assert set(stage1) == {"reference", "ours"} and stage1["ours"]["max_relative_diff_B"] < 1e-3
+    assert set(stage1) == {"reference", "auto", "ours"} and stage1["ours"]["max_relative_diff_B"] < 1e-3
+    assert stage1["auto"]["max_relative_diff_B"] < 1e-3 and stage1["auto"]["classes_per_group"] == 2
     generation = bench_generation.main(bench_generation.parse_args([
         "--pretrained_model_name_or_path", tiny_sd_path, "--num_classes", "2", "--images_per_class", "1",
         "--num_inference_steps", "2", "--output_dir", str(tmp_path / "g"),
@@ -453,8 +695,11 @@ def test_benchmarks_run_and_report_ratios(tiny_sd_path, tmp_path, monkeypatch, c
     assert generation["reference"]["max_pixel_diff_vs_ours"] <= 2
     printed = capsys.readouterr().out
     assert "target >= 3x" in printed and "target < 5%" in printed
-    ours = json.loads((tmp_path / "s1.json").read_text())["results"]["ours"]
-    assert ours["speedup_vs_reference"] > 0 and ours["steady_speedup_vs_reference"] > 0
+    stage1_lines = printed[printed.index("Stage 1, cls mode") :].splitlines()
+    assert stage1_lines[1].startswith("default path (auto, 2 classes per group) vs reference-style: ")
+    for name in ("auto", "ours"):
+        result = json.loads((tmp_path / "s1.json").read_text())["results"][name]
+        assert result["speedup_vs_reference"] > 0 and result["steady_speedup_vs_reference"] > 0
 
 
 def test_benchmark_model_choices(tmp_path, monkeypatch):

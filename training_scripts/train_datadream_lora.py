@@ -37,12 +37,15 @@ main process; in a multi-process cls run its TensorBoard also gets the other pro
 and validation samples) at the end. A run is deterministic under `--seed`: a resumed run ends with the same adapters
 and logs as an uninterrupted one.
 
-cls mode trains one class after the other by default (`--cls_strategy sequential`), which gives class i the same bits
-whatever the number of processes. `--cls_strategy grouped` trains `--classes_per_group` classes per forward pass (each
-sample routed to its class's LoRA): adapters equal to the sequential ones up to float rounding, which depends on how
-classes are grouped, and 2.4-3.2x faster than the reference's way on a 2-core CPU (see `benchmarks/`). Lower
-`--classes_per_group` if the GPU runs out of memory (SD 2.1-base, 512 px, bf16, batch 8, on an H200: peak 10.5 GB for
-1 class, 35 GB for 4). `--cache_latents` (on by default) encodes each few-shot crop once instead of at every step.
+cls mode trains several classes per forward pass by default (`--cls_strategy auto`, each sample routed to its class's
+LoRA): a probe of a one- and a two-class step sizes the groups to the free GPU memory (CPU: RAM), keeping
+`--memory_safety_margin` free; the size and why are logged and recorded in `datadream_config.json`, and
+`--classes_per_group N` forces one. A group that runs out of GPU memory is halved and continues from its last
+checkpoint. Adapters equal the sequential ones up to float rounding, which depends on how classes are grouped;
+`--cls_strategy sequential` trains one class after the other and gives class i the same bits whatever the number of
+processes or the memory. A run may be resumed with another strategy: every class continues from its own latest
+checkpoint. `--cache_latents` (on by default) encodes each few-shot crop once instead of at every step. Speed against
+the reference's way: `benchmarks/bench_stage1_cls.py`.
 
 Every flag is a field of `GeneratorTrainingConfig` or `AdapterHubArguments` (`datadream_hf.adapt.config`, where their
 help and checks live). A JSON or YAML file of them can stand for the flags: `train_datadream_lora.py stage1.yaml`.

@@ -7,7 +7,8 @@ the whole dataset (`dset`).
     modeling      the frozen base model + LoRA, its init, the diffusion loss, the optimizer, the adapter file
     checkpoints   an adapter's `checkpoint-<step>` folders (safetensors + JSON)
     sequential    the loop that trains one adapter
-    grouped/      the loop that trains several classes' adapters in one forward pass (`--cls_strategy grouped`)
+    grouped/      several classes' adapters in one forward pass (`--cls_strategy auto`, the default), groups sized
+                  to the free memory
     validation    an adapter's validation samples, and the replay of other processes' classes into the trackers
     outputs       the output folder (the stage-1 -> stage-2 contract): run record, index, card, Hub push
     train         `train_generator`: the whole stage, from the few-shot data to a finished output folder

@@ -106,6 +106,7 @@ def save_checkpoint(
     grad_scaler: torch.amp.GradScaler,
     meta: dict,
     log_history: list[dict] | None = None,
+    trained_with: list[str] | None = None,
 ) -> Path:
     """Writes `folder/checkpoint-<step>` atomically and returns its path.
 
@@ -113,6 +114,8 @@ def save_checkpoint(
         parameters: the trainable (LoRA) parameters by name; nothing else of the model is saved.
         meta: what the checkpoint belongs to (unit, seed, total steps, ...); checked again on resume.
         log_history: the adapter's logged steps so far (`read_log_history` gives them back on resume).
+        trained_with: the class folders of the group that made this step (grouped cls training); None: the adapter
+            alone. Not part of `meta`: any strategy resumes from any checkpoint (`checkpoint_trained_with`).
     """
     folder = Path(folder)
     weights = {name: p.detach().cpu().contiguous() for name, p in parameters.items()}
@@ -134,6 +137,7 @@ def save_checkpoint(
             "lr_scheduler": lr_scheduler.state_dict(),
             "grad_scaler": grad_scaler.state_dict() if grad_scaler.is_enabled() else None,
             "log_history": list(log_history or []),
+            "trained_with": trained_with,
         }
         with open(tmp / STATE_NAME, "w") as f:
             f.write(json_text(state, indent=1, where=repr(str(tmp / STATE_NAME))))
@@ -192,3 +196,11 @@ def read_log_history(path: str | os.PathLike) -> list[dict]:
     """The log entries (`{"step", "loss", "lr"}`) saved with a checkpoint; [] for checkpoints written without."""
     with open(Path(path) / STATE_NAME) as f:
         return list(json.load(f).get("log_history", []))
+
+
+def checkpoint_trained_with(path: str | os.PathLike) -> tuple[str, ...]:
+    """The class folders of the group that made this checkpoint's last step, or its adapter's folder alone."""
+    path = Path(path)
+    with open(path / STATE_NAME) as f:
+        trained_with = json.load(f).get("trained_with")
+    return tuple(trained_with) if trained_with else (path.parent.name,)

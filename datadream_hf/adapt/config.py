@@ -86,21 +86,28 @@ class GeneratorTrainingConfig:
         },
     )
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for memory."})
-    cls_strategy: Literal["grouped", "sequential"] = field(
-        default="sequential",
+    cls_strategy: Literal["auto", "grouped", "sequential"] = field(
+        default="auto",
         metadata={
-            "help": "cls mode: 'grouped' trains several classes' adapters in one forward pass per step (each sample "
-            "routed to its class's LoRA; equal to 'sequential' up to float rounding, which then depends on how "
-            "classes are grouped), 'sequential' one class after the other (bit-identical whatever the number of "
-            "processes)."
+            "help": "cls mode: 'auto' trains several classes' adapters in one forward pass per step (each sample "
+            "routed to its class's LoRA), as many per group as the free memory holds (measured on a one- and a "
+            "two-class step); 'grouped' the same with `classes_per_group` classes (None: all of a process's); both "
+            "equal 'sequential' up to float rounding, which then depends on how classes are grouped. 'sequential': "
+            "one class after the other, bit-identical whatever the number of processes."
         },
     )
     classes_per_group: int | None = field(
-        default=4,
+        default=None,
         metadata={
-            "help": "cls 'grouped': classes per super-batch; memory grows with it (SD 2.1-base, 512 px, bf16, "
-            "batch 8: peak 10.5 GB for 1 class, 35 GB for 4 on an H200). None: all of a process's classes."
+            "help": "cls 'auto'/'grouped': classes per super-batch; set, it forces the size, None: 'auto' sizes it "
+            "from memory, 'grouped' takes all of a process's classes. Memory grows with it (SD 2.1-base, 512 px, "
+            "bf16, batch 8: peak 10.5 GB for 1 class, 35 GB for 4 on an H200). A group that runs out of GPU memory "
+            "is halved and continues from its last checkpoint."
         },
+    )
+    memory_safety_margin: float = field(
+        default=0.2,
+        metadata={"help": "cls 'auto': fraction of the free memory left unused when sizing the groups."},
     )
     cache_latents: bool = field(
         default=True,
@@ -139,7 +146,8 @@ class GeneratorTrainingConfig:
         "adam_weight_decay": PROBABILITY.with_hint("reference: 1e-2"),
         "adam_epsilon": RATE,
         "max_grad_norm": POSITIVE,
-        "classes_per_group": COUNT.or_none().with_hint("None: all of a process's classes"),
+        "classes_per_group": COUNT.or_none().with_hint("None: 'auto' sizes it, 'grouped' takes all of a process's"),
+        "memory_safety_margin": BETA.with_hint("a fraction of the free memory, e.g. 0.2"),
         "seed": SEED,
         "checkpointing_steps": COUNT,
         "checkpoints_total_limit": COUNT.or_none(),
@@ -161,8 +169,8 @@ class GeneratorTrainingConfig:
             raise _bad("lr_scheduler", self.lr_scheduler, f"use one of {LR_SCHEDULERS}")
         if self.mixed_precision not in (None, "no", "fp16", "bf16"):
             raise _bad("mixed_precision", self.mixed_precision, "use 'no', 'fp16', 'bf16' or None (the Accelerator's)")
-        if self.cls_strategy not in ("grouped", "sequential"):
-            raise _bad("cls_strategy", self.cls_strategy, "use 'grouped' (fast) or 'sequential'")
+        if self.cls_strategy not in ("auto", "grouped", "sequential"):
+            raise _bad("cls_strategy", self.cls_strategy, "use 'auto' (fast, the default), 'grouped' or 'sequential'")
         if self.mode == "cls" and self.resume_from_checkpoint not in (None, "latest"):
             raise _bad(
                 "resume_from_checkpoint",

@@ -30,12 +30,16 @@ if TYPE_CHECKING:
 CARD_TEMPLATE = "adapter_card.md"
 SAMPLES_NAME = "samples.png"
 TRAINING_LOG_NAME = "training_log.json"  # per adapter folder: its loss and lr at every step
+CLS_GROUPING_KEY = "cls_grouping"  # of the run record: how cls mode grouped the classes, and why
 # Config fields that do not change the trained weights: they may differ between a run and its resumption.
 RUN_ONLY_FIELDS = frozenset(
     {
         "output_dir", "dataset", "few_shot_manifest", "checkpointing_steps", "checkpoints_total_limit",
         "resume_from_checkpoint", "report_to", "logging_dir", "validation_prompt", "num_validation_images",
         "validation_num_inference_steps", "license", "gradient_checkpointing",
+        # How cls classes are grouped changes the adapters by float rounding only: a run may resume with another
+        # strategy or group size (`adapt.grouped.plan` continues every class from its own checkpoints).
+        "cls_strategy", "classes_per_group", "memory_safety_margin",
     }
 )  # fmt: skip
 # Kept local when pushing: checkpoints (top-level ones are excluded by `hub.push_folder_to_hub`) and temp files.
@@ -126,10 +130,33 @@ def write_run_record(output_dir: Path, record: dict) -> None:
     write_json_atomic(output_dir / TRAINING_CONFIG_NAME, record)
 
 
-def write_training_log(folder: Path, log_history: list[dict]) -> None:
-    """Writes an adapter's `training_log.json` (`{"log_history": [{"step", "loss", "lr"}, ...]}`), atomically."""
+def read_cls_grouping(output_dir: Path) -> dict | None:
+    """The `cls_grouping` of the run record in `output_dir` (None if there is none)."""
+    path = Path(output_dir) / TRAINING_CONFIG_NAME
+    return json.loads(path.read_text()).get(CLS_GROUPING_KEY) if path.is_file() else None
+
+
+def record_cls_grouping(output_dir: Path, grouping: dict) -> None:
+    """Sets the run record's `cls_grouping` (strategy, group size, why, process count, groups); main process only."""
+    path = Path(output_dir) / TRAINING_CONFIG_NAME
+    write_json_atomic(path, {**json.loads(path.read_text()), CLS_GROUPING_KEY: grouping})
+
+
+def write_training_log(folder: Path, log_history: list[dict], trained_with: list[str] | None = None) -> None:
+    """Writes an adapter's `training_log.json` (`{"log_history": [{"step", "loss", "lr"}, ...]}`), atomically;
+    grouped cls training adds `"trained_with"`, the class folders of the group that made its last step."""
     Path(folder).mkdir(parents=True, exist_ok=True)
-    write_json_atomic(Path(folder) / TRAINING_LOG_NAME, {"log_history": log_history})
+    log = {"log_history": log_history}
+    if trained_with is not None:
+        log["trained_with"] = trained_with
+    write_json_atomic(Path(folder) / TRAINING_LOG_NAME, log)
+
+
+def training_log_trained_with(folder: Path) -> tuple[str, ...]:
+    """The class folders the finished adapter in `folder` was last trained with (its own alone if not grouped)."""
+    path = Path(folder) / TRAINING_LOG_NAME
+    trained_with = json.loads(path.read_text()).get("trained_with") if path.is_file() else None
+    return tuple(trained_with) if trained_with else (Path(folder).name,)
 
 
 def missing_adapters(output_dir: Path, mode: str, class_names: list[str]) -> list[str]:

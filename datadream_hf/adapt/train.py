@@ -1,5 +1,5 @@
 """Stage 1 of DataDream, whole: `train_generator` trains every adapter of a run (dset or cls mode, split across
-processes, sequential or grouped) into a finished output folder; it resumes a killed run and refuses another's
+processes, grouped or sequential) into a finished output folder; it resumes a killed run and refuses another's
 folder."""
 
 from __future__ import annotations
@@ -8,15 +8,28 @@ import dataclasses
 import logging
 from pathlib import Path
 
+import torch
+
 from ..guardrails import fp16_on_cpu, fp16_on_cpu_message, native_resolution, warn_far_resolution, warn_long_warmup
 from ..lora import LORA_WEIGHT_NAME
 from ..run_folder import class_folder_name, output_dir_lock
 from .checkpoints import CheckpointError
 from .config import GeneratorTrainingConfig
-from .data import FewShotData, build_units
+from .data import FewShotData, TrainingUnit, build_units
 from .grouped.loop import train_groups
+from .grouped.plan import run_groups
+from .grouped.sizing import choose_group_size, probe_group_memory
 from .modeling import GeneratorModels, load_generator_models
-from .outputs import check_output_dir, missing_adapters, run_record, write_outputs, write_run_record
+from .outputs import (
+    CLS_GROUPING_KEY,
+    check_output_dir,
+    missing_adapters,
+    read_cls_grouping,
+    record_cls_grouping,
+    run_record,
+    write_outputs,
+    write_run_record,
+)
 from .sequential import StepCallback, train_unit
 from .validation import log_validation, replay_to_trackers
 
@@ -62,9 +75,14 @@ def train_generator(
 
 def _train_generator(config, data, accelerator, models, step_callback) -> Path:
     output_dir = Path(config.output_dir)
-    # 1. Refuse to mix with another run before anything expensive (checked by every process).
+    # 1. Refuse to mix with another run before anything expensive (checked by every process); a resumed run keeps the
+    #    grouping it recorded until it has chosen its own (3).
     record = run_record(config, data)
-    check_output_dir(output_dir, record, resume=config.resume_from_checkpoint is not None)
+    resume = config.resume_from_checkpoint is not None
+    check_output_dir(output_dir, record, resume)
+    previous_grouping = read_cls_grouping(output_dir) if resume else None
+    if previous_grouping:
+        record = {**record, CLS_GROUPING_KEY: previous_grouping}
 
     # 2. Load the base model once; every adapter of this process is trained on it. The run record is written only
     #    now: a run that failed before (a wrong model path) leaves no record that would refuse the corrected command.
@@ -83,9 +101,11 @@ def _train_generator(config, data, accelerator, models, step_callback) -> Path:
 
     # 3. Train each adapter; a finished one (its file exists, written atomically) is skipped on resume. Grouped cls
     #    mode trains several classes per forward pass (grouped.loop): the same computation up to float rounding.
-    if config.mode == "cls" and config.cls_strategy == "grouped":
-        train_groups(models, units, config, accelerator, data.class_names, step_callback)
+    if config.mode == "cls" and config.cls_strategy != "sequential":
+        _train_grouped(models, units, config, data, accelerator, previous_grouping, step_callback)
     else:
+        if config.mode == "cls" and accelerator.is_main_process:
+            record_cls_grouping(output_dir, {"strategy": "sequential", "num_processes": accelerator.num_processes})
         for unit in units:
             adapter = output_dir / unit.folder / LORA_WEIGHT_NAME
             if config.resume_from_checkpoint is not None and adapter.is_file():
@@ -109,3 +129,47 @@ def _train_generator(config, data, accelerator, models, step_callback) -> Path:
             replay_to_trackers(output_dir, others, accelerator)
     accelerator.wait_for_everyone()
     return output_dir
+
+
+def _train_grouped(
+    models: GeneratorModels,
+    units: list[TrainingUnit],
+    config: GeneratorTrainingConfig,
+    data: FewShotData,
+    accelerator,
+    previous_grouping: dict | None,
+    step_callback: StepCallback | None,
+) -> None:
+    """Grouped cls mode: chooses the group size (`grouped.sizing`, agreed by all processes), logs and records it, and
+    trains this process's groups; a group halved after running out of memory is recorded too (main process)."""
+    num_processes = accelerator.num_processes
+    class_counts = [data.labels.count(i) for i in range(len(data.class_names))]
+
+    def measure():
+        return probe_group_memory(models, units[0], config) if units else None
+
+    def agree(size: int) -> int:
+        return int(accelerator.gather(torch.tensor([size], device=accelerator.device)).min())
+
+    def record(size: int, reason: str) -> None:
+        groups = run_groups(class_counts, config, num_processes, size)
+        record_cls_grouping(Path(config.output_dir), {
+            "strategy": config.cls_strategy, "classes_per_group": size, "reason": reason,
+            "num_processes": num_processes, "groups": [[data.class_names[i] for i in group] for group in groups],
+        })  # fmt: skip
+
+    sizing = choose_group_size(config, len(data.class_names), num_processes, previous_grouping, measure, agree)
+    logger.info("Grouped cls training: %d classes per group (%s).", sizing.classes_per_group, sizing.reason)
+    if accelerator.is_main_process:
+        record(sizing.classes_per_group, sizing.reason)
+
+    def on_halved(size: int, group: list[TrainingUnit]) -> None:
+        reason = f"halved after {[unit.name for unit in group]} ran out of memory; first: {sizing.reason}"
+        if accelerator.is_main_process:
+            record(size, reason)
+        else:
+            logger.warning("Process %d: %s (the run record keeps the main process's size).", accelerator.process_index,
+                           reason)  # fmt: skip
+
+    train_groups(models, units, config, accelerator, data.class_names, step_callback, sizing.classes_per_group,
+                 on_halved)  # fmt: skip

@@ -5,23 +5,25 @@ the random draws are those of the sequential path), sent through `GroupedLora`, 
 factors. The loss is the sum over classes of each class's mean loss, so each class gets exactly its sequential
 gradient; clipping is per class, and each class has its own AdamW step count and fp16 loss scale (`grouped.optim`), so
 each adapter equals its sequential run up to float rounding, also when fp16 overflows skip steps. Checkpoints are
-written per class, in the sequential path's folders and format.
+written per class, in the sequential path's folders and format (plus the group that made them, see `grouped.plan`).
+A group that runs out of GPU memory is halved and continues from its last checkpoint.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from ...faults import fault_point
 from ...lora import LORA_WEIGHT_NAME
-from ...run_folder import checkpoint_path, checkpoint_step
+from ...run_folder import checkpoint_path
 from ...validation import check_finite_loss
 from ..checkpoints import (
     checkpoint_meta,
-    list_checkpoints,
     load_checkpoint,
     prune_checkpoints,
     read_log_history,
@@ -44,28 +46,15 @@ from ..sequential import StepCallback, progress_bar
 from ..validation import log_validation
 from .lora import GroupedLora, clip_grad_norm_per_group_
 from .optim import GroupedGradScaler
+from .plan import GroupStart, group_units, resume_plan
 
 logger = logging.getLogger(__name__)
 
 
-def group_units(units: list[TrainingUnit], config: GeneratorTrainingConfig) -> list[list[TrainingUnit]]:
-    """Consecutive groups of at most `classes_per_group` classes; a group's classes have equal step counts (one lr
-    schedule), which K-shot data always gives."""
-    by_steps: dict[int, list[TrainingUnit]] = {}
-    for unit in units:
-        by_steps.setdefault(unit_steps(unit, config), []).append(unit)
-    size = config.classes_per_group or len(units)
-    return [same[i : i + size] for same in by_steps.values() for i in range(0, len(same), size)]
-
-
-def grouped_training_step(
-    models: GeneratorModels,
-    grouped: GroupedLora,
-    state: UnitOptimizer,
-    batches: list[StepBatch],
-    config: GeneratorTrainingConfig,
-) -> list[float]:
-    """One optimization step of every group on its own batch; returns each group's mean loss."""
+def grouped_losses(
+    models: GeneratorModels, grouped: GroupedLora, batches: list[StepBatch], config: GeneratorTrainingConfig
+) -> torch.Tensor:
+    """The forward pass of a grouped step: each group's mean loss on its own batch, (G,)."""
     sizes = [len(batch) for batch in batches]
     batch = StepBatch.concat(batches)
     groups = torch.repeat_interleave(torch.arange(len(batches)), torch.tensor(sizes))  # (B,): each sample's group
@@ -78,16 +67,27 @@ def grouped_training_step(
     # 2. One super-batch through the UNet, each sample routed to its group's LoRA factors.
     grouped.route(groups, components=("unet",))
     per_sample = diffusion_loss(models, batch, config.weight_dtype, hidden[inverse.to(models.device)])  # (B,)
-    # 3. Sum over groups of each group's mean: group g's gradient is its sequential step's gradient.
-    means = torch.stack([part.sum() / len(part) for part in per_sample.split(sizes)])  # (G,)
+    # 3. Each group's mean loss: the gradient of their sum is, for group g, its sequential step's gradient.
+    return torch.stack([part.sum() / len(part) for part in per_sample.split(sizes)])  # (G,)
+
+
+def grouped_training_step(
+    models: GeneratorModels,
+    grouped: GroupedLora,
+    state: UnitOptimizer,
+    batches: list[StepBatch],
+    config: GeneratorTrainingConfig,
+) -> list[float]:
+    """One optimization step of every group on its own batch; returns each group's mean loss."""
+    means = grouped_losses(models, grouped, batches, config)
     state.grad_scaler.scale(means).sum().backward()  # fp16: each group's loss times its own loss scale
     stacks = list(state.parameters.values())
     for p in stacks:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
     fault_point("generator-step")  # test hook (datadream_hf.faults), as in the sequential training_step
-    # 4. Unscale and clip each group alone, step the groups without inf/NaN (each with its own AdamW step count, as
-    #    in its own run), update each group's loss scale, schedule.
+    # Unscale and clip each group alone, step the groups without inf/NaN (each with its own AdamW step count, as in
+    # its own run), update each group's loss scale, schedule.
     found_inf = state.grad_scaler.unscale_(stacks)  # (G,)
     clip_grad_norm_per_group_(stacks, config.max_grad_norm)
     state.optimizer.step(active=~found_inf)
@@ -148,15 +148,15 @@ def _stack_optimizer_states(states: list[dict]) -> dict:
     return {"state": stacked, "param_groups": first["param_groups"]}
 
 
-def _resume(
-    grouped: GroupedLora, state: UnitOptimizer, folders: list[Path], metas: list[dict], histories: list[list[dict]]
-) -> int:
-    """Loads the newest checkpoint step every class of the group has (a kill may fall between two classes' writes),
-    and each class's log history into `histories`."""
-    common = set.intersection(*({checkpoint_step(c) for c in list_checkpoints(folder)} for folder in folders))
-    if not common:
-        return 0
-    step = max(common)
+def _load_checkpoints(
+    grouped: GroupedLora,
+    state: UnitOptimizer,
+    folders: list[Path],
+    metas: list[dict],
+    histories: list[list[dict]],
+    step: int,
+) -> None:
+    """Loads every class's `checkpoint-<step>` into its group's slices, and its log history into `histories`."""
     loaded = []
     for group, folder in enumerate(folders):
         view = _GroupOptimizerView(state.optimizer, group)
@@ -166,14 +166,15 @@ def _resume(
         histories[group][:] = read_log_history(checkpoint)
         loaded.append(view.loaded)
     state.optimizer.load_state_dict(_stack_optimizer_states(loaded))
-    return step
 
 
 def _save_checkpoints(grouped, state, folders, metas, histories, step: int, total_limit: int | None) -> None:
+    trained_with = [folder.name for folder in folders]
     for group, folder in enumerate(folders):
         weights = {name: view.detach().clone() for name, view in grouped.group_parameters(group).items()}
         save_checkpoint(folder, step, weights, _GroupOptimizerView(state.optimizer, group), state.lr_scheduler,
-                        _GroupScalerView(state.grad_scaler, group), metas[group], histories[group])  # fmt: skip
+                        _GroupScalerView(state.grad_scaler, group), metas[group], histories[group],
+                        trained_with)  # fmt: skip
     # Pruned only once every class has the new checkpoint, so a common step always survives a kill.
     for folder in folders:
         prune_checkpoints(folder, total_limit)
@@ -186,8 +187,10 @@ def train_group(
     accelerator,
     class_names: list[str] | None = None,
     step_callback: StepCallback | None = None,
+    start_step: int = 0,
 ) -> list[Path]:
-    """Trains the adapters of `units` together from their seeded inits (or their checkpoints) and writes each one.
+    """Trains the adapters of `units` together from their seeded inits (or, with `start_step`, from each class's
+    `checkpoint-<start_step>`) and writes each one that is not written yet.
 
     Returns the adapter files. `step_callback(unit, steps_done)` runs for every unit after every step; validation
     images are made per class when `class_names` is given and `config.num_validation_images > 0`.
@@ -203,8 +206,9 @@ def train_group(
     state = build_unit_optimizer(grouped.parameters(), config, num_steps, models.device.type, len(units))
     metas = [checkpoint_meta(unit, config, num_steps) for unit in units]
     histories: list[list[dict]] = [[] for _ in units]  # each class's {"step", "loss", "lr"} entries
-    first_step = _resume(grouped, state, folders, metas, histories) if config.resume_from_checkpoint is not None else 0
+    first_step = start_step
     if first_step:
+        _load_checkpoints(grouped, state, folders, metas, histories, first_step)
         logger.info("Resuming group %s from checkpoint-%d (of %d steps).", [u.name for u in units], first_step,
                     num_steps)  # fmt: skip
     for folder in folders:
@@ -243,17 +247,27 @@ def train_group(
 
     # 3. Export each class through the peft layers: the same files and keys as the sequential path writes.
     adapters = []
+    trained_with = [unit.folder for unit in units]
     for group, (unit, folder) in enumerate(zip(units, folders)):
         adapter = folder / LORA_WEIGHT_NAME
         adapters.append(adapter)
-        if config.resume_from_checkpoint is not None and adapter.is_file():
-            continue  # exported by the run that was killed while exporting the group
+        if adapter.is_file():
+            continue  # exported by the run that was killed while exporting the group (`grouped.plan`)
         grouped.copy_to_peft(group)
-        write_training_log(folder, histories[group])  # before the adapter, which marks the class done
+        write_training_log(folder, histories[group], trained_with)  # before the adapter, which marks the class done
         save_adapter_atomic(models, folder)
         if class_names is not None and config.num_validation_images > 0:
             log_validation(models, unit, config, class_names, accelerator)
     return adapters
+
+
+def one_class_does_not_fit(units: list[TrainingUnit], config: GeneratorTrainingConfig, error: Exception):
+    """The error of a step that runs out of memory with one class alone: nothing left to halve."""
+    return torch.OutOfMemoryError(
+        f"One class's training step does not fit in memory ({[u.name for u in units]}, batch "
+        f"{config.train_batch_size}, {config.resolution} px): lower --train_batch_size or --resolution, or use "
+        f"--mixed_precision bf16 or --gradient_checkpointing. {error}"
+    )
 
 
 def train_groups(
@@ -263,12 +277,44 @@ def train_groups(
     accelerator,
     class_names: list[str] | None = None,
     step_callback: StepCallback | None = None,
-) -> None:
-    """Trains this process's classes group by group (`group_units`); on resume a finished group is skipped."""
-    for group in group_units(units, config):
-        files = [Path(config.output_dir) / unit.folder / LORA_WEIGHT_NAME for unit in group]
-        if config.resume_from_checkpoint is not None and all(f.is_file() for f in files):
-            logger.info("Adapters %s are already trained: skipping them.", [unit.name for unit in group])
-            continue
-        logger.info("Training adapters %s together (grouped LoRA).", [unit.name for unit in group])
-        train_group(models, group, config, accelerator, class_names, step_callback)
+    classes_per_group: int | None = None,
+    on_halved: Callable[[int, list[TrainingUnit]], None] | None = None,
+) -> int | None:
+    """Trains this process's classes group by group (`grouped.plan`), `classes_per_group` per group (default:
+    `config.classes_per_group`; None: all); on resume, finished groups are skipped and the others continue from their
+    checkpoints.
+
+    A group that runs out of memory (`torch.OutOfMemoryError`) is halved: the classes continue from their last
+    checkpoints in groups of half its size, and so do the groups after it; `on_halved(new_size, group)` is told.
+    Returns the group size the run ended with.
+    """
+    size = config.classes_per_group if classes_per_group is None else classes_per_group
+    resume, output_dir = config.resume_from_checkpoint is not None, Path(config.output_dir)
+    while True:
+        running: list[TrainingUnit] = []
+        try:
+            for group in group_units(units, config, size):
+                plan = resume_plan(group, output_dir) if resume else [GroupStart(group, 0)]
+                if not plan:
+                    logger.info("Adapters %s are already trained: skipping them.", [unit.name for unit in group])
+                for start in plan:
+                    running = start.units
+                    logger.info("Training adapters %s together (grouped LoRA).", [unit.name for unit in running])
+                    train_group(models, running, config, accelerator, class_names, step_callback, start.step)
+            return size
+        except torch.OutOfMemoryError as error:
+            if len(running) <= 1:
+                raise one_class_does_not_fit(running, config, error) from error
+        # Out of memory: free what the group held (the exception's frames are gone by now), then halve the groups
+        # and continue from the checkpoints, which every class of the failed group has at a common step.
+        gc.collect()
+        if models.device.type == "cuda":
+            torch.cuda.empty_cache()
+        size = (len(running) + 1) // 2
+        logger.warning(
+            "Group %s ran out of memory: continuing from its last checkpoint with %d classes per group.",
+            [unit.name for unit in running], size,
+        )  # fmt: skip
+        if on_halved is not None:
+            on_halved(size, running)
+        resume = True
