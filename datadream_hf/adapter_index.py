@@ -46,11 +46,19 @@ def read_adapter_index(output_dir: str | os.PathLike) -> dict:
         ) from err
     except json.JSONDecodeError as err:
         raise ValueError(f"{str(path)!r} is not valid JSON ({err}); re-run stage 1 or restore the file.") from err
-    if index.get("mode") not in ("dset", "cls"):
-        raise ValueError(f"{str(path)!r}: field 'mode' must be 'dset' or 'cls', got {index.get('mode')!r}.")
+    if not isinstance(index, dict) or index.get("mode") not in ("dset", "cls"):
+        mode = index.get("mode") if isinstance(index, dict) else index
+        raise ValueError(f"{str(path)!r}: field 'mode' must be 'dset' or 'cls', got {mode!r}.")
     names, adapters = index.get("class_names"), index.get("adapters")
     if not isinstance(names, list) or not isinstance(adapters, dict):
         raise ValueError(f"{str(path)!r}: fields 'class_names' (list) and 'adapters' (dict) are required.")
+    if not all(isinstance(folder, str) for folder in adapters.values()) or (
+        index["mode"] == "dset" and "all" not in adapters
+    ):
+        raise ValueError(
+            f"{str(path)!r}: field 'adapters' must map each class index (cls) or 'all' (dset) to a folder name, got "
+            f"{adapters!r}."
+        )
     for key, folder in adapters.items():
         resolved = (Path(output_dir) / folder).resolve()
         if not resolved.is_relative_to(Path(output_dir).resolve()):
@@ -63,4 +71,14 @@ def read_adapter_index(output_dir: str | os.PathLike) -> dict:
             raise ValueError(
                 f"{str(path)!r}: no adapter for class(es) {[names[i] for i in missing]}; finish stage 1 for them."
             )
+        owner: dict[Path, str] = {}
+        for i, name in enumerate(names):
+            folder = (Path(output_dir) / adapters[str(i)]).resolve()
+            if folder in owner:
+                raise ValueError(
+                    f"{str(path)!r}: classes {owner[folder]!r} and {name!r} point at the same adapter folder "
+                    f"{adapters[str(i)]!r}; in cls mode each class has its own adapter. Restore the index stage 1 "
+                    "wrote (or train the classes in dset mode to share one adapter)."
+                )
+            owner[folder] = name
     return index

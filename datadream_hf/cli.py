@@ -10,6 +10,10 @@ import argparse
 import json
 
 from .errors import DEBUG_HELP, run_script
+from .validation import K_SHOTS, SEED, check_ranges
+
+# What each command's numeric options may be (`datadream_hf.validation`), checked before any work.
+NUMERIC_RANGES = {"few-shot": {"k": K_SHOTS.or_none(), "seed": SEED}}
 
 
 def _few_shot(args: argparse.Namespace) -> None:
@@ -134,6 +138,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _run(args: argparse.Namespace) -> None:
+    check_ranges(args, NUMERIC_RANGES.get(args.command, {}))
     args.func(args)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from PIL import ImageOps
 from .errors import InputError
 from .sources import check_source
 
+logger = logging.getLogger(__name__)
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 ORIENTATION_TAG = 0x0112  # EXIF Orientation: 1 is upright, 2-8 a flip and/or rotation to undo
 
@@ -26,11 +29,16 @@ class DatasetInputError(InputError):
 
 
 def load_image_folder(path: str | os.PathLike, class_names: list[str] | None = None) -> Dataset:
-    """Loads `path/<class name>/<image>` into a dataset; with `class_names`, in that order (else alphabetical)."""
+    """Loads `path/<class name>/<image>` into a dataset; with `class_names`, in that order (else alphabetical).
+
+    A link to a missing file or an unreadable entry (in the root or in a class folder) is an error naming it, as a
+    corrupt image is: skipping it would silently drop images, or a whole class. Hidden entries are ignored; other
+    files and sub-folders inside a class folder are skipped with a warning that names them.
+    """
     root = Path(path)
     if not root.is_dir():
         raise DatasetInputError(f"Image folder {str(root)!r} does not exist or is not a directory.")
-    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    folders = sorted(p.name for p in _entries(root) if p.is_dir())
     if class_names is None:
         class_names = folders
     _check_class_names(class_names, where=str(root))
@@ -46,7 +54,15 @@ def load_image_folder(path: str | os.PathLike, class_names: list[str] | None = N
         )
     paths, labels = [], []
     for label, name in enumerate(class_names):
-        files = sorted(p for p in (root / name).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        entries = _entries(root / name)
+        files = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+        skipped = [p.name for p in entries if p not in files]
+        if skipped:
+            logger.warning(
+                "Skipped %d entr%s of %r that %s not image files (%s): %s", len(skipped),
+                "y" if len(skipped) == 1 else "ies", str(root / name), "is" if len(skipped) == 1 else "are",
+                ", ".join(IMAGE_EXTENSIONS), skipped[:10],
+            )  # fmt: skip
         if not files:
             raise DatasetInputError(
                 f"Class folder {str(root / name)!r} holds no image file ({', '.join(IMAGE_EXTENSIONS)})."
@@ -55,6 +71,20 @@ def load_image_folder(path: str | os.PathLike, class_names: list[str] | None = N
         labels += [label] * len(files)
     features = Features({"image": Image(), "label": ClassLabel(names=list(class_names))})
     return Dataset.from_dict({"image": paths, "label": labels}, features=features)
+
+
+def _entries(folder: Path) -> list[Path]:
+    """The visible entries of `folder`, sorted; a link to nothing or an unreadable entry is an error naming it."""
+    entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    for entry in entries:
+        if entry.is_symlink() and not entry.exists():
+            raise DatasetInputError(
+                f"{str(entry)!r} is a link to a missing file ({os.readlink(entry)!r}). Restore its target or remove "
+                "the link."
+            )
+        if not os.access(entry, os.R_OK | (os.X_OK if entry.is_dir() else 0)):
+            raise DatasetInputError(f"{str(entry)!r} cannot be read (permissions). Fix its permissions or remove it.")
+    return entries
 
 
 def load_labelled_dataset(

@@ -1,7 +1,13 @@
-"""Test hook: SIGKILL this process at a named point of a run, so kill-and-resume tests are deterministic, not timed.
+"""Test hook: make this process fail at a named point of a run, so fault tests are deterministic, not timed.
 
-Set `DATADREAM_TEST_KILL_AT=<point>:<n>` (e.g. `checkpoint-write:2`) and the process kills itself with SIGKILL the n-th
-time it reaches `kill_point("<point>")` in that process. Unset (the normal case), `kill_point` does nothing. Points:
+Each variable takes `<point>:<n>` (e.g. `checkpoint-write:2`) and acts the n-th time this process reaches
+`fault_point("<point>")`:
+
+    DATADREAM_TEST_KILL_AT   SIGKILL: the process dies at once (a crash, an OOM kill, a pulled plug)
+    DATADREAM_TEST_STOP_AT   SIGSTOP: the process freezes there until it gets SIGCONT (two runs at once)
+    DATADREAM_TEST_FAIL_AT   raises OSError(ENOSPC) there, as a write to a full disk does
+
+Unset (the normal case), `fault_point` does nothing. Points:
 
     generator-step     stage 1, inside a training step: gradients computed, optimizer not stepped
     checkpoint-write   stage 1, a checkpoint's tensors are in its temp folder, its state JSON not yet written
@@ -11,17 +17,21 @@ time it reaches `kill_point("<point>")` in that process. Unset (the normal case)
     trainer-step       stage 3, inside a Trainer training step (loss computed, no backward yet)
     trainer-save       stage 3, the LoRA adapter of a checkpoint is saved, the optimizer and state not yet
 
-It is a test hook, not a feature: nothing in a normal run sets the variable.
+It is a test hook, not a feature: nothing in a normal run sets the variables.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import sys
 from collections import Counter
 
 KILL_AT_ENV = "DATADREAM_TEST_KILL_AT"
+STOP_AT_ENV = "DATADREAM_TEST_STOP_AT"
+FAIL_AT_ENV = "DATADREAM_TEST_FAIL_AT"
+FAULT_ENVS = (KILL_AT_ENV, STOP_AT_ENV, FAIL_AT_ENV)
 KILL_POINTS = (
     "generator-step",
     "checkpoint-write",
@@ -32,29 +42,34 @@ KILL_POINTS = (
     "trainer-save",
 )
 
-_hits: Counter = Counter()
+_hits: Counter = Counter()  # (variable, point) -> times reached in this process
 
 
-def parse_kill_spec(spec: str) -> tuple[str, int]:
+def parse_kill_spec(spec: str, variable: str = KILL_AT_ENV) -> tuple[str, int]:
     """`"checkpoint-write:2"` -> `("checkpoint-write", 2)`; a bad spec is an error naming the variable."""
     point, _, count = spec.partition(":")
     if point not in KILL_POINTS or not count.isdigit() or int(count) < 1:
         raise ValueError(
-            f"{KILL_AT_ENV}={spec!r} is invalid: use '<point>:<n>' with n >= 1 and a point in {list(KILL_POINTS)}."
+            f"{variable}={spec!r} is invalid: use '<point>:<n>' with n >= 1 and a point in {list(KILL_POINTS)}."
         )
     return point, int(count)
 
 
-def kill_point(name: str) -> None:
-    """SIGKILLs this process if `DATADREAM_TEST_KILL_AT` names this point and this is its n-th hit here."""
-    spec = os.environ.get(KILL_AT_ENV)
-    if not spec:
-        return
-    point, count = parse_kill_spec(spec)
-    if point != name:
-        return
-    _hits[name] += 1
-    if _hits[name] == count:
+def fault_point(name: str) -> None:
+    """Kills, stops or fails this process if a `DATADREAM_TEST_*_AT` variable names this point and this is its n-th
+    hit here; does nothing otherwise."""
+    for variable in FAULT_ENVS:
+        spec = os.environ.get(variable)
+        if not spec:
+            continue
+        point, count = parse_kill_spec(spec, variable)
+        if point != name:
+            continue
+        _hits[variable, name] += 1
+        if _hits[variable, name] != count:
+            continue
         sys.stdout.flush()
         sys.stderr.flush()
-        os.kill(os.getpid(), signal.SIGKILL)
+        if variable == FAIL_AT_ENV:
+            raise OSError(errno.ENOSPC, f"No space left on device (injected by {FAIL_AT_ENV} at {name!r})")
+        os.kill(os.getpid(), signal.SIGKILL if variable == KILL_AT_ENV else signal.SIGSTOP)

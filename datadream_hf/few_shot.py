@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import numbers
 import os
 from dataclasses import asdict, dataclass, field
 
@@ -19,6 +20,7 @@ from .data import (
     load_labelled_dataset,
 )
 from .files import write_json_atomic
+from .validation import K_SHOTS, SEED, check_value
 
 MANIFEST_FORMAT_VERSION = 1
 
@@ -29,6 +31,10 @@ class FewShotManifest:
 
     The manifest is the one source of the class list: every stage loads the dataset with `source_class_names` (which
     classes, in which order) and gives them `class_names` (the names prompts, folders and reports use).
+
+    Checked when made or loaded (K distinct non-negative integer rows per class) and against the dataset it is used
+    with (`check_matches`: same classes, same fingerprint, every row inside it and of the class it is listed under);
+    errors name the manifest file, the class and the row.
     """
 
     k: int
@@ -41,16 +47,48 @@ class FewShotManifest:
         default=None,
         metadata={"help": "The dataset's own names of the classes, in label order, when renamed (None: class_names)."},
     )
+    path: str | None = field(
+        default=None, compare=False, metadata={"help": "The file it was loaded from, for error messages; not saved."}
+    )
 
     def __post_init__(self):
+        problem = self._structure_problem()
+        if problem:
+            raise DatasetInputError(f"{self.where}: {problem} Draw it again with `datadream-hf few-shot`.")
+
+    @property
+    def where(self) -> str:
+        return f"Few-shot manifest {self.path!r}" if self.path else "The few-shot manifest"
+
+    def _structure_problem(self) -> str | None:
+        for name, allowed in (("k", K_SHOTS), ("seed", SEED)):
+            if not allowed.allows(getattr(self, name)):
+                return f"field '{name}' = {getattr(self, name)!r} is invalid: use {allowed.describe()}."
+        if not isinstance(self.class_names, list) or not isinstance(self.indices, list):
+            return "fields 'class_names' and 'indices' must be lists."
+        if not isinstance(self.source, dict):
+            return f"field 'source' must be a mapping, got {self.source!r}."
         if len(self.indices) != len(self.class_names):
-            raise DatasetInputError(
-                f"Manifest lists {len(self.class_names)} classes but {len(self.indices)} index lists."
-            )
+            return f"it lists {len(self.class_names)} classes but {len(self.indices)} index lists."
         if self.source_class_names is not None and len(self.source_class_names) != len(self.class_names):
-            raise DatasetInputError(
-                f"Manifest lists {len(self.class_names)} class names but {len(self.source_class_names)} source names."
-            )
+            return f"it lists {len(self.class_names)} class names but {len(self.source_class_names)} source names."
+        for i, name in enumerate(self.class_names):
+            if not isinstance(name, str) or not name.strip():
+                return f"class name {name!r} is empty or not a string."
+            if name in self.class_names[:i]:
+                return f"class name {name!r} appears twice; class names must be unique."
+        first_seen: dict[int, str] = {}
+        for name, rows in zip(self.class_names, self.indices):
+            if not isinstance(rows, list) or len(rows) != self.k:
+                count = len(rows) if isinstance(rows, list) else rows
+                return f"class {name!r} lists {count!r} rows, expected a list of K={self.k}."
+            for row in rows:
+                if isinstance(row, bool) or not isinstance(row, numbers.Integral) or row < 0:
+                    return f"class {name!r}: row {row!r} is not a row number (an integer >= 0)."
+                if int(row) in first_seen:
+                    return f"row {row} is listed twice (class {first_seen[int(row)]!r} and class {name!r})."
+                first_seen[int(row)] = name
+        return None
 
     @property
     def dataset_class_names(self) -> list[str]:
@@ -60,43 +98,62 @@ class FewShotManifest:
     @property
     def flat_indices(self) -> list[int]:
         """All row ids, class by class."""
-        return [i for per_class in self.indices for i in per_class]
+        return [int(i) for per_class in self.indices for i in per_class]
 
     def save(self, path: str | os.PathLike) -> None:
         """Writes the manifest as JSON, atomically."""
-        write_json_atomic(path, asdict(self))
+        payload = asdict(self)
+        del payload["path"]
+        write_json_atomic(path, payload)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> FewShotManifest:
         try:
             with open(path) as f:
                 payload = json.load(f)
-        except (OSError, json.JSONDecodeError) as err:
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
             raise DatasetInputError(f"Few-shot manifest {str(path)!r} cannot be read: {err}.") from err
+        if not isinstance(payload, dict):
+            raise DatasetInputError(f"Few-shot manifest {str(path)!r} must hold a JSON object, got {type(payload)}.")
         if payload.get("format_version") != MANIFEST_FORMAT_VERSION:
             raise DatasetInputError(
                 f"Few-shot manifest {str(path)!r} has format_version {payload.get('format_version')!r}, expected "
                 f"{MANIFEST_FORMAT_VERSION}. Draw it again with `datadream-hf few-shot`."
             )
         try:
-            return cls(**payload)
+            return cls(**{**payload, "path": str(path)})
         except TypeError as err:
             raise DatasetInputError(f"Few-shot manifest {str(path)!r} is malformed: {err}.") from err
 
     def check_matches(self, dataset: Dataset) -> None:
-        """Raises unless `dataset` is the one the manifest was drawn from (same classes and labels)."""
+        """Raises unless `dataset` is the one the manifest was drawn from: same classes, same fingerprint, and every
+        row inside it and labelled with the class it is listed under."""
         names = class_names_of(dataset)
         if names != self.class_names:
             raise DatasetInputError(
-                f"The manifest's classes {self.class_names[:5]}... differ from the dataset's {names[:5]}...; "
-                "load the dataset with the same source and class_names as when the manifest was drawn."
+                f"{self.where}: the manifest's classes {self.class_names[:5]}... differ from the dataset's "
+                f"{names[:5]}...; load the dataset with the same source and class_names as when the manifest was "
+                "drawn."
             )
         expected = self.source.get("fingerprint")
         if expected and dataset_fingerprint(dataset) != expected:
             raise DatasetInputError(
-                f"The dataset's fingerprint {dataset_fingerprint(dataset)} differs from the manifest's {expected}: it "
-                "is not the dataset the K-shot subset was drawn from."
+                f"{self.where}: the dataset's fingerprint {dataset_fingerprint(dataset)} differs from the manifest's "
+                f"{expected}: it is not the dataset the K-shot subset was drawn from."
             )
+        labels = labels_of(dataset)
+        for label, (name, rows) in enumerate(zip(self.class_names, self.indices)):
+            for row in rows:
+                if row >= len(dataset):
+                    raise DatasetInputError(
+                        f"{self.where}, class {name!r}: row {row} is past the end of the dataset ({len(dataset)} "
+                        "rows). The manifest was drawn from another dataset or edited; draw it again."
+                    )
+                if labels[row] != label:
+                    raise DatasetInputError(
+                        f"{self.where}, class {name!r}: row {row} is labelled {names[labels[row]]!r}, not {name!r}. "
+                        "The manifest was drawn from another dataset or edited; draw it again."
+                    )
 
     def select(self, dataset: Dataset) -> Dataset:
         """The K-shot rows of `dataset`, class by class, each image checked to decode."""
@@ -148,8 +205,8 @@ def draw_few_shot(
     `source_class_names`: the source dataset's names of `dataset`'s classes when `dataset` was renamed (e.g. to a
     preset's curated names), so that every stage can load and rename it the same way.
     """
-    if not isinstance(k, int) or k < 1:
-        raise DatasetInputError(f"K (shots per class) must be a positive integer, got {k!r}.")
+    check_value("k", k, K_SHOTS, DatasetInputError)
+    check_value("seed", seed, SEED, DatasetInputError)
     labels = labels_of(dataset)
     names = class_names_of(dataset)
     indices = []

@@ -1,10 +1,14 @@
-"""Files that readers never see half written (a temp file beside the target, then a rename), and their hashes."""
+"""Files that readers never see half written (a temp file beside the target, then a rename), strict JSON, and file
+hashes."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -15,16 +19,34 @@ from PIL import Image
 def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None = None):
     """Yields a file open on `.<name>.tmp` beside `path`; once the block ends, syncs it and renames it to `path`.
 
-    If the block raises (or the process dies), `path` is untouched and the temp file stays behind for the next run
-    to replace or clean up.
+    If anything fails (the block, the sync, or the rename, e.g. `path` is a folder or the disk is full), the temp file
+    is removed and `path` is untouched. Only a killed process leaves the temp file, for the next run to replace.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, mode, encoding=encoding) as f:
-        yield f
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, mode, encoding=encoding) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def staged_files(folder: str | os.PathLike, names: tuple[str, ...] | None = None) -> Iterator[Path]:
+    """Yields a temp folder inside `folder`; the files written into it (only `names`, if given) are renamed into
+    `folder` when the block ends, so each appears whole, and the temp folder is removed whatever happens (for writers
+    that take a folder, e.g. `save_pretrained`)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".staged-", suffix=".tmp") as tmp:
+        yield Path(tmp)
+        for path in sorted(Path(tmp).iterdir()):
+            if names is None or path.name in names:
+                os.replace(path, folder / path.name)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
@@ -32,9 +54,35 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
         f.write(text)
 
 
+def json_text(payload, indent: int | None = 2, where: str = "the payload") -> str:
+    """`payload` as strict JSON: a NaN or infinite number is an error naming its key (`json.dumps` would write `NaN`,
+    which is not JSON and which no strict reader parses)."""
+    bad = non_finite_values(payload)
+    if bad:
+        key, value = bad[0]
+        raise ValueError(
+            f"Refusing to write {where}: {key} is {value}, which JSON cannot hold ({len(bad)} such value(s)); a NaN "
+            "setting or loss upstream produced it."
+        )
+    return json.dumps(payload, indent=indent, ensure_ascii=False, allow_nan=False)
+
+
+def non_finite_values(payload, key: str = "") -> list[tuple[str, float]]:
+    """`(dotted key, value)` of every NaN / infinite float inside a JSON-like payload, e.g. `("log.3.loss", nan)`."""
+    if isinstance(payload, float):
+        return [] if math.isfinite(payload) else [(key or "the value", payload)]
+    if isinstance(payload, dict):
+        items = payload.items()
+    elif isinstance(payload, (list, tuple)):
+        items = enumerate(payload)
+    else:
+        return []
+    return [found for k, value in items for found in non_finite_values(value, f"{key}.{k}" if key else str(k))]
+
+
 def write_json_atomic(path: str | os.PathLike, payload: dict) -> None:
-    """`write_text_atomic` of `payload` as indented JSON."""
-    write_text_atomic(path, json.dumps(payload, indent=2, ensure_ascii=False))
+    """`write_text_atomic` of `payload` as indented, strict JSON (`json_text`)."""
+    write_text_atomic(path, json_text(payload, where=repr(str(path))))
 
 
 def save_png_atomic(image: Image.Image, path: str | os.PathLike) -> Path:

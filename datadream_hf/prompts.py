@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass, field
+
+from .errors import InputError
 
 # Domain words of the reference code (DataDream `generate/generate.py` and `datadream.py`); each ends in a space
 # so that the empty domain gives "a photo of a {classname}".
@@ -61,3 +64,28 @@ class PromptTemplate:
 
     def to_dict(self) -> dict:
         return {"domain": self.domain, "template": self.template, "clean_class_names": self.clean_class_names}
+
+    def check_distinct(self, class_names: list[str]) -> None:
+        """Raises if two classes get the same prompt once case, accents and spacing are ignored (`prompt_key`).
+
+        CLIP's tokenizer lower-cases and collapses spaces, so such classes (`Cat` / `cat`, `cafe` / `café`,
+        `a_b` / `a b` with `clean_class_names`) get the same or nearly the same text embedding: the classifier's head
+        cannot separate them, and stage 2 would prompt both alike.
+        """
+        seen: dict[str, str] = {}
+        for name in class_names:
+            key = prompt_key(self(name))
+            if key in seen:
+                raise InputError(
+                    f"Classes {seen[key]!r} and {name!r} get prompts that differ only in case, accents or spacing "
+                    f"({self(seen[key])!r}, {self(name)!r}): CLIP's tokenizer lower-cases text and collapses spaces, "
+                    "so their text embeddings are (nearly) the same and no classifier head built on them can tell the "
+                    "classes apart. Rename one of them (or merge them if they are one class)."
+                )
+            seen[key] = name
+
+
+def prompt_key(prompt: str) -> str:
+    """A prompt without case, accents or repeated spaces: `"a photo of a  Café"` -> `"a photo of a cafe"`."""
+    text = "".join(c for c in unicodedata.normalize("NFKD", prompt) if not unicodedata.combining(c))
+    return " ".join(text.casefold().split())

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import InputError
-from .faults import kill_point
+from .faults import fault_point
 from .files import atomic_write, file_sha256, write_json_atomic
 from .run_folder import class_folder_name
 
@@ -85,8 +85,8 @@ def write_shard(
         raise ValueError(f"Shard {path.name} needs {shard.num_images} rows, got {table.num_rows}.")
     with atomic_write(path, "wb") as f:
         pq.write_table(table, f)
-        kill_point("shard-write")  # test hook (datadream_hf.faults): the temp file may be partly written
-    kill_point("shard-manifest")  # test hook: a Parquet file without its manifest is not a finished shard
+        fault_point("shard-write")  # test hook (datadream_hf.faults): the temp file may be partly written
+    fault_point("shard-manifest")  # test hook: a Parquet file without its manifest is not a finished shard
     manifest = {
         "format_version": SHARD_FORMAT_VERSION,
         "run_fingerprint": run_fingerprint,

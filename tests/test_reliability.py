@@ -27,18 +27,19 @@ from datasets import Image as ImageFeature
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+import datadream_hf.faults as faults
 from datadream_hf.adapt.checkpoints import STATE_NAME, list_checkpoints
 from datadream_hf.adapter_index import ADAPTER_INDEX_NAME, read_adapter_index
 from datadream_hf.classify.checkpoints import is_complete_checkpoint, latest_complete_checkpoint
 from datadream_hf.cli import main as cli_main
 from datadream_hf.data import DatasetInputError, decode_images, load_image_folder, load_labelled_dataset
-from datadream_hf.faults import KILL_AT_ENV, kill_point, parse_kill_spec
+from datadream_hf.faults import FAIL_AT_ENV, KILL_AT_ENV, KILL_POINTS, STOP_AT_ENV, fault_point, parse_kill_spec
 from datadream_hf.few_shot import FewShotManifest, draw_few_shot
 from datadream_hf.generate.config import GenerationArguments, GenerationConfig, GenerationInputError
 from datadream_hf.generate.run import generate_synthetic_dataset
 from datadream_hf.lora import LORA_WEIGHT_NAME
 from datadream_hf.run_folder import LOCK_NAME, OutputDirLockedError, class_folder_name
-from datadream_hf.synthetic import SyntheticDataDreamBuilder, SyntheticDatasetError, is_shard_finished, missing_shards
+from datadream_hf.synthetic import SyntheticDataDreamBuilder, SyntheticDatasetError, missing_shards
 from datadream_hf.testing import write_fake_stage1_output
 
 REPO = Path(__file__).resolve().parents[1]
@@ -131,149 +132,96 @@ def stage3_args(tiny_clip_path, digits_path, digits_manifest_path, output_dir, *
     ]  # fmt: skip
 
 
-# --- 1. kill at a named point, resume, compare with an uninterrupted run ------------------------------------------
+# --- 1. kill at every named point, resume, compare with an uninterrupted run ----------------------------------------
 
 
-def test_kill_hook_is_inert_unless_set_and_validates_its_spec(monkeypatch):
+def test_fault_hook_is_inert_unless_set_and_validates_its_spec(monkeypatch):
     monkeypatch.delenv(KILL_AT_ENV, raising=False)
-    kill_point("checkpoint-write")  # no variable: nothing happens
+    fault_point("checkpoint-write")  # no variable: nothing happens
     monkeypatch.setenv(KILL_AT_ENV, "shard-write:2")
-    kill_point("checkpoint-write")  # another point: nothing happens
+    fault_point("checkpoint-write")  # another point: nothing happens
     assert parse_kill_spec("trainer-save:3") == ("trainer-save", 3)
     for bad in ("nowhere:1", "checkpoint-write", "checkpoint-write:0", "checkpoint-write:x"):
         with pytest.raises(ValueError, match=KILL_AT_ENV):
             parse_kill_spec(bad)
+    monkeypatch.setenv(FAIL_AT_ENV, "trainer-save:2")
+    monkeypatch.setattr(faults, "_hits", faults.Counter())
+    fault_point("trainer-save")  # the first hit passes
+    with pytest.raises(OSError, match=r"No space left on device \(injected by DATADREAM_TEST_FAIL_AT"):
+        fault_point("trainer-save")
 
 
-def test_stage1_cls_killed_mid_step_mid_checkpoint_and_mid_adapter_write_resumes_bit_exactly(
-    tiny_sd_path, stage1_data, tmp_path
-):
-    """cls mode (grouped: both classes step together), 3 steps, a checkpoint after every step; three kills in a row,
-    each followed by a resume, then a last resume that must end with the uninterrupted run's adapters bit for bit."""
-    reference, out = tmp_path / "reference", tmp_path / "killed"
-    grouped = ("--cls_strategy", "grouped")
-    run_main("stage1", stage1_args(tiny_sd_path, stage1_data, reference, *grouped))
-    zero, one = out / class_folder_name(0, "zero"), out / class_folder_name(1, "one")
+@dataclass
+class KillRun:
+    """A small run of one stage: its script, its flags for an output folder, how to resume it, what must hold on
+    disk right after a kill, and how its finished output compares with the uninterrupted run's."""
 
-    def checkpoints(folder):
-        return [c.name for c in list_checkpoints(folder)]
+    stage: str
+    args: object  # (ctx, out) -> flags
+    resume: tuple  # flags added to resume
+    after_kill: object  # (out, point) -> None
+    compare: object  # (reference, out) -> None
 
-    # 1. Mid-step 2: both classes have checkpoint-1 and no adapter; the folder has no index, so stage 2 refuses it.
-    run_killed("stage1", stage1_args(tiny_sd_path, stage1_data, out, *grouped), "generator-step:2")
-    assert checkpoints(zero) == checkpoints(one) == ["checkpoint-1"]
-    assert not list(out.rglob(LORA_WEIGHT_NAME))
+
+def _stage1_after_kill(out: Path, point: str):
+    """Whatever the kill interrupted, the folder does not look finished: no index (stage 2 refuses it), only complete
+    checkpoints are listed, and a half-written checkpoint or adapter exists only as a hidden temp folder."""
     with pytest.raises(FileNotFoundError, match=ADAPTER_INDEX_NAME):
         read_adapter_index(out)
+    for folder in [out, *[p for p in out.iterdir() if p.is_dir()]]:
+        for checkpoint in list_checkpoints(folder):
+            json.loads((checkpoint / STATE_NAME).read_text())
+    if point in ("checkpoint-write", "adapter-write"):
+        assert temp_files(out)
 
-    # 2. Mid-checkpoint write, between the two classes' checkpoint-2: `one`'s is only a temp folder.
-    resume = stage1_args(tiny_sd_path, stage1_data, out, *grouped, "--resume_from_checkpoint", "latest")
-    run_killed("stage1", resume, "checkpoint-write:2")
-    assert checkpoints(zero) == ["checkpoint-1", "checkpoint-2"] and checkpoints(one) == ["checkpoint-1"]
-    half = one / ".checkpoint-2.tmp"
-    assert half.is_dir() and not (half / STATE_NAME).exists()  # never listed as a checkpoint
 
-    # 3. Mid-adapter write: `zero`'s adapter is in place, `one`'s only in its temp folder.
-    run_killed("stage1", resume, "adapter-write:2")
-    assert (zero / LORA_WEIGHT_NAME).is_file() and not (one / LORA_WEIGHT_NAME).exists() and temp_files(one)
-    assert not (out / ADAPTER_INDEX_NAME).exists()
-
-    # 4. The last resume finishes: the same adapters, bit for bit, and no temp file left.
-    run_main("stage1", resume)
-    for i, name in enumerate(CLASSES):
-        folder = class_folder_name(i, name)
-        assert_same_tensors(reference / folder / LORA_WEIGHT_NAME, out / folder / LORA_WEIGHT_NAME)
+def _stage1_compare(reference: Path, out: Path):
+    files = sorted(p.relative_to(reference) for p in reference.rglob(LORA_WEIGHT_NAME))
+    assert files and files == sorted(p.relative_to(out) for p in out.rglob(LORA_WEIGHT_NAME))
+    for file in files:
+        assert_same_tensors(reference / file, out / file)
     assert read_adapter_index(out) == read_adapter_index(reference)
     assert not temp_files(out)
 
 
-def test_stage1_dset_killed_mid_checkpoint_write_resumes_bit_exactly(tiny_sd_path, stage1_data, tmp_path):
-    """dset mode (the one-adapter path): killed while writing checkpoint-2, resumed from checkpoint-1."""
-    reference, out = tmp_path / "reference", tmp_path / "killed"
-    run_main("stage1", stage1_args(tiny_sd_path, stage1_data, reference, "--mode", "dset"))
-    run_killed("stage1", stage1_args(tiny_sd_path, stage1_data, out, "--mode", "dset"), "checkpoint-write:2")
-    assert [c.name for c in list_checkpoints(out)] == ["checkpoint-1"] and temp_files(out)
-    assert not (out / LORA_WEIGHT_NAME).exists()
-    run_main("stage1", stage1_args(tiny_sd_path, stage1_data, out, "--mode", "dset", "--resume_from_checkpoint",
-                                   "latest"))  # fmt: skip
-    assert_same_tensors(reference / LORA_WEIGHT_NAME, out / LORA_WEIGHT_NAME)
-    assert not temp_files(out)
-
-
-def test_stage2_killed_mid_shard_write_and_before_its_manifest_resumes_bit_exactly(
-    tiny_sd_path, fake_stage1, tmp_path
-):
-    """2 classes x 4 images in shards of 2: killed inside a shard's Parquet write, then before its manifest."""
-    reference, out = tmp_path / "reference", tmp_path / "killed"
-    config = GenerationConfig(images_per_class=4, num_inference_steps=2, batch_size=2, shard_size=2)
-    stage2 = GenerationArguments(
-        pretrained_model_name_or_path=tiny_sd_path, adapter_path=fake_stage1, output_dir=reference
-    )
-    generate_synthetic_dataset(stage2, config)
-    args = ["--pretrained_model_name_or_path", tiny_sd_path, "--adapter_path", fake_stage1, "--output_dir", out]
-    args += STAGE2_FLAGS
-    second_shard = out / "shards" / class_folder_name(0, "zero") / "shard-000002-000004.parquet"
-
-    # 1. Inside the second shard's Parquet write: only a temp file exists for it.
-    run_killed("stage2", args, "shard-write:2")
-    assert temp_files(out) and not second_shard.exists()
-    assert len(missing_shards(out)) == 3
+def _stage2_after_kill(out: Path, point: str):
+    """An interrupted generation folder is refused as incomplete; the interrupted shard is a temp file (shard-write)
+    or a Parquet file without its manifest (shard-manifest), never counted as finished."""
+    assert missing_shards(out) and not (out / "generation_manifest.json").exists()
     with pytest.raises(SyntheticDatasetError, match="incomplete"):
-        SyntheticDataDreamBuilder(generation_dir=out, cache_dir=str(tmp_path / "cache"))
+        SyntheticDataDreamBuilder(generation_dir=out, cache_dir=str(out.parent / "cache"))
+    if point == "shard-write":
+        assert temp_files(out)
+    else:
+        assert any(not p.with_suffix(".json").exists() for p in (out / "shards").rglob("*.parquet"))
 
-    # 2. The re-run redoes that shard and dies after its Parquet rename, before its manifest.
-    run_killed("stage2", args, "shard-manifest:1")
-    assert second_shard.is_file() and not second_shard.with_suffix(".json").exists() and not temp_files(out)
-    info = json.loads((out / "generation_config.json").read_text())
-    from datadream_hf.synthetic import Shard
 
-    assert not is_shard_finished(out, Shard(0, 2, 4), CLASSES, info["fingerprint"])
-    with pytest.raises(SyntheticDatasetError, match="incomplete"):
-        SyntheticDataDreamBuilder(generation_dir=out, cache_dir=str(tmp_path / "cache"))
-
-    # 3. The last re-run completes: every shard byte-identical to the uninterrupted run's.
-    run_main("stage2", args)
-
+def _stage2_compare(reference: Path, out: Path):
     def shard_bytes(folder):
         root = Path(folder) / "shards"
         return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
-    assert shard_bytes(out) == shard_bytes(reference) and not temp_files(out)
-    assert not missing_shards(out)
+    assert shard_bytes(out) == shard_bytes(reference) and not temp_files(out) and not missing_shards(out)
 
 
-def test_stage3_killed_mid_step_and_mid_checkpoint_resumes_bit_exactly(
-    tiny_clip_path, digits_path, digits_manifest_path, tmp_path
-):
-    """6 Trainer steps, a checkpoint every 2; killed inside step 5, then while checkpoint-6 is being written.
-
-    Bit-exact with the reference augmentation and MixUp/CutMix on: the Trainer restores the model, optimizer, scheduler
-    and torch RNG (LoRA dropout) from a checkpoint, and the augmentation and mixing draws follow the sampler's
-    per-sample seeds, which the resumed run replays.
-    """
+def _stage3_after_kill(out: Path, point: str):
+    """No report and no final adapter; the checkpoint being written (trainer-save) is incomplete and is not what a
+    resume takes, though it is what the stock Trainer would take."""
     from transformers.trainer_utils import get_last_checkpoint
 
-    augmented = ["--augmentation", "datadream", "--mix_augmentation", "mixup_or_cutmix", "--mix_probability", "0.5"]
-    reference, out = tmp_path / "reference", tmp_path / "killed"
-    reference_report = run_main(
-        "stage3", stage3_args(tiny_clip_path, digits_path, digits_manifest_path, reference, *augmented)
-    )
+    assert not (out / "report.json").exists() and not (out / "adapter_model.safetensors").exists()
+    latest = latest_complete_checkpoint(out)
+    if point == "trainer-save":
+        assert Path(get_last_checkpoint(str(out))).name == "checkpoint-4" and latest.name == "checkpoint-2"
+        assert (out / "checkpoint-4" / "adapter_model.safetensors").is_file()
+        assert not is_complete_checkpoint(out / "checkpoint-4")
+    else:
+        assert latest.name == "checkpoint-4"
 
-    # 1. Mid-step 5: checkpoints 2 and 4 are complete.
-    args = stage3_args(tiny_clip_path, digits_path, digits_manifest_path, out, *augmented)
-    run_killed("stage3", args, "trainer-step:5")
-    assert latest_complete_checkpoint(out).name == "checkpoint-4"
 
-    # 2. Resumed, then killed while writing checkpoint-6: its adapter is there, its optimizer and state are not.
-    resume = args + ["--resume_from_checkpoint", "latest"]
-    run_killed("stage3", resume, "trainer-save:1")
-    assert (out / "checkpoint-6" / "adapter_model.safetensors").is_file()
-    assert not is_complete_checkpoint(out / "checkpoint-6")
-    assert Path(get_last_checkpoint(str(out))).name == "checkpoint-6"  # what the stock Trainer would resume from
-    assert latest_complete_checkpoint(out).name == "checkpoint-4"  # what we resume from
-
-    # 3. The last resume finishes with the uninterrupted run's weights, step losses, adapter and numbers. (The
-    # final adapter is the best checkpoint's, which may predate the kill; checkpoint-6 holds the weights after step 6.)
-    report = run_main("stage3", resume)
+def _stage3_compare(reference: Path, out: Path):
+    """The uninterrupted run's weights after the last step, step losses, final adapter and numbers. (The final adapter
+    is the best checkpoint's, which may predate the kill; checkpoint-6 holds the weights after step 6.)"""
     last = Path("checkpoint-6") / "adapter_model.safetensors"
     assert_same_tensors(reference / last, out / last)
 
@@ -283,10 +231,140 @@ def test_stage3_killed_mid_step_and_mid_checkpoint_resumes_bit_exactly(
 
     assert step_losses(out) == step_losses(reference) and len(step_losses(reference)) == 6
     assert_same_tensors(reference / "adapter_model.safetensors", out / "adapter_model.safetensors")
-    assert report["evaluations"] == reference_report["evaluations"]
-    selection, expected = report["selection"], reference_report["selection"]
-    assert selection["best_metric"] == expected["best_metric"]
-    assert Path(selection["best_checkpoint"]).name == Path(expected["best_checkpoint"]).name
+    report, expected = (json.loads((folder / "report.json").read_text()) for folder in (out, reference))
+    assert report["evaluations"] == expected["evaluations"]
+    assert report["selection"]["best_metric"] == expected["selection"]["best_metric"]
+    assert Path(report["selection"]["best_checkpoint"]).name == Path(expected["selection"]["best_checkpoint"]).name
+
+
+# MixUp/CutMix and the reference augmentation on: a resumed run must replay each draw's augmentation seed.
+AUGMENTED = ["--augmentation", "datadream", "--mix_augmentation", "mixup_or_cutmix", "--mix_probability", "0.5"]
+RESUME = ("--resume_from_checkpoint", "latest")
+KILL_RUNS = {
+    # stage 1: 2 classes, K=2, 3 steps, a checkpoint after every step; dset (the sequential loop, one adapter) and
+    # cls grouped (both classes step together, each with its own checkpoints and adapter)
+    "stage1-dset": KillRun("stage1", lambda c, out: stage1_args(c.tiny_sd, c.stage1_data, out, "--mode", "dset"),
+                           RESUME, _stage1_after_kill, _stage1_compare),
+    "stage1-cls-grouped": KillRun(
+        "stage1", lambda c, out: stage1_args(c.tiny_sd, c.stage1_data, out, "--cls_strategy", "grouped"), RESUME,
+        _stage1_after_kill, _stage1_compare),
+    # stage 2: 2 classes x 4 images in shards of 2; a re-run with the same flags resumes
+    "stage2": KillRun("stage2", lambda c, out: ["--pretrained_model_name_or_path", c.tiny_sd, "--adapter_path",
+                                                c.fake_stage1, "--output_dir", out, *STAGE2_FLAGS],
+                      (), _stage2_after_kill, _stage2_compare),
+    # stage 3: 6 Trainer steps, a checkpoint (and evaluation) every 2
+    "stage3": KillRun("stage3", lambda c, out: stage3_args(c.tiny_clip, c.digits_path, c.digits_manifest, out,
+                                                           *AUGMENTED), RESUME, _stage3_after_kill, _stage3_compare),
+}  # fmt: skip
+# Every named point, in every run that reaches it, and which hit of it the kill takes.
+KILLS = {
+    "generator-step": {"stage1-dset": 2, "stage1-cls-grouped": 2},  # inside step 2
+    "checkpoint-write": {"stage1-dset": 2, "stage1-cls-grouped": 3},  # dset: checkpoint-2; cls: zero's checkpoint-2
+    "adapter-write": {"stage1-dset": 1, "stage1-cls-grouped": 2},  # cls: zero's adapter in place, one's in its temp
+    "shard-write": {"stage2": 2},
+    "shard-manifest": {"stage2": 2},
+    "trainer-step": {"stage3": 5},  # inside step 5: checkpoints 2 and 4 complete
+    "trainer-save": {"stage3": 2},  # checkpoint-4: its adapter written, its optimizer and state not
+}
+KILL_CASES = [(point, run, hit) for point in KILL_POINTS for run, hit in KILLS[point].items()]
+
+
+def test_the_kill_loop_covers_every_named_point():
+    assert list(KILLS) == list(KILL_POINTS)
+
+
+@pytest.fixture(scope="module")
+def kill_ctx(tmp_path_factory, tiny_sd_path, tiny_clip_path, digits_path, digits_manifest_path, stage1_data,
+             fake_stage1):  # fmt: skip
+    return Ctx(tmp_path_factory.mktemp("kills"), None, tiny_sd_path, tiny_clip_path, digits_path, digits_manifest_path,
+               stage1_data, fake_stage1)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(kill_ctx):
+    """Each run's uninterrupted output, made in this process on first use."""
+    outputs = {}
+
+    def output(name: str) -> Path:
+        if name not in outputs:
+            outputs[name] = kill_ctx.tmp / f"reference-{name}"
+            run_main(KILL_RUNS[name].stage, KILL_RUNS[name].args(kill_ctx, outputs[name]))
+        return outputs[name]
+
+    return output
+
+
+@pytest.mark.parametrize("point, run, hit", KILL_CASES, ids=[f"{p}-{r}" for p, r, _ in KILL_CASES])
+def test_killed_at_every_named_point_then_resumed_ends_as_the_uninterrupted_run(point, run, hit, kill_ctx,
+                                                                                 uninterrupted, tmp_path):  # fmt: skip
+    """SIGKILL at the point (a fresh process), check that nothing on disk looks finished, resume with the same command
+    (in this process), and compare with the uninterrupted run, bit for bit; no temp file is left."""
+    spec = KILL_RUNS[run]
+    reference, out = uninterrupted(run), tmp_path / "killed"
+    run_killed(spec.stage, spec.args(kill_ctx, out), f"{point}:{hit}")
+    spec.after_kill(out, point)
+    run_main(spec.stage, [*spec.args(kill_ctx, out), *spec.resume])
+    spec.compare(reference, out)
+
+
+def test_two_stage2_runs_into_one_folder_at_once_one_is_refused_the_other_completes(kill_ctx, uninterrupted,
+                                                                                     tmp_path):  # fmt: skip
+    """The first run is frozen (SIGSTOP) inside its first shard write, holding the folder; a second run of the same
+    command is refused cleanly (exit status 1, the holder's pid named, nothing of it written); the first, continued,
+    completes the folder exactly as an uninterrupted run does."""
+    out = tmp_path / "shared"
+    args = [str(a) for a in KILL_RUNS["stage2"].args(kill_ctx, out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, str(SCRIPTS["stage2"]), *args]
+    log = open(tmp_path / "first.log", "w+")  # not a pipe: a full pipe would block it before its stop point
+    first = subprocess.Popen(command, env={**env, STOP_AT_ENV: "shard-write:1"}, stdout=log, stderr=log)
+    try:
+        wait_until_stopped(first.pid)
+        second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        assert second.returncode == 1, second.stderr[-3000:]
+        assert f"is in use by another run (pid {first.pid})" in second.stderr
+        assert temp_files(out) and missing_shards(out)  # the first run's half shard, untouched by the second
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+        first.wait(timeout=300)
+        log.close()
+    assert first.returncode == 0, (tmp_path / "first.log").read_text()[-3000:]
+    _stage2_compare(uninterrupted("stage2"), out)
+
+
+def wait_until_stopped(pid: int, timeout: float = 300) -> None:
+    """Waits until process `pid` is stopped (state T in /proc), i.e. it reached its STOP_AT point."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+        if state == "T":
+            return
+        assert state != "Z", "the process exited before reaching its stop point"
+        time.sleep(0.1)
+    raise TimeoutError(f"process {pid} did not stop within {timeout} s")
+
+
+def test_stage3_disk_full_while_checkpointing_leaves_nothing_half_written_and_the_rerun_completes(
+    kill_ctx, uninterrupted, tmp_path, monkeypatch
+):
+    """A write of checkpoint-4 fails with ENOSPC (injected where the Trainer has saved its adapter but not its
+    optimizer and state): a clear error, checkpoint-4 removed, checkpoint-2 intact, no final output; re-run with
+    --resume_from_checkpoint latest, it ends as the uninterrupted run."""
+    out = tmp_path / "full"
+    args = KILL_RUNS["stage3"].args(kill_ctx, out)
+    monkeypatch.setenv(FAIL_AT_ENV, "trainer-save:2")
+    monkeypatch.setattr(faults, "_hits", faults.Counter())
+    with pytest.raises(OSError, match=r"Could not write checkpoint '.*checkpoint-4' \(No space left on device.*"
+                                      r"it was removed.*--resume_from_checkpoint latest"):  # fmt: skip
+        run_main("stage3", args)
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert is_complete_checkpoint(out / "checkpoint-2") and not temp_files(out)
+    assert not (out / "report.json").exists() and not (out / "adapter_model.safetensors").exists()
+    monkeypatch.delenv(FAIL_AT_ENV)
+    run_main("stage3", [*args, *RESUME])
+    _stage3_compare(uninterrupted("stage3"), out)
 
 
 # --- 2. bad input: one table, every case named -------------------------------------------------------------------
@@ -465,7 +543,8 @@ def _manifest_naming_a_missing_class(folder_and_manifest: tuple[Path, Path]) -> 
     """The manifest (which carries the class list) names a class `bird` that has no folder."""
     folder, manifest = folder_and_manifest
     payload = json.loads(manifest.read_text())
-    _edit_json(manifest, class_names=[*payload["class_names"], "bird"], indices=[*payload["indices"], [0]])
+    bird = [1000 + i for i in range(payload["k"])]  # rows of no other class, so only the folder is missing
+    _edit_json(manifest, class_names=[*payload["class_names"], "bird"], indices=[*payload["indices"], bird])
     return folder, manifest
 
 
@@ -506,6 +585,34 @@ def _stage3_into_a_used_folder(ctx: Ctx):
     (used / "checkpoint-2").mkdir(parents=True)
     (used / "checkpoint-2" / "adapter_model.safetensors").write_bytes(b"")
     ctx.stage3("--output_dir", used)
+
+
+def _edited_manifest(ctx: Ctx, edit, source: str | None = None) -> Path:
+    payload = json.loads(Path(source or ctx.stage1_data["manifest"]).read_text())
+    edit(payload)
+    path = ctx.tmp / "edited.json"
+    path.write_text(json.dumps(payload))
+    return path
+
+
+def _stage1_with_broken_link(ctx: Ctx):
+    root, manifest = folder_with(ctx.tmp, png_bytes(noise_image(seed=3)))
+    (root / "dog" / "2.png").symlink_to(root / "dog" / "deleted.png")
+    ctx.stage1(str(root), str(manifest))
+
+
+def _case_twins(ctx: Ctx) -> tuple[str, str]:
+    """An image folder whose classes are `Cat` and `cat`, and its manifest."""
+    root = write_image_folder(ctx.tmp / "twins", {"Cat": [noise_image(seed=i) for i in range(3)],
+                                                  "cat": [noise_image(seed=3 + i) for i in range(3)]})  # fmt: skip
+    draw_few_shot(load_image_folder(root), k=2, seed=0).save(ctx.tmp / "twins.json")
+    return str(root), str(ctx.tmp / "twins.json")
+
+
+def _stage3_case_twins(ctx: Ctx):
+    root, manifest = _case_twins(ctx)
+    ctx.stage3("--real_dataset", root, "--few_shot_manifest", manifest, "--test_split", "none",
+               "--validation_per_class", "1")  # fmt: skip
 
 
 def _cli_few_shot(ctx: Ctx, k: int):
@@ -584,7 +691,8 @@ CASES = {
     "unknown dataset preset (stage 3)": Case(lambda c: c.stage3("--dataset_preset", "birds"), ValueError,
                                              r"Unknown dataset preset 'birds'. Choose one of"),
     "resolution not a multiple of 8": Case(lambda c: c.stage1_digits("--resolution", "30"), ValueError,
-                                           r"`resolution` = 30 is invalid: use a positive multiple of 8"),
+                                           r"`--resolution` = 30 is invalid: use an integer in \[8, 4096\], a "
+                                           r"multiple of 8"),
     # Adapters and index files (stage 2)
     "adapter for another base model (recorded id)": Case(
         lambda c: c.stage2(c.adapters(lambda d: _edit_json(
@@ -610,12 +718,12 @@ CASES = {
     "unknown scheduler": Case(lambda c: c.stage2(None, "--scheduler", "NoSuchScheduler"), GenerationInputError,
                               r"`scheduler`: 'NoSuchScheduler' is not a diffusers scheduler class"),
     "zero images per class": Case(lambda c: c.stage2(None, "--images_per_class", "0"), GenerationInputError,
-                                  r"`images_per_class` must be an integer >= 1, got 0"),
+                                  r"`--images_per_class` = 0 is invalid: use an integer >= 1"),
     # Classifier training (stage 3)
     "lambda above 1": Case(lambda c: c.stage3("--real_loss_weight", "1.5"), ValueError,
-                           r"`real_loss_weight` \(lambda\) must lie in \[0, 1\], got 1.5"),
-    "lambda below 0": Case(lambda c: c.stage3("--real_loss_weight", "-0.2"), ValueError,
-                           r"`real_loss_weight` \(lambda\) must lie in \[0, 1\], got -0.2"),
+                           r"`--real_loss_weight` = 1.5 is invalid: use a finite number in \[0, 1\] \(lambda"),
+    "lambda below 0": Case(lambda c: c.stage3("--real_loss_weight=-0.2"), ValueError,
+                           r"`--real_loss_weight` = -0.2 is invalid: use a finite number in \[0, 1\]"),
     "new stage-3 run into a folder holding one": Case(
         _stage3_into_a_used_folder, ValueError, r"used'.*already holds a classifier run \(checkpoint-2.*resume_from"),
     "validation split = test split": Case(lambda c: c.stage3("--validation_split", "test"), ValueError,
@@ -633,6 +741,49 @@ CASES = {
         lambda c: _stage1_batch_steps(c), check=lambda steps: steps == [2]),
     "batch larger than the data (stage 3: 8 real images, batch 16)": Case(
         lambda c: _stage3_batches(16), check=lambda batches: all(len(b) == 16 for b in batches)),
+    # Numbers that are not finite or out of range (every field: tests/test_validation.py), refused before any work
+    "NaN learning rate (stage 1)": Case(lambda c: c.stage1_digits("--learning_rate", "nan"), ValueError,
+                                        r"`--learning_rate` = nan is invalid: use a finite number in \(0, 1\]"),
+    "infinite gradient clipping (stage 1)": Case(lambda c: c.stage1_digits("--max_grad_norm", "inf"), ValueError,
+                                                 r"`--max_grad_norm` = inf is invalid: use a finite number > 0"),
+    "NaN guidance scale (stage 2)": Case(lambda c: c.stage2(None, "--guidance_scale", "nan"), GenerationInputError,
+                                         r"`--guidance_scale` = nan is invalid: use a finite number >= 0"),
+    "seed past 2**32 (stage 2)": Case(lambda c: c.stage2(None, "--seed", str(2**32)), GenerationInputError,
+                                      r"`--seed` = 4294967296 is invalid: use an integer in \[0, 4294967295\]"),
+    "NaN lambda (stage 3)": Case(lambda c: c.stage3("--real_loss_weight", "nan"), ValueError,
+                                 r"`--real_loss_weight` = nan is invalid"),
+    "infinite learning rate (stage 3)": Case(lambda c: c.stage3("--learning_rate", "inf"), ValueError,
+                                             r"`--learning_rate` = inf is invalid: use a finite number in \(0, 1\]"),
+    "NaN warm-up (stage 3)": Case(lambda c: c.stage3("--warmup_steps", "nan"), ValueError,
+                                  r"`--warmup_steps` = nan is invalid: use a finite number >= 0"),
+    "K of 0 (datadream-hf few-shot)": Case(lambda c: _cli_few_shot(c, k=0), ValueError,
+                                           r"`--k` = 0 is invalid: use an integer >= 1"),
+    # Hand-edited manifests (every kind: tests/test_validation.py), refused before the model loads
+    "manifest row of another class": Case(
+        lambda c: c.stage1_digits("--few_shot_manifest", _edited_manifest(c, lambda m: m["indices"].reverse())),
+        DatasetInputError, r"edited\.json', class 'zero': row \d+ is labelled 'one', not 'zero'"),
+    "manifest row past the end": Case(
+        lambda c: c.stage1_digits("--few_shot_manifest", _edited_manifest(c, lambda m: m["indices"][1].__setitem__(
+            0, 10**12))), DatasetInputError, r"edited\.json', class 'one': row 1000000000000 is past the end"),
+    "negative manifest row": Case(
+        lambda c: c.stage3("--few_shot_manifest", _edited_manifest(c, lambda m: m["indices"][0].__setitem__(0, -1),
+                                                                   c.digits_manifest)),
+        DatasetInputError, r"edited\.json': class 'zero': row -1 is not a row number"),
+    # Silent skips
+    "broken link in a class folder": Case(_stage1_with_broken_link, DatasetInputError,
+                                          r"dog/2\.png' is a link to a missing file"),
+    # Classes that would become one
+    "classes differing only in case (stage 1)": Case(lambda c: c.stage1(*_case_twins(c)), ValueError,
+                                                     r"Classes 'Cat' and 'cat' get prompts that differ only in case"),
+    "classes differing only in accents (stage 2)": Case(
+        lambda c: c.stage2(write_fake_stage1_output(c.tmp / "twins", c.tiny_sd, ["café", "cafe"])),
+        ValueError, r"Classes 'café' and 'cafe' get prompts that differ only in case, accents or spacing"),
+    "classes differing only in case (stage 3)": Case(lambda c: _stage3_case_twins(c), ValueError,
+                                                     r"Classes 'Cat' and 'cat' get prompts that differ only in case"),
+    "cls index with two classes on one adapter": Case(
+        lambda c: c.stage2(c.adapters(lambda d: _edit_json(d / ADAPTER_INDEX_NAME,
+                                                           **{"adapters.1": class_folder_name(0, "zero")}))),
+        ValueError, r"classes 'zero' and 'one' point at the same adapter folder '0000_zero'"),
 }  # fmt: skip
 
 

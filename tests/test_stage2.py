@@ -295,7 +295,7 @@ BAD_INPUTS = {
     ),
     "adapter for another base model (shapes)": (_reshape_one_weight, {}, r"0002_two.*does not fit the base model"),
     "unknown scheduler": (None, {"scheduler": "NoSuchScheduler"}, r"`scheduler`: 'NoSuchScheduler'"),
-    "zero images per class": (None, {"images_per_class": 0}, r"`images_per_class` must be an integer >= 1, got 0"),
+    "zero images per class": (None, {"images_per_class": 0}, r"`--images_per_class` = 0 is invalid"),
     "class names differ": (None, {"class_names": ["a", "b", "c"]}, r"differ from the adapters' classes"),
     "no adapter without classes": (None, {"no_adapter": True, "adapter_path": None}, r"`class_names` are required"),
 }

@@ -18,9 +18,11 @@ import torch
 from safetensors.torch import save_file
 
 from ..errors import InputError
-from ..faults import kill_point
+from ..faults import fault_point
+from ..files import json_text
 from ..lora import load_safetensors
 from ..run_folder import checkpoint_folders, checkpoint_path
+from ..validation import check_finite_weights
 
 if TYPE_CHECKING:
     from .config import GeneratorTrainingConfig
@@ -116,31 +118,37 @@ def save_checkpoint(
             alone. Not part of `meta`: any strategy resumes from any checkpoint (`checkpoint_trained_with`).
     """
     folder = Path(folder)
+    weights = {name: p.detach().cpu().contiguous() for name, p in parameters.items()}
+    check_finite_weights(weights, f"checkpoint-{step} of {str(folder)!r}")
     folder.mkdir(parents=True, exist_ok=True)
     final = checkpoint_path(folder, step)
     tmp = folder / f".checkpoint-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file({name: p.detach().cpu().contiguous() for name, p in parameters.items()}, str(tmp / WEIGHTS_NAME))
-    optimizer_tensors, optimizer_rest = _split_optimizer_state(optimizer.state_dict())
-    save_file(optimizer_tensors, str(tmp / OPTIMIZER_NAME))
-    kill_point("checkpoint-write")  # test hook: the checkpoint is half written, in its temp folder only
-    state = {
-        "step": step,
-        "meta": meta,
-        "optimizer": optimizer_rest,
-        "lr_scheduler": lr_scheduler.state_dict(),
-        "grad_scaler": grad_scaler.state_dict() if grad_scaler.is_enabled() else None,
-        "log_history": list(log_history or []),
-        "trained_with": trained_with,
-    }
-    with open(tmp / STATE_NAME, "w") as f:
-        json.dump(state, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    if final.exists():  # the same step written by an earlier, interrupted attempt: identical content
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    try:
+        tmp.mkdir()
+        save_file(weights, str(tmp / WEIGHTS_NAME))
+        optimizer_tensors, optimizer_rest = _split_optimizer_state(optimizer.state_dict())
+        save_file(optimizer_tensors, str(tmp / OPTIMIZER_NAME))
+        fault_point("checkpoint-write")  # test hook: the checkpoint is half written, in its temp folder only
+        state = {
+            "step": step,
+            "meta": meta,
+            "optimizer": optimizer_rest,
+            "lr_scheduler": lr_scheduler.state_dict(),
+            "grad_scaler": grad_scaler.state_dict() if grad_scaler.is_enabled() else None,
+            "log_history": list(log_history or []),
+            "trained_with": trained_with,
+        }
+        with open(tmp / STATE_NAME, "w") as f:
+            f.write(json_text(state, indent=1, where=repr(str(tmp / STATE_NAME))))
+            f.flush()
+            os.fsync(f.fileno())
+        if final.exists():  # the same step written by an earlier, interrupted attempt: identical content
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:  # e.g. a full disk: no half-written folder stays behind (a killed process leaves `tmp`)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return final
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 
 from ..prompts import DOMAIN_PRESETS, PromptTemplate
+from ..validation import BETA, COUNT, NON_NEGATIVE_INT, POSITIVE, PROBABILITY, RATE, SEED, Range, check_ranges, integer
 
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
@@ -130,6 +131,30 @@ class GeneratorTrainingConfig:
     validation_num_inference_steps: int = field(default=25, metadata={"help": "Sampling steps of validation."})
     license: str = field(default="openrail++", metadata={"help": "License in the card (SD 2.1's is openrail++)."})
 
+    # What every numeric flag may be (`datadream_hf.validation`), checked before any work.
+    NUMERIC_RANGES: ClassVar[dict[str, Range]] = {
+        "resolution": integer(8, 4096, multiple_of=8).with_hint("SD 2.1-base: 512"),
+        "rank": COUNT,
+        "lora_alpha": COUNT.or_none(),
+        "train_batch_size": COUNT,
+        "num_train_epochs": COUNT,
+        "max_train_steps": COUNT.or_none(),
+        "learning_rate": RATE.with_hint("paper: 1e-4"),
+        "lr_warmup_steps": NON_NEGATIVE_INT,
+        "adam_beta1": BETA,
+        "adam_beta2": BETA,
+        "adam_weight_decay": PROBABILITY.with_hint("reference: 1e-2"),
+        "adam_epsilon": RATE,
+        "max_grad_norm": POSITIVE,
+        "classes_per_group": COUNT.or_none().with_hint("None: 'auto' sizes it, 'grouped' takes all of a process's"),
+        "memory_safety_margin": BETA.with_hint("a fraction of the free memory, e.g. 0.2"),
+        "seed": SEED,
+        "checkpointing_steps": COUNT,
+        "checkpoints_total_limit": COUNT.or_none(),
+        "num_validation_images": NON_NEGATIVE_INT,
+        "validation_num_inference_steps": COUNT,
+    }
+
     def __post_init__(self):
         if self.report_to == "none":
             self.report_to = None
@@ -137,44 +162,15 @@ class GeneratorTrainingConfig:
             raise _bad("pretrained_model_name_or_path", self.pretrained_model_name_or_path, "pass a Hub id or folder")
         if self.mode not in ("dset", "cls"):
             raise _bad("mode", self.mode, "use 'dset' (one adapter) or 'cls' (one per class)")
-        if not isinstance(self.resolution, int) or self.resolution < 8 or self.resolution % 8:
-            raise _bad("resolution", self.resolution, "use a positive multiple of 8, e.g. 512 for SD 2.1-base")
-        for name in ("rank", "train_batch_size", "num_train_epochs", "checkpointing_steps"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise _bad(name, getattr(self, name), "use an integer >= 1")
-        for name in ("lora_alpha", "max_train_steps", "checkpoints_total_limit"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise _bad(name, value, "use an integer >= 1, or None")
+        check_ranges(self, self.NUMERIC_RANGES)
         if self.lora_init not in ("gaussian", "kaiming"):
             raise _bad("lora_init", self.lora_init, "use 'gaussian' (reference) or 'kaiming'")
-        if not self.learning_rate > 0:
-            raise _bad("learning_rate", self.learning_rate, "use a positive number (paper: 1e-4)")
         if self.lr_scheduler not in LR_SCHEDULERS:
             raise _bad("lr_scheduler", self.lr_scheduler, f"use one of {LR_SCHEDULERS}")
-        for name in ("lr_warmup_steps", "num_validation_images"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                raise _bad(name, getattr(self, name), "use an integer >= 0")
-        if not 0 <= self.adam_beta1 < 1 or not 0 <= self.adam_beta2 < 1:
-            raise _bad("adam_beta1/adam_beta2", (self.adam_beta1, self.adam_beta2), "use values in [0, 1)")
-        if self.adam_weight_decay < 0 or self.adam_epsilon <= 0 or self.max_grad_norm <= 0:
-            raise _bad(
-                "adam_weight_decay/adam_epsilon/max_grad_norm",
-                (self.adam_weight_decay, self.adam_epsilon, self.max_grad_norm),
-                "use weight decay >= 0, epsilon > 0 and max_grad_norm > 0",
-            )
         if self.mixed_precision not in (None, "no", "fp16", "bf16"):
             raise _bad("mixed_precision", self.mixed_precision, "use 'no', 'fp16', 'bf16' or None (the Accelerator's)")
         if self.cls_strategy not in ("auto", "grouped", "sequential"):
             raise _bad("cls_strategy", self.cls_strategy, "use 'auto' (fast, the default), 'grouped' or 'sequential'")
-        if self.classes_per_group is not None and (
-            not isinstance(self.classes_per_group, int) or self.classes_per_group < 1
-        ):
-            raise _bad("classes_per_group", self.classes_per_group, "use an integer >= 1, or None")
-        if not isinstance(self.memory_safety_margin, (int, float)) or not 0 <= self.memory_safety_margin < 1:
-            raise _bad("memory_safety_margin", self.memory_safety_margin, "use a fraction in [0, 1), e.g. 0.2")
-        if not isinstance(self.seed, int) or self.seed < 0:
-            raise _bad("seed", self.seed, "use an integer >= 0")
         if self.mode == "cls" and self.resume_from_checkpoint not in (None, "latest"):
             raise _bad(
                 "resume_from_checkpoint",

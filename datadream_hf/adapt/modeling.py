@@ -13,9 +13,10 @@ import torch
 import torch.nn.functional as F
 from peft.tuners.lora import LoraLayer
 
-from ..faults import kill_point
+from ..faults import fault_point
 from ..lora import ADAPTER_NAME, LORA_WEIGHT_NAME, generator_lora_configs, save_generator_lora
 from ..sources import check_source
+from ..validation import check_finite_weights
 from .config import GeneratorTrainingConfig
 from .data import StepBatch, TrainingUnit, init_generator
 from .grouped.optim import GroupedAdamW, GroupedGradScaler
@@ -226,12 +227,16 @@ def build_unit_optimizer(
 
 
 def save_adapter_atomic(models: GeneratorModels, folder: Path) -> Path:
-    """Writes `folder/pytorch_lora_weights.safetensors` via a temp folder, so the file is whole or absent."""
+    """Writes `folder/pytorch_lora_weights.safetensors` via a temp folder, so the file is whole or absent (a failed
+    write removes the temp folder); LoRA weights holding NaN or inf are refused (`NonFiniteError`)."""
+    check_finite_weights(models.trainable_parameters(), f"the adapter {str(folder / LORA_WEIGHT_NAME)!r}")
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".adapter-{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    written = save_generator_lora(tmp, models.unet, models.text_encoder if models.train_text_encoder else None)
-    kill_point("adapter-write")  # test hook: the adapter exists only in the temp folder
-    os.replace(written, folder / LORA_WEIGHT_NAME)
-    shutil.rmtree(tmp)
+    try:
+        written = save_generator_lora(tmp, models.unet, models.text_encoder if models.train_text_encoder else None)
+        fault_point("adapter-write")  # test hook: the adapter exists only in the temp folder
+        os.replace(written, folder / LORA_WEIGHT_NAME)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return folder / LORA_WEIGHT_NAME

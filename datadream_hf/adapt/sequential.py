@@ -8,8 +8,9 @@ from pathlib import Path
 
 import torch
 
-from ..faults import kill_point
+from ..faults import fault_point
 from ..lora import LORA_WEIGHT_NAME
+from ..validation import check_finite_loss
 from .checkpoints import (
     checkpoint_meta,
     latest_checkpoint,
@@ -79,7 +80,7 @@ def training_step(
             p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
             offset += p.numel()
         loss_sum = flat[-1]
-    kill_point("generator-step")  # test hook (datadream_hf.faults): a kill here loses only this step
+    fault_point("generator-step")  # test hook (datadream_hf.faults): a kill here loses only this step
     # 3. Clip, step, schedule.
     state.grad_scaler.unscale_(state.optimizer)
     torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
@@ -134,6 +135,7 @@ def train_unit(
                                 cache)  # fmt: skip
         loss = training_step(models, state, batch, config, shard)
         done = step + 1
+        check_finite_loss(loss, f"adapter {unit.name!r}", done)  # before this step's weights reach any file
         progress.update(1)
         progress.set_postfix(loss=f"{loss:.4f}")
         log_history.append({"step": done, "loss": loss, "lr": state.lr_scheduler.get_last_lr()[0]})

@@ -57,6 +57,7 @@ def train_generator(
     """
     if config.mixed_precision is None:  # the Accelerator's (the script's default: `accelerate launch` decides)
         config = dataclasses.replace(config, mixed_precision=accelerator.mixed_precision)
+    config.prompt_template().check_distinct(data.class_names)  # classes whose prompts are one cannot be told apart
     # Refuse another run's folder before taking the lock, which creates the folder.
     resume = config.resume_from_checkpoint is not None
     record = run_record(config, data)

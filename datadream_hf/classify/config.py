@@ -5,12 +5,27 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from transformers import TrainingArguments
 
 from ..guardrails import refuse_fp16_on_cpu
 from ..prompts import DEFAULT_TEMPLATE, PromptTemplate, domain_for_preset
+from ..validation import (
+    BETA,
+    COUNT,
+    NON_NEGATIVE,
+    NON_NEGATIVE_INT,
+    POSITIVE,
+    PROBABILITY,
+    RATE,
+    SEED,
+    Range,
+    check_ranges,
+    check_value,
+    integer,
+)
 from .augment import AUGMENTATIONS, MIX_AUGMENTATIONS
 from .modeling import DEFAULT_CLASSIFIER_BASE
 
@@ -28,6 +43,37 @@ SCRIPT_DEFAULTS = {
     "save_total_limit": 2,
     "logging_steps": 10,
     "report_to": "none",
+}
+# The numeric `TrainingArguments` fields stage 3 inherits, and what each may be.
+TRAINING_ARGUMENT_RANGES = {
+    "per_device_train_batch_size": COUNT.with_hint("reference: 64"),
+    "per_device_eval_batch_size": COUNT,
+    "gradient_accumulation_steps": COUNT,
+    "num_train_epochs": POSITIVE,
+    "max_steps": integer(-1).with_hint("-1: set by num_train_epochs"),
+    "learning_rate": RATE.with_hint("reference: 1e-4"),
+    "warmup_steps": NON_NEGATIVE.with_hint("below 1: a fraction of the steps"),
+    "weight_decay": PROBABILITY.with_hint("reference: 1e-4"),
+    "adam_beta1": BETA,
+    "adam_beta2": BETA,
+    "adam_epsilon": RATE,
+    "max_grad_norm": NON_NEGATIVE.with_hint("0: no clipping, as the reference"),
+    "label_smoothing_factor": BETA,
+    "neftune_noise_alpha": POSITIVE.or_none(),
+    "torch_empty_cache_steps": COUNT.or_none(),
+    "logging_steps": POSITIVE.with_hint("below 1: a fraction of the steps"),
+    "eval_steps": POSITIVE.or_none(),
+    "eval_delay": NON_NEGATIVE,
+    "eval_accumulation_steps": COUNT.or_none(),
+    "save_steps": POSITIVE.with_hint("below 1: a fraction of the steps"),
+    "save_total_limit": COUNT.or_none(),
+    "seed": SEED,
+    "data_seed": SEED.or_none(),
+    "dataloader_num_workers": NON_NEGATIVE_INT,
+    "dataloader_prefetch_factor": COUNT.or_none(),
+    "ddp_bucket_cap_mb": COUNT.or_none(),
+    "ddp_timeout": COUNT,
+    "local_rank": integer(-1),
 }
 
 
@@ -107,16 +153,23 @@ class ClassifierArguments:
     )
     license: str = field(default="mit", metadata={"help": "License in the model card (OpenAI CLIP weights: MIT)."})
 
+    # What every numeric flag may be (`datadream_hf.validation`), checked before any work.
+    NUMERIC_RANGES: ClassVar[dict[str, Range]] = {
+        "validation_per_class": COUNT,
+        "test_per_class": COUNT.or_none().with_hint("None: a test split or dataset"),
+        "synthetic_images_per_class": COUNT.or_none().with_hint("None: all"),
+        "lora_rank": COUNT.with_hint("reference: 16"),
+        "lora_alpha": COUNT.with_hint("reference: 32"),
+        "lora_dropout": BETA.with_hint("reference: 0.1"),
+    }
+
     def __post_init__(self):
         if not self.real_dataset:
             raise ValueError("`--real_dataset` is required (the K-shot source, and the validation/test splits).")
-        if self.validation_per_class < 1:
-            raise ValueError(f"`--validation_per_class` must be >= 1, got {self.validation_per_class}.")
+        check_ranges(self, self.NUMERIC_RANGES)
         if isinstance(self.test_split, str) and self.test_split.lower() in ("none", ""):
             self.test_split = None
         if self.test_per_class is not None:
-            if self.test_per_class < 1:
-                raise ValueError(f"`--test_per_class` must be >= 1, got {self.test_per_class}.")
             if self.test_dataset:
                 raise ValueError("Pass either `--test_per_class` (a carve of `real_split`) or `--test_dataset`.")
             self.test_split = None  # the carve is the test set
@@ -125,8 +178,6 @@ class ClassifierArguments:
                 f"`--validation_split` and `--test_split` are both {self.test_split!r}: selecting the model on the "
                 "test split inflates its accuracy. Use another split or leave `--validation_split` unset."
             )
-        if self.lora_rank < 1:
-            raise ValueError(f"`--lora_rank` must be >= 1, got {self.lora_rank}.")
         if self.dataset_preset is not None:
             domain_for_preset(self.dataset_preset)  # an unknown preset fails here, before any data is read
 
@@ -233,23 +284,25 @@ class DataDreamTrainingArguments(TrainingArguments):
         default=False, metadata={"help": "Every LoRA parameter is used at every step, so DDP need not search."}
     )
 
+    # What every numeric flag may be (`datadream_hf.validation`), the inherited `TrainingArguments` ones included,
+    # checked before any work (transformers checks few of them, and none for NaN).
+    NUMERIC_RANGES: ClassVar[dict[str, Range]] = {
+        "real_loss_weight": PROBABILITY.with_hint("lambda; the paper uses 0.8"),
+        "real_samples_per_batch": COUNT.or_none().with_hint("None: half the batch"),
+        "mix_probability": PROBABILITY.with_hint("reference: 0.2"),
+        "mix_alpha": POSITIVE,
+        "warmup_epochs": NON_NEGATIVE.with_hint("reference: 3"),
+        **TRAINING_ARGUMENT_RANGES,
+    }
+
     def __post_init__(self):
-        if not 0.0 <= self.real_loss_weight <= 1.0:
-            raise ValueError(
-                f"`real_loss_weight` (lambda) must lie in [0, 1], got {self.real_loss_weight}; the paper uses 0.8."
-            )
+        check_ranges(self, self.NUMERIC_RANGES)
         if self.train_mode not in TRAIN_MODES:
             raise ValueError(f"`train_mode` must be one of {TRAIN_MODES}, got {self.train_mode!r}.")
         if self.augmentation not in AUGMENTATIONS:
             raise ValueError(f"`augmentation` must be one of {AUGMENTATIONS}, got {self.augmentation!r}.")
         if self.mix_augmentation not in MIX_AUGMENTATIONS:
             raise ValueError(f"`mix_augmentation` must be one of {MIX_AUGMENTATIONS}, got {self.mix_augmentation!r}.")
-        if not 0.0 <= self.mix_probability <= 1.0:
-            raise ValueError(f"`mix_probability` must lie in [0, 1], got {self.mix_probability}.")
-        if self.mix_alpha <= 0:
-            raise ValueError(f"`mix_alpha` must be > 0, got {self.mix_alpha}.")
-        if self.warmup_epochs < 0:
-            raise ValueError(f"`warmup_epochs` must be >= 0, got {self.warmup_epochs}.")
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator():
             # Several CPU processes (accelerate launch / torchrun without a GPU) only form a DDP group when
             # `use_cpu` is set before the devices are set up, i.e. here; otherwise each process trains alone.
@@ -257,6 +310,9 @@ class DataDreamTrainingArguments(TrainingArguments):
         if self.fp16 is None:
             self.fp16 = default_fp16(self.use_cpu)
         super().__post_init__()
+        if isinstance(self.lr_scheduler_kwargs, dict) and "min_lr" in self.lr_scheduler_kwargs:  # parsed by now
+            check_value("lr_scheduler_kwargs.min_lr", self.lr_scheduler_kwargs["min_lr"], PROBABILITY.with_hint(
+                "the cosine's floor; reference: 1e-8"))  # fmt: skip
         self.samples_per_batch()  # validates real_samples_per_batch against the batch size
 
     def samples_per_batch(self) -> tuple[int, int]:

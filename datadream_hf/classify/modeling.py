@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,10 +19,11 @@ from torch import nn
 from transformers import AutoTokenizer, CLIPModel
 from transformers.utils import ModelOutput
 
-from ..files import write_json_atomic
+from ..files import staged_files, write_json_atomic
 from ..lora import classifier_lora_config, load_safetensors
 from ..prompts import PromptTemplate
 from ..run_folder import CLASSIFIER_CONFIG_NAME
+from ..validation import check_finite_weights
 from ..versions import library_versions
 
 DEFAULT_CLASSIFIER_BASE = "openai/clip-vit-base-patch16"
@@ -135,14 +135,15 @@ class CLIPLoRAClassifier(nn.Module):
 
     def save_pretrained(self, save_directory: str | os.PathLike, extra_config: dict | None = None) -> None:
         """Writes the peft adapter (`adapter_model.safetensors` + `adapter_config.json`) and `classifier_config.json`
-        (class names, prompt template, base model, versions). Each file appears whole (written aside, then renamed)."""
+        (class names, prompt template, base model, versions). Each file appears whole (written aside, then renamed);
+        LoRA weights holding NaN or inf are refused (`NonFiniteError`) and nothing is written."""
         save_directory = Path(save_directory)
-        save_directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=save_directory, prefix=".adapter-") as tmp:
+        check_finite_weights(
+            get_peft_model_state_dict(self.clip), f"the classifier adapter in {str(save_directory)!r}"
+        )
+        with staged_files(save_directory, names=(ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME)) as tmp:
             # No base embeddings (the vocabulary is never resized), so no Hub lookup of the base model at every save.
             self.clip.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=False)
-            for name in (ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME):
-                os.replace(Path(tmp) / name, save_directory / name)
         write_json_atomic(save_directory / CLASSIFIER_CONFIG_NAME, {**self.config_dict(), **(extra_config or {})})
 
     def load_adapter_weights(self, adapter_directory: str | os.PathLike) -> None:

@@ -39,6 +39,7 @@ def train_classifier(args: ClassifierArguments, training_args: DataDreamTraining
     check_source(args.model_name_or_path, "--model_name_or_path", required="config.json", expected="a CLIP model")
     check_fresh_output_dir(training_args.output_dir, training_args.resume_from_checkpoint)
     data = load_classifier_data(args, training_args)
+    args.class_prompt_template().check_distinct(data["class_names"])  # the head must tell every class apart
     # The main process holds the output folder for the rest of the run: a second run into it is refused.
     with output_dir_lock(training_args.output_dir, training_args.distributed_state):
         return _train_and_report(args, training_args, data, push_to_hub, hub_token)

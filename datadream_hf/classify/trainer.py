@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -14,11 +16,13 @@ from datasets import Dataset
 from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback, get_scheduler
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
-from transformers.trainer_utils import SchedulerType, seed_worker
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SchedulerType, seed_worker
 
 from ..console import on_terminal
-from ..faults import kill_point
+from ..faults import fault_point
+from ..files import staged_files
 from ..guardrails import warn_long_warmup
+from ..validation import check_finite_loss
 from .augment import mix_batch
 from .checkpoints import (
     TRAINER_STATE_NAME,
@@ -261,7 +265,9 @@ class MixedRealSyntheticTrainer(Trainer):
         loss, parts = real_synthetic_loss(
             outputs.logits, labels, is_real, self.args.real_loss_weight, partner_labels, mix_weight
         )
-        kill_point("trainer-step")  # test hook (datadream_hf.faults): a kill here loses only this step
+        # Stop before a NaN step reaches the weights (the Trainer would log around it: `logging_nan_inf_filter`).
+        check_finite_loss(loss.item(), "the classifier", self.state.global_step + 1)
+        fault_point("trainer-step")  # test hook (datadream_hf.faults): a kill here loses only this step
         for name, value in parts.items():
             self._partial_losses.setdefault(name, []).append(value)
         outputs["loss"] = loss
@@ -291,10 +297,29 @@ class MixedRealSyntheticTrainer(Trainer):
         if not self.args.should_save:
             return
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        self.accelerator.unwrap_model(self.model).save_pretrained(output_dir)
-        kill_point("trainer-save")  # test hook: the adapter is saved, the optimizer and trainer state are not
+        self.accelerator.unwrap_model(self.model).save_pretrained(output_dir)  # refuses NaN weights
+        fault_point("trainer-save")  # test hook: the adapter is saved, the optimizer and trainer state are not
         if self.processing_class is not None:
-            self.processing_class.save_pretrained(output_dir)
+            with staged_files(output_dir) as staging:  # each processor file appears whole
+                self.processing_class.save_pretrained(staging)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """`Trainer._save_checkpoint`, except that a failed write (a full disk, weights no longer finite) leaves no
+        half-written checkpoint behind: the main process removes it, and the error says how to go on."""
+        folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        try:
+            super()._save_checkpoint(model, trial)
+        except BaseException as err:
+            if self.args.should_save and not is_complete_checkpoint(folder):
+                shutil.rmtree(folder, ignore_errors=True)
+            if isinstance(err, OSError) and err.errno is not None:
+                raise OSError(
+                    err.errno,
+                    f"Could not write checkpoint {str(folder)!r} ({err.strerror}); it was removed and the complete "
+                    "checkpoints before it are kept. Free space (or fix the cause) and re-run with "
+                    "--resume_from_checkpoint latest.",
+                ) from err
+            raise
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         self.accelerator.unwrap_model(model if model is not None else self.model).load_adapter_weights(

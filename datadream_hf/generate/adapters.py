@@ -249,6 +249,11 @@ def _check_lora_shapes(file: Path, components: dict[str, torch.nn.Module]) -> No
                     f"{component_name}.{module_path} has weight shape {weight_shape}. The adapter was trained for "
                     "another base model; pass the base model stage 1 used."
                 )
+            if not bool(f.get_tensor(key).isfinite().all()):
+                raise GenerationInputError(
+                    f"Adapter {str(file)!r} holds NaN or inf in LoRA weight {key!r}: it would make NaN images. Its "
+                    "stage-1 training diverged or the file is damaged; train that adapter again."
+                )
             found += 1
     if not found:
         raise GenerationInputError(f"Adapter {str(file)!r} holds no LoRA weights in diffusers format.")

@@ -5,13 +5,14 @@ every generation folder); defaults are the reference's (`generate/generate.py`).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 
 from ..errors import InputError
 from ..few_shot import FewShotManifest
 from ..prompts import DEFAULT_TEMPLATE, PromptTemplate
+from ..validation import COUNT, NON_NEGATIVE, SEED, Range, check_ranges, integer
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 MIXED_PRECISION_DTYPES = {"no": "float32", "fp16": "float16", "bf16": "bfloat16"}  # accelerate's names of the dtypes
@@ -73,7 +74,19 @@ class GenerationConfig:
         default=None, metadata={"help": "Image side in pixels; None = the model's default."}
     )
 
+    # What every numeric flag may be (`datadream_hf.validation`), checked before any work.
+    NUMERIC_RANGES: ClassVar[dict[str, Range]] = {
+        "images_per_class": COUNT.with_hint("paper: 500"),
+        "num_inference_steps": COUNT,
+        "guidance_scale": NON_NEGATIVE.with_hint("reference: 2.0; <= 1 disables guidance"),
+        "batch_size": COUNT,
+        "shard_size": COUNT,
+        "seed": SEED,
+        "resolution": integer(8, 4096, multiple_of=8).or_none().with_hint("None: the model's default"),
+    }
+
     def __post_init__(self):
+        check_ranges(self, self.NUMERIC_RANGES, GenerationInputError)
         if self.mixed_precision is not None:
             implied = MIXED_PRECISION_DTYPES.get(self.mixed_precision)
             if implied is None:
@@ -85,20 +98,8 @@ class GenerationConfig:
                     f"`mixed_precision` {self.mixed_precision!r} contradicts `dtype` {self.dtype!r}: pass one of them."
                 )
             self.dtype, self.mixed_precision = implied, None
-        for name in ("images_per_class", "num_inference_steps", "batch_size", "shard_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise GenerationInputError(f"`{name}` must be an integer >= 1, got {value!r}.")
-        if not isinstance(self.seed, int) or self.seed < 0:
-            raise GenerationInputError(
-                f"`seed` must be an integer >= 0 (it seeds numpy's SeedSequence), got {self.seed!r}."
-            )
-        if self.guidance_scale < 0:
-            raise GenerationInputError(f"`guidance_scale` must be >= 0, got {self.guidance_scale!r}.")
         if self.dtype not in ("auto", *DTYPES):
             raise GenerationInputError(f"`dtype` must be 'auto' or one of {list(DTYPES)}, got {self.dtype!r}.")
-        if self.resolution is not None and (not isinstance(self.resolution, int) or self.resolution < 8):
-            raise GenerationInputError(f"`resolution` must be None or an integer >= 8, got {self.resolution!r}.")
         if self.scheduler is not None:
             scheduler_class(self.scheduler)
 

@@ -159,6 +159,7 @@ def generate_synthetic_dataset(
         adapters = resolve_adapters(args.adapter_path, revision=args.adapter_revision, token=args.hub_token)
     check_class_names(adapters, class_names)
     template = resolve_prompt_template(args.requested_prompt_template(), adapters)
+    template.check_distinct(adapters.class_names)  # classes whose prompts are one cannot be told apart
     # The recorded base model id is checked before the (slow) pipeline load; the weight shapes after it.
     check_base_model_id(adapters, model, revision, args.allow_base_model_mismatch)
     pipeline = load_generation_pipeline(

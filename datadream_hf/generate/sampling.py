@@ -14,6 +14,7 @@ import torch
 from PIL import Image as PILImage
 
 from ..prompts import PromptTemplate
+from ..validation import NonFiniteError
 from .adapters import AdapterSet, FusedAdapterSwitcher
 from .config import GenerationConfig, GenerationInputError, scheduler_class
 
@@ -112,6 +113,13 @@ class SyntheticImageSampler:
             guidance_scale=self.config.guidance_scale,
             latents=latents.to(pipeline.device, pipeline.unet.dtype),
             generator=generators,  # continues each image's stream for stochastic schedulers
-            output_type="pil",
+            output_type="np",  # (B, H, W, 3) in [0, 1]: checked before PIL conversion would turn NaN into black
         )
-        return output.images
+        if not np.isfinite(output.images).all():
+            raise NonFiniteError(
+                f"The pipeline made NaN or inf pixels for class {self.adapters.class_names[class_index]!r} (images "
+                f"{image_indices[0]}..{image_indices[-1]}); stopped before writing them (finished shards are kept). "
+                "Usual causes: an fp16 overflow (--dtype float32), a very large --guidance_scale, or NaN in the base "
+                "model's weights."
+            )
+        return pipeline.numpy_to_pil(output.images)

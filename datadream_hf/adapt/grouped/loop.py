@@ -18,9 +18,10 @@ from pathlib import Path
 
 import torch
 
-from ...faults import kill_point
+from ...faults import fault_point
 from ...lora import LORA_WEIGHT_NAME
 from ...run_folder import checkpoint_path
+from ...validation import check_finite_loss
 from ..checkpoints import (
     checkpoint_meta,
     load_checkpoint,
@@ -84,7 +85,7 @@ def grouped_training_step(
     for p in stacks:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    kill_point("generator-step")  # test hook (datadream_hf.faults), as in the sequential training_step
+    fault_point("generator-step")  # test hook (datadream_hf.faults), as in the sequential training_step
     # Unscale and clip each group alone, step the groups without inf/NaN (each with its own AdamW step count, as in
     # its own run), update each group's loss scale, schedule.
     found_inf = state.grad_scaler.unscale_(stacks)  # (G,)
@@ -226,6 +227,8 @@ def train_group(
             ]
             losses = grouped_training_step(models, grouped, state, batches, config)
             done = step + 1
+            for unit, loss in zip(units, losses):
+                check_finite_loss(loss, f"adapter {unit.name!r}", done)  # before this step's weights reach any file
             progress.update(1)
             progress.set_postfix(loss=f"{sum(losses) / len(losses):.4f}")
             lr = state.lr_scheduler.get_last_lr()[0]
