@@ -353,6 +353,35 @@ def test_augmentation_is_seeded_and_normalized(digits, processor):
     assert torch.equal(evaluation(images[0]), expected) and train is evaluation
 
 
+def test_deterministic_transform_outputs_are_computed_once_and_kept(digits, processor):
+    class CountingTransform(EvalTransform):
+        calls = 0
+
+        def __call__(self, image):
+            CountingTransform.calls += 1
+            return super().__call__(image)
+
+    real, synthetic = digits["train"].select(range(6)), digits["test"].select(range(4))
+    cached = ImageClassificationDataset(real, synthetic, CountingTransform(processor.image_processor))
+    first = [cached[i] for i in range(len(cached))]
+    second = [cached[SampleKey(i, seed=7)] for i in reversed(range(len(cached)))][::-1]
+    assert CountingTransform.calls == len(cached)  # one transform per image, however often it is drawn
+    uncached = ImageClassificationDataset(real, synthetic, EvalTransform(processor.image_processor), cache_bytes=0)
+    for a, b, c in zip(first, second, (uncached[i] for i in range(len(uncached)))):
+        assert torch.equal(a["pixel_values"], b["pixel_values"]) and torch.equal(a["pixel_values"], c["pixel_values"])
+        assert a["labels"] == b["labels"] == c["labels"] and a["is_real"] == b["is_real"] == c["is_real"]
+    # Too large for the budget: nothing kept, every draw transforms again.
+    CountingTransform.calls = 0
+    small = ImageClassificationDataset(real, None, CountingTransform(processor.image_processor), cache_bytes=1)
+    for _ in range(2):
+        for i in range(6):
+            small[i]
+    assert CountingTransform.calls == 12
+    # An augmentation (not marked deterministic) is never cached.
+    augmented = ImageClassificationDataset(real, None, DataDreamAugmentation(processor.image_processor, seed=0))
+    assert not torch.equal(augmented[SampleKey(0, 1)]["pixel_values"], augmented[SampleKey(0, 2)]["pixel_values"])
+
+
 def test_mix_batch_keeps_real_and_synthetic_apart():
     pixel_values = torch.arange(8, dtype=torch.float32).view(8, 1, 1, 1).expand(8, 3, 4, 4).clone()
     labels = torch.arange(8)

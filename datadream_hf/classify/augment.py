@@ -181,6 +181,8 @@ class DataDreamAugmentation:
 class EvalTransform:
     """The CLIP processor itself: resize the shorter side, center crop, rescale and normalize."""
 
+    deterministic = True  # the same image always gives the same tensor: `ImageClassificationDataset` may cache it
+
     def __init__(self, image_processor):
         self.image_processor = image_processor
 

@@ -102,15 +102,21 @@ class RealSyntheticBatchSampler(Sampler[list[SampleKey]]):
             yield [SampleKey(index, seed) for index, seed in zip(indices, seeds[g].tolist())]
 
 
+# Outputs of a deterministic transform kept in memory per dataset, when they all fit (CLIP ViT-B/16: ~0.6 MB each).
+CACHE_BYTES = 512 << 20
+
+
 class ImageClassificationDataset(torch.utils.data.Dataset):
     """Real rows then synthetic rows of two normalized datasets (`image`, `label`), each item transformed to
     `{"pixel_values", "labels", "is_real"}`.
 
     Items are fetched by row index or by `SampleKey` (the training sampler's); a key's seed goes to a `transform`
-    that takes a `seed` argument (`DataDreamAugmentation`) and comes back as the item's `augmentation_seed`.
+    that takes a `seed` argument (`DataDreamAugmentation`) and comes back as the item's `augmentation_seed`. The
+    outputs of a transform marked `deterministic` (`EvalTransform`) are computed once and kept, when all of them fit
+    in `cache_bytes`: evaluations and augmentation-free training then decode each image once.
     """
 
-    def __init__(self, real=None, synthetic=None, transform=None):
+    def __init__(self, real=None, synthetic=None, transform=None, cache_bytes: int = CACHE_BYTES):
         if real is None and synthetic is None:
             raise ValueError("ImageClassificationDataset needs real or synthetic rows, got neither.")
         if transform is None:
@@ -119,6 +125,10 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
         self._transform_takes_seed = _takes_seed(transform)
         self.num_real = len(real) if real is not None else 0
         self.num_synthetic = len(synthetic) if synthetic is not None else 0
+        # A deterministic transform's outputs are kept (decoding and processing an image once, not every epoch and
+        # every evaluation) when all of them fit in `cache_bytes`; decided at the first item.
+        self.cache_bytes = cache_bytes if getattr(transform, "deterministic", False) else 0
+        self._cache: dict[int, tuple[torch.Tensor, int]] | None = {} if self.cache_bytes > 0 else None
 
     def __len__(self) -> int:
         return self.num_real + self.num_synthetic
@@ -126,21 +136,37 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
     def __getitem__(self, key: int | SampleKey) -> dict:
         index, seed = (key.index, key.seed) if isinstance(key, SampleKey) else (key, None)
         is_real = index < self.num_real
+        if self._cache is not None and index in self._cache:
+            pixel_values, label = self._cache[index]
+        else:
+            row = self._row(index, is_real)
+            if seed is not None and self._transform_takes_seed:
+                pixel_values = self.transform(row["image"], seed=seed)
+            else:
+                pixel_values = self.transform(row["image"])
+            label = int(row["label"])
+            self._remember(index, pixel_values, label)
+        item = {"pixel_values": pixel_values, "labels": label, "is_real": is_real}
+        if seed is not None:
+            item["augmentation_seed"] = seed
+        return item
+
+    def _row(self, index: int, is_real: bool) -> dict:
         try:  # datasets decodes the image here
-            row = self.real[index] if is_real else self.synthetic[index - self.num_real]
+            return self.real[index] if is_real else self.synthetic[index - self.num_real]
         except (OSError, ValueError, PILImage.DecompressionBombError) as err:
             side, row_index = ("real", index) if is_real else ("synthetic", index - self.num_real)
             raise DatasetInputError(
                 f"Image of row {row_index} of the {side} data cannot be decoded ({err}). Remove or replace it."
             ) from err
-        if seed is not None and self._transform_takes_seed:
-            pixel_values = self.transform(row["image"], seed=seed)
-        else:
-            pixel_values = self.transform(row["image"])
-        item = {"pixel_values": pixel_values, "labels": int(row["label"]), "is_real": is_real}
-        if seed is not None:
-            item["augmentation_seed"] = seed
-        return item
+
+    def _remember(self, index: int, pixel_values: torch.Tensor, label: int) -> None:
+        if self._cache is None:
+            return
+        if not self._cache and pixel_values.nbytes * len(self) > self.cache_bytes:
+            self._cache = None  # too large to keep: every item is decoded and processed when drawn
+            return
+        self._cache[index] = (pixel_values, label)
 
 
 class TransformedRows(torch.utils.data.Dataset):
