@@ -1,5 +1,5 @@
 """`datadream-hf` command line: draw the K-shot manifest, list the dataset presets, write the random-weight test models
-and the bundled digits.
+and the bundled digits, show the tiny world's models and recipe.
 
 An input error prints one line (`--debug` or `DATADREAM_DEBUG=1`: the traceback).
 """
@@ -13,7 +13,7 @@ from .errors import DEBUG_HELP, run_script
 from .validation import K_SHOTS, SEED, check_ranges
 
 # What each command's numeric options may be (`datadream_hf.validation`), checked before any work.
-NUMERIC_RANGES = {"few-shot": {"k": K_SHOTS.or_none(), "seed": SEED}}
+NUMERIC_RANGES = {"few-shot": {"k": K_SHOTS.or_none(), "seed": SEED}, "tiny-world": {"k": K_SHOTS}}
 
 
 def _few_shot(args: argparse.Namespace) -> None:
@@ -82,6 +82,18 @@ def _tiny_models(args: argparse.Namespace) -> None:
     print(save_tiny_clip(f"{args.output_dir}/tiny-clip"))
 
 
+def _tiny_world(args: argparse.Namespace) -> None:
+    from .tiny_world.recipe import TinyWorldRecipe
+    from .tiny_world.world import tiny_world_paths
+
+    paths = tiny_world_paths()
+    print(json.dumps({"generator": str(paths.generator), "clip": str(paths.clip)}))
+    if args.recipe:
+        recipe = TinyWorldRecipe(k=args.k)
+        print("# DataDream on your images with the tiny world's models and the demo's settings:")
+        print("\n".join(recipe.commands(str(paths.generator), str(paths.clip), args.dataset, args.class_names)))
+
+
 def _digits(args: argparse.Namespace) -> None:
     from .tiny_world.digits import load_digits_dataset
 
@@ -125,6 +137,22 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = commands.add_parser("tiny-models", help=tiny_help, description=tiny_help)
     tiny.add_argument("--output_dir", required=True)
     tiny.set_defaults(func=_tiny_models)
+
+    world_help = (
+        "Print the folders of the tiny world's pre-trained generator and CLIP (offline, shipped in the package); "
+        "with --recipe, the commands that run DataDream on your own images with them and the demo's settings."
+    )
+    world = commands.add_parser("tiny-world", help=world_help, description=world_help)
+    world.add_argument("--recipe", action="store_true", help="Also print the stage commands of the demo's recipe.")
+    world.add_argument(
+        "--dataset",
+        default="my_digits",
+        help="The dataset the printed commands read: a save_to_disk folder with train/validation/test splits or an "
+        "image folder (32 px images; the tiny world knows digit-like images only).",
+    )
+    world.add_argument("--class_names", default=None, help="Comma-separated classes to keep, in this order.")
+    world.add_argument("--k", type=int, default=16, help="Real images per class of the printed recipe.")
+    world.set_defaults(func=_tiny_world)
 
     digits = commands.add_parser("digits", help="Write scikit-learn's digits as a datasets folder (save_to_disk).")
     digits.add_argument("--output_dir", required=True)

@@ -168,6 +168,18 @@ class FewShotManifest:
         chosen = set(self.flat_indices)
         return dataset.select([i for i in range(len(dataset)) if i not in chosen])
 
+    def subset(self, k: int, seed: int = 0) -> FewShotManifest:
+        """K' <= K of each class's images, drawn (seeded, one stream per class) from this manifest's: nested few-shot
+        sets, e.g. 4 of the 16 shots, so that the smaller set holds only images the larger one held."""
+        if not isinstance(k, int) or not 1 <= k <= self.k:
+            raise DatasetInputError(f"A subset of a K={self.k} manifest needs 1 <= k <= {self.k}, got {k!r}.")
+        indices = [
+            sorted(int(i) for i in np.random.default_rng([seed, c]).choice(rows, size=k, replace=False))
+            for c, rows in enumerate(self.indices)
+        ]
+        source = {**self.source, "subset_of": {"k": self.k, "seed": self.seed}}
+        return FewShotManifest(k=k, seed=seed, class_names=list(self.class_names), indices=indices, source=source)
+
 
 def load_manifest_dataset(
     manifest: FewShotManifest,

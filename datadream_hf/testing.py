@@ -9,6 +9,7 @@ are random: they test the plumbing, not the method (the tiny world's pre-trained
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import torch
 from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -34,13 +35,14 @@ TINY_VOCAB_WORDS = (
 ).split()
 
 
-def build_tiny_clip_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
-    """A real byte-level BPE `CLIPTokenizer` whose merges spell out `TINY_VOCAB_WORDS` (no download)."""
+def build_tiny_clip_tokenizer(model_max_length: int = 77, words: Sequence[str] = TINY_VOCAB_WORDS) -> CLIPTokenizer:
+    """A real byte-level BPE `CLIPTokenizer` with merges that spell out `words` (no download). Most words become one
+    token; a word whose letter pairs an earlier word's merges claim first stays a few (e.g. `slan te d`)."""
     # alphabet() comes from a Rust HashSet: its order changes from call to call, so sort it for stable token ids.
     byte_chars = sorted(pre_tokenizers.ByteLevel.alphabet())
     tokens = list(SPECIAL_TOKENS) + byte_chars + [c + "</w>" for c in byte_chars]
     merges = []
-    for word in TINY_VOCAB_WORDS:
+    for word in dict.fromkeys(words):
         pieces = list(word[:-1]) + [word[-1] + "</w>"]
         merged = pieces[0]
         for piece in pieces[1:]:
@@ -131,9 +133,9 @@ def save_tiny_stable_diffusion(path: str | os.PathLike, seed: int = 0) -> str:
     return str(path)
 
 
-def build_tiny_clip(seed: int = 0) -> tuple[CLIPModel, CLIPProcessor]:
-    """A tiny `CLIPModel` (ViT, 32 px, patch 8) and its processor, random weights."""
-    tokenizer = build_tiny_clip_tokenizer()
+def build_tiny_clip(seed: int = 0, words: Sequence[str] = TINY_VOCAB_WORDS) -> tuple[CLIPModel, CLIPProcessor]:
+    """A tiny `CLIPModel` (ViT, 32 px, patch 8) and its processor, random weights; `words` are the tokenizer's."""
+    tokenizer = build_tiny_clip_tokenizer(words=words)
     text_config = _tiny_text_config(vocab_size=len(tokenizer))
     vision_config = CLIPVisionConfig(
         hidden_size=32,

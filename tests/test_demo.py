@@ -1,11 +1,28 @@
-"""`make demo` in miniature: every stage on the shipped tiny world, through the real scripts, then the report."""
+"""`make demo` in miniature (every stage on the shipped tiny world, through the real scripts, then the report), and
+the pieces it stands on: disjoint data sets, nested K-shot manifests, the recipe's commands, the targets."""
 
+import importlib
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "training_scripts" / "run_demo.py"
+import numpy as np
+import pytest
+from datasets import load_from_disk
+
+from datadream_hf.data import DatasetInputError, labels_of
+from datadream_hf.few_shot import FewShotManifest, draw_few_shot
+from datadream_hf.tiny_world.demo_data import HELD_OUT_SEED, HELD_OUT_SHOTS, prepare_demo_data
+from datadream_hf.tiny_world.recipe import TinyWorldRecipe
+from datadream_hf.tiny_world.report import evaluate_targets
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "training_scripts" / "run_demo.py"
+GENERATORS = ("datadream_cls", "datadream_dset", "frozen")
+# stage 1 (cls, dset), stage 2 (3 generators), stage 3 (real; 2 modes x (3 generators + oracle))
+STAGES = 2 + 3 + 1 + 2 * 4
 
 
 def test_quick_demo_writes_the_full_report(tmp_path):
@@ -16,14 +33,13 @@ def test_quick_demo_writes_the_full_report(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     runs = {row["run"] for row in summary["accuracy"]}
-    assert runs == {"real"} | {
-        f"{g}/{m}" for g in ("datadream_cls", "datadream_dset", "frozen") for m in ("synthetic", "real+synthetic")
-    }
-    assert set(summary["alignment"]) == {"datadream_cls", "datadream_dset", "frozen"}
+    assert runs == {"real"} | {f"{g}/{m}" for g in (*GENERATORS, "oracle") for m in ("synthetic", "real+synthetic")}
+    assert set(summary["alignment"]) == set(GENERATORS)
     report = (out / "report.md").read_text()
-    assert "| frozen/synthetic |" in report and "Frechet" in report
-    assert len(json.loads((out / "timings.json").read_text())) == 2 + 3 + 7
-    assert set(summary["class_fidelity"]) == {"datadream_cls", "datadream_dset", "frozen", "real test images"}
+    assert "oracle (held-out real)" in report and "Frechet" in report and "The paper's claims as targets" in report
+    assert "## Test accuracy, K = 16" in result.stdout  # the summary is printed
+    assert len(json.loads((out / "timings.json").read_text())) == STAGES
+    assert set(summary["class_fidelity"]) == {*GENERATORS, "real test images"}
     for figure in ("grid.png", "alignment.png"):
         assert (out / figure).stat().st_size > 1000
 
@@ -32,4 +48,117 @@ def test_quick_demo_writes_the_full_report(tmp_path):
         [sys.executable, str(SCRIPT), "--quick", "--output_dir", str(out)], capture_output=True, text=True
     )
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stderr.count("already done") == 2 + 3 + 7
+    assert again.stderr.count("already done") == STAGES
+
+
+def test_demo_data_sets_are_disjoint_and_the_shots_were_held_out_of_pretraining(tmp_path, digits):
+    paths = prepare_demo_data(tmp_path, k=4, validation_per_class=16, oracle_per_class=90)
+    train = digits["train"]
+    held_out = draw_few_shot(train, k=HELD_OUT_SHOTS, seed=HELD_OUT_SEED)  # what pre-training left out
+    manifest = FewShotManifest.load(paths.manifest)
+    assert manifest.k == 4 and manifest.source["subset_of"] == {"k": 16, "seed": 0}
+    for shots, pool in zip(manifest.indices, held_out.indices):
+        assert set(shots) <= set(pool)
+
+    saved = load_from_disk(str(paths.dataset))
+    assert set(saved) == {"train", "validation", "test"} and len(saved["train"]) == len(train)
+    oracle = load_from_disk(str(paths.oracle))
+    for split, per_class in ((saved["validation"], 16), (oracle, 90)):
+        assert np.bincount(labels_of(split)).tolist() == [per_class] * 10
+
+    # Rows are told apart by their pixels: no validation or oracle image is a held-out shot or the other's image.
+    def pixels(dataset):
+        return {np.asarray(row["image"]).tobytes() for row in dataset}
+
+    shots = pixels(train.select(held_out.flat_indices))
+    validation, oracle_pixels = pixels(saved["validation"]), pixels(oracle)
+    assert not shots & validation and not shots & oracle_pixels and not validation & oracle_pixels
+    assert not (validation | oracle_pixels | shots) & pixels(saved["test"])
+
+    # K=16 reuses the held-out shots themselves; a re-run reuses the folder.
+    k16 = prepare_demo_data(tmp_path / "k16", k=16)
+    assert FewShotManifest.load(k16.manifest).indices == held_out.indices
+    with pytest.raises(ValueError, match="K must be in 1..16"):
+        prepare_demo_data(tmp_path / "bad", k=17)
+
+
+def test_manifest_subset_is_nested_seeded_and_checked(digits):
+    manifest = draw_few_shot(digits["train"], k=16, seed=0)
+    small = manifest.subset(4, seed=1)
+    assert small.k == 4 and small.class_names == manifest.class_names
+    assert all(len(rows) == 4 and set(rows) <= set(pool) for rows, pool in zip(small.indices, manifest.indices))
+    assert small.indices == manifest.subset(4, seed=1).indices
+    assert small.indices != manifest.subset(4, seed=2).indices
+    small.check_matches(digits["train"])  # still a manifest of the same dataset
+    with pytest.raises(DatasetInputError, match="1 <= k <= 16"):
+        manifest.subset(17)
+
+
+def _script(name: str):
+    sys.path.insert(0, str(ROOT / "training_scripts"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.pop(0)
+
+
+def test_recipe_commands_are_what_the_scripts_accept(tmp_path):
+    recipe = TinyWorldRecipe()
+    commands = [shlex.split(c) for c in recipe.commands("gen", "clip", "my_digits", class_names="zero,one")]
+    assert commands[0][:2] == ["datadream-hf", "few-shot"] and "--class_names" in commands[0]
+    scripts = {"train_datadream_lora.py": "train_datadream_lora", "generate_synthetic.py": "generate_synthetic",
+               "train_classifier.py": "train_classifier"}  # fmt: skip
+    parsed = {}
+    for command in commands[1:]:
+        script = next(word for word in command if word.endswith(".py"))
+        argv = command[command.index(script) + 1 :]
+        parsed[scripts[Path(script).name]] = _script(scripts[Path(script).name]).parse_args(argv)
+    stage1 = parsed["train_datadream_lora"][0]
+    assert stage1.learning_rate == recipe.lora_learning_rate and stage1.num_train_epochs == recipe.lora_epochs
+    assert stage1.mode == "cls" and stage1.lr_warmup_steps == 100 and stage1.resolution == 32
+    generation = parsed["generate_synthetic"][1]
+    assert generation.guidance_scale == 2.0 and generation.num_inference_steps == recipe.num_inference_steps
+    classifier, training = parsed["train_classifier"]
+    assert training.train_mode == "real+synthetic" and classifier.real_dataset == "my_digits"
+    assert training.max_steps == recipe.classifier_steps
+    assert training.metric_for_best_model == "loss" and not training.greater_is_better
+
+
+def test_tiny_world_command_prints_the_shipped_folders_and_the_recipe():
+    result = subprocess.run(
+        [sys.executable, "-m", "datadream_hf.cli", "tiny-world", "--recipe", "--dataset", "my data", "--k", "4"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    folders = json.loads(lines[0])
+    assert Path(folders["generator"], "model_index.json").is_file()
+    assert Path(folders["clip"], "config.json").is_file()
+    assert "--k 4" in lines[2] and "'my data'" in lines[2] and sum(".py" in line for line in lines) == 3
+    bad = subprocess.run([sys.executable, "-m", "datadream_hf.cli", "tiny-world", "--k", "0"], capture_output=True,
+                         text=True)  # fmt: skip
+    assert bad.returncode != 0 and "--k" in bad.stderr
+
+
+def _summary(real, cls_mix, cls_synth=80.0, fidelity=0.9, frozen_fidelity=0.1):
+    accuracy = [{"run": "real", "seed": s, "test": v / 100} for s, v in enumerate(real)]
+    accuracy += [{"run": "datadream_cls/real+synthetic", "seed": s, "test": v / 100} for s, v in enumerate(cls_mix)]
+    accuracy += [{"run": "datadream_cls/synthetic", "seed": s, "test": cls_synth / 100} for s in range(3)]
+    accuracy += [{"run": "datadream_dset/synthetic", "seed": s, "test": 0.5} for s in range(3)]
+    accuracy += [{"run": "frozen/synthetic", "seed": s, "test": 0.2} for s in range(3)]
+    fidelity = {"datadream_cls": {"accuracy": fidelity}, "datadream_dset": {"accuracy": 0.5},
+                "frozen": {"accuracy": frozen_fidelity}}  # fmt: skip
+    return {"accuracy": accuracy, "class_fidelity": fidelity, "class_names": [str(i) for i in range(10)]}
+
+
+def test_targets_hold_only_when_the_measurements_clear_them():
+    met = {row["target"]: row["met"] for row in evaluate_targets(_summary([90, 90.5, 89.5], [92, 92.5, 91.5]))}
+    assert all(met.values()), met
+    # +1 point on average, but the seeds spread more than half the gain: the second claim fails.
+    noisy = {row["target"]: row["met"] for row in evaluate_targets(_summary([88, 90, 92], [89, 91, 93]))}
+    assert noisy["real + synthetic (cls) >= real only + 1 point"]
+    assert not noisy["... and the gain > 2 x the larger std"]
+    weak = {r["target"]: r["met"] for r in evaluate_targets(_summary([90] * 3, [90] * 3, 70, 0.6, 0.2))}
+    assert not weak["cls class fidelity >= 70%"] and not weak["synthetic only, cls >= 75%"]
+    assert not weak["frozen class fidelity within 5 points of chance"]

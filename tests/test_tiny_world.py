@@ -1,5 +1,6 @@
-"""The tiny world: shipped weights load offline and sample deterministically; pre-training is deterministic and
-label-free, leaves the few shots out and writes atomically; the sanity-check helpers measure what they say."""
+"""The tiny world: shipped weights load offline and sample deterministically; the generator reads prompts with the
+CLIP text tower; captions describe pixels and never name a digit; pre-training is deterministic and label-free, leaves
+the few shots out and writes atomically; the sanity-check helpers measure what they say."""
 
 import json
 from pathlib import Path
@@ -8,39 +9,49 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from PIL import Image
 from safetensors.torch import load_file
 from transformers import CLIPImageProcessorPil, CLIPModel, CLIPProcessor
 
 from datadream_hf.few_shot import draw_few_shot
-from datadream_hf.tiny_world.checks import (
-    class_fidelity,
-    digit_probe_features,
-    finetune_clip_lora,
-    finetune_generator_lora,
-    fit_digit_probe,
+from datadream_hf.tiny_world.captions import (
+    CAPTION_WORDS,
+    GRID_THRESHOLDS,
+    INK_TERCILES,
+    SLANT_TERCILES,
+    DigitDescription,
+    caption_thresholds,
+    describe_digit,
+)
+from datadream_hf.tiny_world.checks import check_no_label_leak, class_fidelity, digit_probe_features, fit_digit_probe
+from datadream_hf.tiny_world.digits import DIGIT_NAMES
+from datadream_hf.tiny_world.pretraining import (
+    CaptionedPool,
+    clip_pixel_values,
+    random_affine,
+    sample_caption,
+    to_pil,
 )
 from datadream_hf.tiny_world.world import (
     TINY_WORLD_METADATA_NAME,
     TinyWorldConfig,
     build_tiny_world_clip,
     build_tiny_world_generator,
-    clip_pixel_values,
     pretrain_tiny_world,
     pretraining_images,
-    random_affine,
     render_tiny_world_card,
     tiny_world_paths,
 )
 
 # A handful of steps per phase: exercises every code path of the rebuild in seconds, not its quality.
 SMOKE = {
+    "augmented_copies": 2,
     "vae_steps": 2,
     "vae_batch_size": 4,
     "unet_steps": 3,
     "unet_batch_size": 4,
     "unet_warmup_steps": 1,
-    "clip_image_steps": 2,
-    "clip_text_steps": 2,
+    "clip_steps": 2,
     "clip_batch_size": 8,
 }
 
@@ -115,6 +126,27 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
     return {f"{p.parent.name}/{k}": v for p in sorted(folder.rglob("*.safetensors")) for k, v in load_file(p).items()}
 
 
+def _assert_text_tower_is_the_encoder(clip: CLIPModel, text_encoder) -> None:
+    tower = {k.removeprefix("text_model."): v for k, v in clip.state_dict().items() if k.startswith("text_model.")}
+    encoder = {k.removeprefix("text_model."): v for k, v in text_encoder.state_dict().items()}
+    assert tower.keys() == encoder.keys()
+    for key, value in tower.items():
+        torch.testing.assert_close(encoder[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_shipped_generator_reads_prompts_with_the_shipped_clip_text_tower():
+    paths = tiny_world_paths()
+    pipe = StableDiffusionPipeline.from_pretrained(str(paths.generator))
+    clip, processor = CLIPModel.from_pretrained(str(paths.clip)), CLIPProcessor.from_pretrained(str(paths.clip))
+    _assert_text_tower_is_the_encoder(clip, pipe.text_encoder)
+    assert pipe.tokenizer.get_vocab() == processor.tokenizer.get_vocab()
+    # Each caption word and digit name has its own token sequence (most are one token), none falls back to bytes.
+    spelled = {word: tuple(pipe.tokenizer.tokenize(word)) for word in (*CAPTION_WORDS, *DIGIT_NAMES)}
+    assert len(set(spelled.values())) == len(spelled)
+    assert all(len(tokens) <= 4 for tokens in spelled.values()), spelled
+    assert sum(len(tokens) == 1 for tokens in spelled.values()) >= 20
+
+
 def test_pretraining_smoke_is_deterministic_and_trains_the_right_parts(tmp_path):
     config = TinyWorldConfig(**SMOKE)
     first = pretrain_tiny_world(tmp_path / "a", config)
@@ -124,25 +156,25 @@ def test_pretraining_smoke_is_deterministic_and_trains_the_right_parts(tmp_path)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
 
-    init_pipe = build_tiny_world_generator(config.seed)
+    init_clip, init_processor = build_tiny_world_clip(config.seed)
+    init_pipe = build_tiny_world_generator(init_clip, init_processor, config.seed)
     pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "a" / "generator"))
+    clip = CLIPModel.from_pretrained(str(tmp_path / "a" / "clip"))
     assert pipe.vae.config.scaling_factor == pytest.approx(first["vae_scaling_factor"])
     for name in ("vae", "unet"):
         before, after = getattr(init_pipe, name).state_dict(), getattr(pipe, name).state_dict()
         assert any(not torch.equal(before[k], after[k]) for k in before), f"{name} did not train"
-    # The text encoder stays frozen at its seeded initialisation.
-    for key, value in init_pipe.text_encoder.state_dict().items():
-        torch.testing.assert_close(pipe.text_encoder.state_dict()[key], value, rtol=0, atol=0)
-
-    init_clip, _ = build_tiny_world_clip(config.seed)
-    clip = CLIPModel.from_pretrained(str(tmp_path / "a" / "clip"))
     before, after = init_clip.state_dict(), clip.state_dict()
     for tower in ("vision_model.", "text_model."):
         assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith(tower)), f"{tower} not trained"
+    # The generator's text encoder is the trained CLIP text tower, frozen while the UNet learned to read it.
+    _assert_text_tower_is_the_encoder(clip, pipe.text_encoder)
 
     card = (tmp_path / "a" / "README.md").read_text()
-    assert "2 AdamW steps" in card and "held out" in card.lower()
+    assert "held out" in card.lower() and first["rebuild_command"] in card
     assert first["data"]["num_pretraining_images"] == 1097
+    assert first["captions"]["distinct_captions"] > 100
+    assert not set(first["captions"]["example"].split()) & set(DIGIT_NAMES)
 
 
 def test_pretraining_replaces_an_existing_folder_without_leftovers(tmp_path):
@@ -162,6 +194,8 @@ def test_pretraining_replaces_an_existing_folder_without_leftovers(tmp_path):
         ("unet_batch_size", 0),
         ("ema_decay", 1.0),
         ("caption_dropout", 1.5),
+        ("attribute_dropout", -0.1),
+        ("augmented_copies", 0),
         ("clip_temperature", 0.0),
         ("logit_scale", -1.0),
     ],
@@ -185,38 +219,6 @@ def test_digit_probe_reads_real_digits_and_not_noise(digits):
     assert real["accuracy"] > 0.9
     features = digit_probe_features([r["image"] for r in test[:2]])
     assert features.shape == (2, 64) and 0 <= features.min() and features.max() <= 16
-
-
-def test_finetune_generator_lora_trains_only_lora(tiny_sd_path, digits):
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_path)
-    base = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
-    images = [digits["train"][i]["image"] for i in range(4)]
-    losses = finetune_generator_lora(
-        pipe, images, ["a photo of a zero"] * 4, steps=2, learning_rate=1e-3, batch_size=2
-    )
-    assert len(losses) == 2
-    state = pipe.unet.state_dict()
-    lora_b = [k for k in state if "lora_B" in k]
-    assert lora_b and any(state[k].abs().sum() > 0 for k in lora_b)
-    for key, value in base.items():
-        if key in state:  # base weights the adapter wraps are renamed (base_layer); the rest must not move
-            torch.testing.assert_close(state[key], value, rtol=0, atol=0)
-
-
-def test_finetune_clip_lora_trains_only_lora_and_keeps_logit_scale(tiny_clip_path, digits):
-    model, processor = CLIPModel.from_pretrained(tiny_clip_path), CLIPProcessor.from_pretrained(tiny_clip_path)
-    base = {k: v.clone() for k, v in model.state_dict().items()}
-    images = [digits["train"][i]["image"] for i in range(4)]
-    labels = [digits["train"][i]["label"] for i in range(4)]
-    prompts = [f"a photo of a {name}" for name in digits["train"].features["label"].names]
-    losses = finetune_clip_lora(model, processor, images, labels, prompts, steps=2, learning_rate=1e-3, batch_size=4)
-    assert len(losses) == 2 and all(np.isfinite(losses))
-    state = model.state_dict()
-    assert torch.equal(state["logit_scale"], base["logit_scale"])
-    assert any(state[k].abs().sum() > 0 for k in state if "lora_B" in k)
-    for key, value in base.items():
-        if key in state:
-            torch.testing.assert_close(state[key], value, rtol=0, atol=0)
 
 
 def test_card_renders_with_and_without_checks(tmp_path):
@@ -243,3 +245,57 @@ def test_pretrain_script_flags_are_the_config_fields(monkeypatch):
     assert config.vae_steps == TinyWorldConfig().vae_steps
     with pytest.raises(ValueError, match="unet_batch_size"):
         script.parse_args(["--output_dir", "out", "--unet_batch_size", "0"])
+
+
+def _digit_image(cells: list[tuple[int, int]]) -> Image.Image:
+    """A 32 px image with ink (255) on the 4x4 blocks of the given (row, column) cells of the 8x8 scan grid."""
+    scan = np.zeros((8, 8), np.uint8)
+    for row, column in cells:
+        scan[row, column] = 255
+    return Image.fromarray(scan).resize((32, 32), Image.NEAREST).convert("RGB")
+
+
+def test_captions_say_where_the_ink_is_and_count_loops():
+    corner = describe_digit(_digit_image([(0, 0), (0, 1), (1, 0), (1, 1)]))
+    assert corner.ink == (("left",), (), (), ())
+    assert corner.caption().startswith("a photo of a") and "top left" in corner.caption()
+    assert corner.loops == 0 and "loop" not in corner.caption()
+    ring = [(r, c) for r in range(1, 7) for c in range(2, 6) if r in (1, 6) or c in (2, 5)]
+    assert describe_digit(_digit_image(ring)).loops == 1
+    figure_eight = ring + [(3, 3), (3, 4)]
+    assert describe_digit(_digit_image(figure_eight)).loops == 2
+    assert "and a double loop" in describe_digit(_digit_image(figure_eight)).caption()
+    assert describe_digit(_digit_image([])).caption() in {"a photo of a thin digit", "a photo of a digit"}
+
+
+def test_caption_thresholds_are_the_statistics_of_the_pretraining_images():
+    images, _ = pretraining_images(TinyWorldConfig())
+    scans = [
+        np.asarray(Image.fromarray((im.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).convert("L")
+                   .resize((8, 8), Image.BOX), np.float32) / 255.0
+        for im in images
+    ]  # fmt: skip
+    measured = caption_thresholds(scans)
+    np.testing.assert_allclose(measured["grid"], np.asarray(GRID_THRESHOLDS), atol=2e-3)
+    np.testing.assert_allclose(measured["slant"], SLANT_TERCILES, atol=2e-3)
+    np.testing.assert_allclose(measured["ink"], INK_TERCILES, atol=2e-2)
+
+
+def test_captions_of_the_pretraining_pool_never_name_a_digit_and_describe_their_own_view():
+    images, _ = pretraining_images(TinyWorldConfig())
+    pool = CaptionedPool.build(images[:40], copies=3, rotation=6.0, generator=torch.Generator().manual_seed(0))
+    assert pool.images.shape == (3, 40, 3, 32, 32)
+    torch.testing.assert_close(pool.images[0], images[:40], rtol=0, atol=0)  # view 0 is the image itself
+    flat_images, flat_descriptions = pool.flat()
+    leak = check_no_label_leak(flat_descriptions)
+    assert leak == {"digit_names_in_caption_words": [], "captions_naming_a_digit": 0}
+    assert [describe_digit(to_pil(image)) for image in flat_images[40:80]] == flat_descriptions[40:80]
+    generator = torch.Generator().manual_seed(0)
+    description = flat_descriptions[0]
+    assert sample_caption(description, generator, attribute_dropout=0.0) == description.caption()
+    assert sample_caption(description, generator, attribute_dropout=0.999999) == "a photo of a digit"
+
+
+def test_check_no_label_leak_catches_a_caption_that_names_a_digit():
+    leaking = DigitDescription(thickness="seven", slant=None, ink=((), (), (), ()), loops=0)
+    assert check_no_label_leak([leaking])["captions_naming_a_digit"] == 1

@@ -1,15 +1,17 @@
 """Sanity checks of the tiny world (by default the weights shipped in `datadream_hf/assets/tiny_world/`):
 
-1. the frozen generator's samples for "a photo of a {digit}" look like digits (high probe confidence) but are not of
-   the prompted class (probe accuracy ~ chance), judged by a logistic regression fit on the real train split;
-2. a DataDream-style LoRA trained on the few shots of one or two classes moves their samples toward the class;
-3. the CLIP backbone's frozen image features beat chance (and its random init) in a 16-shot linear probe, while
-   its zero-shot accuracy stays at chance.
+1. the generator follows prompts about what it was trained on: captions of real test images (which it never saw) as
+   prompts give samples whose own descriptions agree with the prompt far more often than shuffled prompts do;
+2. it does not know which digit is which: its samples for "a photo of a {digit}" are of the prompted class about as
+   often as chance, judged by a logistic regression fit on the real train split; and no caption of pre-training
+   names a digit;
+3. the CLIP backbone's frozen image features beat its random init in a 16-shot linear probe, while its zero-shot
+   accuracy with the class names stays at chance.
 
     OMP_NUM_THREADS=1 python training_scripts/check_tiny_world.py --output_dir outputs/tiny_world_checks
     OMP_NUM_THREADS=1 python training_scripts/check_tiny_world.py --update_card   # add the numbers to the card
 
-A single-process CPU job (~5 minutes); it writes `checks.json` and PNG sample grids to `--output_dir`.
+A single-process CPU job (a few minutes); it writes `checks.json` and PNG sample grids to `--output_dir`.
 """
 
 from __future__ import annotations
@@ -20,19 +22,22 @@ import logging
 from pathlib import Path
 
 import torch
+from diffusers import StableDiffusionPipeline
 
+from datadream_hf.data import decode_images, labels_of
 from datadream_hf.few_shot import draw_few_shot
 from datadream_hf.files import write_json_atomic
-from datadream_hf.grids import image_grid
-from datadream_hf.lora import UNET_TARGET_MODULES
+from datadream_hf.grids import chunk, image_grid
+from datadream_hf.tiny_world.captions import describe_digit
 from datadream_hf.tiny_world.checks import (
+    caption_informativeness,
     check_clip,
-    check_generator,
-    check_generator_lora,
+    check_frozen_generator,
+    check_no_label_leak,
+    check_prompt_following,
     checks_markdown,
     class_fidelity,
     fit_digit_probe,
-    split_images,
 )
 from datadream_hf.tiny_world.digits import load_digits_dataset
 from datadream_hf.tiny_world.world import TINY_WORLD_METADATA_NAME, render_tiny_world_card, tiny_world_paths
@@ -46,21 +51,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--generator", default=None, help="Pipeline folder (default: the shipped tiny world).")
     parser.add_argument("--clip", default=None, help="CLIPModel folder (default: the shipped tiny world).")
     parser.add_argument("--output_dir", default="outputs/tiny_world_checks")
-    parser.add_argument("--images_per_class", type=int, default=50)
-    parser.add_argument("--lora_classes", default="0,1", help="Comma-separated class ids; one LoRA per class.")
-    parser.add_argument(
-        "--lora_steps", type=int, default=400, help="Reference cls mode with K=16: 200 epochs x 2 steps of 8."
-    )
-    parser.add_argument(
-        "--lora_learning_rates", default="1e-4,1e-3", help="Comma-separated; one LoRA check per learning rate."
-    )
-    parser.add_argument(
-        "--lora_diagnostic_unet_targets",
-        default="conv1,conv2",
-        help="Also train LoRAs with these UNet modules added to the reference's attention targets ('' to skip).",
-    )
-    parser.add_argument("--clip_lora_steps", type=int, default=1000)
-    parser.add_argument("--clip_lora_learning_rate", type=float, default=1e-3)
+    parser.add_argument("--images_per_class", type=int, default=50, help="Frozen-generator samples per class.")
+    parser.add_argument("--num_prompts", type=int, default=200, help="Test captions used as prompts.")
     parser.add_argument("--shots", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num_threads", type=int, default=1)
@@ -68,8 +60,9 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "--update_card", action="store_true", help="Re-render the shipped README.md with these numbers."
     )
     args = parser.parse_args(input_args)
-    if args.images_per_class < 1:
-        parser.error(f"--images_per_class must be >= 1, got {args.images_per_class}.")
+    for name in ("images_per_class", "num_prompts", "shots", "num_threads"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}.")
     return args
 
 
@@ -80,73 +73,47 @@ def main(args: argparse.Namespace) -> dict:
     clip_path = args.clip or tiny_world_paths().clip
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    pipe = StableDiffusionPipeline.from_pretrained(str(generator_path), use_safetensors=True)
+    pipe.set_progress_bar_config(disable=True)
 
-    # Phase 1: real data, the K shots and the probe that judges generated digits.
+    # 1. Real data, the K shots and the probe that judges generated digits.
     digits = load_digits_dataset()
     class_names = digits["train"].features["label"].names
-    train_images, train_labels = split_images(digits["train"])
-    test_images, test_labels = split_images(digits["test"])
+    train_images, train_labels = decode_images(digits["train"]), labels_of(digits["train"])
+    test_images, test_labels = decode_images(digits["test"]), labels_of(digits["test"])
     manifest = draw_few_shot(digits["train"], k=args.shots, seed=args.seed)
-    shots, shot_labels = split_images(manifest.select(digits["train"]))
+    shots = decode_images(manifest.select(digits["train"]))
+    shot_labels = [c for c, rows in enumerate(manifest.indices) for _ in rows]
     probe = fit_digit_probe(train_images, train_labels, args.seed)
-    real = class_fidelity(probe, test_images, test_labels)
-    results = {"probe_real_test_accuracy": real["accuracy"], "probe_real_test_confidence": real["mean_confidence"]}
+    results = {"probe_real_test_accuracy": class_fidelity(probe, test_images, test_labels)["accuracy"]}
 
-    # Phase 2: the frozen generator.
-    logger.info("sampling the frozen generator")
-    results["frozen_generator"], samples = check_generator(
-        generator_path, probe, class_names, args.images_per_class, args.seed
+    # 2. Prompt following, on captions of test images the generator never saw.
+    logger.info("prompt following")
+    results["prompt_following"], samples = check_prompt_following(
+        pipe, probe, test_images[: args.num_prompts], test_labels[: args.num_prompts], args.seed
     )
-    image_grid([row[:16] for row in samples], scale=2).save(output_dir / "frozen_generator.png")
+    pairs = [[real, fake] for real, fake in zip(test_images[:16], samples[:16])]
+    image_grid([[p[0] for p in pairs], [p[1] for p in pairs]], scale=2).save(output_dir / "prompt_following.png")
+    results["captions"] = caption_informativeness(train_images, train_labels, test_images, test_labels, args.seed)
 
-    # Phase 3: LoRA nudges, one per class (cls mode), learning rate and UNet target set.
-    results["lora"] = []
-    target_sets = [None] + (
-        [args.lora_diagnostic_unet_targets.split(",")] if args.lora_diagnostic_unet_targets else []
+    # 3. The frozen generator does not know the class names, and no pre-training caption names a digit.
+    logger.info("frozen generator")
+    results["frozen_generator"], rows = check_frozen_generator(
+        pipe, probe, class_names, args.images_per_class, args.seed
     )
-    for targets in target_sets:
-        for lr in (float(x) for x in args.lora_learning_rates.split(",")):
-            for c in (int(c) for c in args.lora_classes.split(",")):
-                unet_targets = None if targets is None else UNET_TARGET_MODULES + targets
-                logger.info(
-                    "LoRA check: class %s, %d steps, lr %g, UNet targets %s", c, args.lora_steps, lr, unet_targets
-                )
-                metrics, samples = check_generator_lora(
-                    generator_path,
-                    probe,
-                    shots,
-                    shot_labels,
-                    class_names,
-                    [c],
-                    args.lora_steps,
-                    lr,
-                    args.images_per_class,
-                    args.seed,
-                    unet_target_modules=unet_targets,
-                )
-                results["lora"].append(metrics)
-                suffix = "" if targets is None else "_" + "_".join(targets)
-                image_grid([row[:16] for row in samples], scale=2).save(
-                    output_dir / f"lora_class{c}_lr{lr:g}{suffix}.png"
-                )
+    image_grid([row[:16] for row in rows], scale=2).save(output_dir / "frozen_generator.png")
+    pretraining = decode_images(manifest.complement(digits["train"]).select_columns(["image"]))
+    results["label_leak"] = check_no_label_leak([describe_digit(image) for image in pretraining])
+    results["label_leak"]["num_pretraining_images"] = len(pretraining)
 
-    # Phase 4: the CLIP backbone.
+    # 4. The CLIP backbone.
     logger.info("CLIP linear probe")
-    results["clip"] = check_clip(
-        clip_path,
-        shots,
-        shot_labels,
-        test_images,
-        test_labels,
-        class_names,
-        lora_steps=args.clip_lora_steps,
-        lora_learning_rate=args.clip_lora_learning_rate,
-        seed=args.seed,
-    )
+    results["clip"] = check_clip(clip_path, shots, shot_labels, test_images, test_labels, class_names, args.seed)
 
     results["config"] = vars(args)
     results["versions"] = library_versions()
     write_json_atomic(output_dir / "checks.json", results)
+    image_grid(chunk(shots, 16), scale=2).save(output_dir / "shots.png")
     print(checks_markdown(results))
     if args.update_card:
         _update_card(Path(generator_path).parent, results)

@@ -1,5 +1,6 @@
-"""Sanity checks of the tiny world: does the generator know digits but not classes, can a LoRA teach it a class, and
-does the CLIP backbone have features worth adapting? Used by `training_scripts/check_tiny_world.py`."""
+"""Sanity checks of the tiny world: does the generator follow prompts about what it knows but not know which digit is
+which, did no class label leak into pre-training, and does the CLIP backbone have features worth adapting? Used by
+`training_scripts/check_tiny_world.py` and the demo's report."""
 
 from __future__ import annotations
 
@@ -9,13 +10,13 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler, StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline
 from PIL import Image
 from sklearn.linear_model import LogisticRegression
 from transformers import CLIPModel, CLIPProcessor
 
-from ..data import decode_images, labels_of
-from ..lora import generator_lora_configs
+from .captions import CAPTION_WORDS, COLUMN_WORDS, DigitDescription, describe_digit
+from .digits import DIGIT_NAMES
 
 logger = logging.getLogger(__name__)
 
@@ -55,82 +56,82 @@ def class_fidelity(probe, images: Sequence[Image.Image], labels: Sequence[int]) 
 @torch.no_grad()
 def sample_images(
     pipe: StableDiffusionPipeline,
-    prompt: str,
-    num_images: int,
-    seed: int,
-    num_inference_steps: int = 50,
-    guidance_scale: float = 2.0,
-) -> list[Image.Image]:
-    """`num_images` samples of `prompt` from one seeded generator (stage 2's defaults: 50 steps, guidance 2.0)."""
-    generator = torch.Generator().manual_seed(seed)
-    return pipe(
-        [prompt] * num_images,
-        num_inference_steps=num_inference_steps,
-        guidance_scale=guidance_scale,
-        generator=generator,
-    ).images
-
-
-def finetune_generator_lora(
-    pipe: StableDiffusionPipeline,
-    images: Sequence[Image.Image],
     prompts: Sequence[str],
-    steps: int,
-    learning_rate: float = 1e-4,
-    batch_size: int = 8,
-    rank: int = 16,
-    warmup_steps: int = 100,
-    seed: int = 0,
-    unet_target_modules: Sequence[str] | None = None,
-) -> list[float]:
-    """A minimal DataDream stage 1 (reference recipe: LoRA on UNet attention + text encoder, epsilon MSE, AdamW
-    wd 1e-2, cosine with warmup, grad clip 1.0), only to check that the tiny generator can learn a class from a few
-    shots; the product's stage 1 is `training_scripts/train_datadream_lora.py`. Adds adapters to `pipe` in place and
-    returns the loss curve. `unet_target_modules` overrides the reference's UNet targets (a diagnostic, e.g. adding the
-    ResNet convolutions `conv1`, `conv2`)."""
-    from diffusers.optimization import get_cosine_schedule_with_warmup
+    seed: int,
+    num_inference_steps: int = 25,
+    guidance_scale: float = 2.0,
+    batch_size: int = 50,
+) -> list[Image.Image]:
+    """One image per prompt, in batches, each batch from a generator seeded by (seed, batch start)."""
+    images = []
+    for start in range(0, len(prompts), batch_size):
+        generator = torch.Generator().manual_seed(seed * 100_000 + start)
+        batch = list(prompts[start : start + batch_size])
+        images += pipe(
+            batch, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, generator=generator
+        ).images
+    return images
 
-    torch.manual_seed(seed)
-    unet_config, text_config = generator_lora_configs(rank=rank)
-    if unet_target_modules is not None:
-        unet_config.target_modules = set(unet_target_modules)
-    pipe.unet.add_adapter(unet_config)
-    pipe.text_encoder.add_adapter(text_config)
-    params = [p for m in (pipe.unet, pipe.text_encoder) for p in m.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=1e-2)
-    schedule = get_cosine_schedule_with_warmup(optimizer, min(warmup_steps, steps), steps)
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    generator = torch.Generator().manual_seed(seed)
-    pixels = torch.from_numpy(np.stack([np.asarray(image.convert("RGB"), np.float32) for image in images]))
-    pixels = pixels.permute(0, 3, 1, 2) / 127.5 - 1  # (N, 3, H, W) in [-1, 1]
-    ids = pipe.tokenizer(
-        list(prompts),
-        padding="max_length",
-        max_length=pipe.tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids
-    pipe.unet.train()
-    pipe.text_encoder.train()
-    losses = []
-    for _ in range(steps):
-        idx = torch.randint(0, len(pixels), (batch_size,), generator=generator)
-        with torch.no_grad():
-            latents = pipe.vae.encode(pixels[idx]).latent_dist.sample(generator) * pipe.vae.config.scaling_factor
-        noise = torch.randn(latents.shape, generator=generator)
-        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
-        states = pipe.text_encoder(ids[idx])[0]
-        pred = pipe.unet(noise_scheduler.add_noise(latents, noise, timesteps), timesteps, states).sample
-        loss = F.mse_loss(pred.float(), noise.float())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    pipe.unet.eval()
-    pipe.text_encoder.eval()
-    return losses
+
+def description_vector(description: DigitDescription) -> np.ndarray:
+    """The ink grid (12 cells) and whether there is a loop, as 13 booleans."""
+    cells = [word in row for row in description.ink for word in COLUMN_WORDS]
+    return np.array([*cells, description.loops > 0], dtype=bool)
+
+
+def check_prompt_following(pipe, probe, images: Sequence[Image.Image], labels: Sequence[int], seed: int = 0) -> dict:
+    """Captions of real images as prompts: how often each sample's own description agrees with its prompt, cell by
+    cell of the ink grid and for loops, against the same with the prompts shuffled (what ignoring the prompt scores);
+    and how often the probe reads the sample as the digit of the image whose caption was the prompt. Returns the
+    metrics and the samples."""
+    descriptions = [describe_digit(image) for image in images]
+    samples = sample_images(pipe, [d.caption() for d in descriptions], seed)
+    wanted = np.stack([description_vector(d) for d in descriptions])  # (N, 13)
+    got = np.stack([description_vector(describe_digit(image)) for image in samples])
+    shuffled = got[np.random.default_rng(seed).permutation(len(got))]
+    return {
+        "num_prompts": len(images),
+        "ink_cell_agreement": float((wanted[:, :-1] == got[:, :-1]).mean()),
+        "ink_cell_agreement_shuffled": float((wanted[:, :-1] == shuffled[:, :-1]).mean()),
+        "loop_agreement": float((wanted[:, -1] == got[:, -1]).mean()),
+        "loop_agreement_shuffled": float((wanted[:, -1] == shuffled[:, -1]).mean()),
+        "digit_of_captioned_image": class_fidelity(probe, samples, labels)["accuracy"],
+    }, samples
+
+
+def check_frozen_generator(pipe, probe, class_names: Sequence[str], images_per_class: int, seed: int = 0) -> dict:
+    """Class fidelity of the frozen generator prompted with `a photo of a {class}`: ~chance when it does not know the
+    class names, with high probe confidence when its samples look like digits. Returns the metrics and samples."""
+    prompts = [f"a photo of a {name}" for name in class_names for _ in range(images_per_class)]
+    samples = sample_images(pipe, prompts, seed)
+    labels = [c for c in range(len(class_names)) for _ in range(images_per_class)]
+    metrics = class_fidelity(probe, samples, labels)
+    generic = sample_images(pipe, ["a photo of a digit"] * images_per_class, seed + 1)
+    metrics["generic_prompt_mean_confidence"] = class_fidelity(probe, generic, [0] * len(generic))["mean_confidence"]
+    rows = [samples[c * images_per_class : (c + 1) * images_per_class] for c in range(len(class_names))]
+    return metrics, rows
+
+
+def check_no_label_leak(descriptions: Sequence[DigitDescription]) -> dict:
+    """No digit name is a caption word nor appears in any pre-training caption (captions come from `describe_digit`,
+    which reads pixels only)."""
+    leaked_words = sorted(set(CAPTION_WORDS) & set(DIGIT_NAMES))
+    captions = [d.caption() for d in descriptions]
+    leaked = [c for c in captions if set(c.replace(",", " ").split()) & set(DIGIT_NAMES)]
+    return {"digit_names_in_caption_words": leaked_words, "captions_naming_a_digit": len(leaked)}
+
+
+def caption_informativeness(train_images, train_labels, test_images, test_labels, seed: int = 0) -> dict[str, float]:
+    """How much the captions say about the class: a logistic regression from caption words (and word pairs) to the
+    label, fit on the real train split, scored on test. High means the language can describe each digit (as SD's can
+    describe an aircraft); it is measured here with labels, which pre-training never sees."""
+    from sklearn.feature_extraction.text import CountVectorizer
+
+    train = [describe_digit(image).caption() for image in train_images]
+    test = [describe_digit(image).caption() for image in test_images]
+    vectorizer = CountVectorizer(ngram_range=(1, 2)).fit(train)
+    model = LogisticRegression(max_iter=5000, random_state=seed).fit(vectorizer.transform(train), train_labels)
+    return {"caption_to_label_accuracy": float(model.score(vectorizer.transform(test), test_labels))}
 
 
 @torch.no_grad()
@@ -145,8 +146,8 @@ def clip_image_features(model: CLIPModel, processor: CLIPProcessor, images: Sequ
 
 @torch.no_grad()
 def clip_prompt_head_accuracy(model, processor, images, labels, class_prompts: Sequence[str]) -> float:
-    """Accuracy with class-prompt embeddings as the head: zero-shot (~chance) for a backbone that never saw labels, or
-    after a LoRA fine-tune."""
+    """Accuracy with class-prompt embeddings as the head: zero-shot (~chance for a backbone that never heard the class
+    names)."""
     tokens = processor.tokenizer(list(class_prompts), padding=True, return_tensors="pt")
     text = F.normalize(model.get_text_features(**tokens).pooler_output, dim=-1).numpy()
     predicted = (clip_image_features(model, processor, images) @ text.T).argmax(1)
@@ -159,137 +160,14 @@ def linear_probe_accuracy(train_x, train_y, test_x, test_y, seed: int = 0) -> fl
     return float(probe.score(test_x, test_y))
 
 
-def finetune_clip_lora(
-    model: CLIPModel,
-    processor: CLIPProcessor,
-    images: Sequence[Image.Image],
-    labels: Sequence[int],
-    class_prompts: Sequence[str],
-    steps: int,
-    learning_rate: float = 1e-4,
-    batch_size: int = 32,
-    seed: int = 0,
-) -> list[float]:
-    """A minimal stage-3 classifier (reference placement: LoRA r=16, alpha 32 on q_proj/v_proj of both towers; head =
-    class-prompt embeddings through the LoRA'd text tower; logits = frozen logit_scale x cosine), only to check that
-    the backbone adapts; the product's classifier is `training_scripts/train_classifier.py`. Adds the adapter to
-    `model` in place and returns the loss curve."""
-    from ..lora import classifier_lora_config, lora_parameters
-    from .world import clip_pixel_values, simclr_view
+def check_clip(clip_path, shots, shot_labels, test_images, test_labels, class_names, seed: int = 0) -> dict:
+    """16-shot linear probe on the frozen image features of the shipped CLIP and of the same architecture at random
+    init, zero-shot with class prompts (chance: the class names were never heard), and raw 8x8 pixels for scale."""
+    from .world import build_tiny_world_clip
 
-    torch.manual_seed(seed)
-    model.requires_grad_(False)
-    model.add_adapter(classifier_lora_config())
-    params = list(lora_parameters(model).values())
-    for p in params:
-        p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=1e-4)
-    generator = torch.Generator().manual_seed(seed)
-    pixels = torch.from_numpy(np.stack([np.asarray(image.convert("RGB"), np.float32) for image in images]))
-    pixels = pixels.permute(0, 3, 1, 2) / 255.0  # (N, 3, H, W)
-    targets = torch.as_tensor(np.asarray(labels))
-    tokens = processor.tokenizer(list(class_prompts), padding=True, return_tensors="pt")
-    model.train()
-    losses = []
-    for _ in range(steps):
-        idx = torch.randint(0, len(pixels), (batch_size,), generator=generator)
-        views = clip_pixel_values(simclr_view(pixels[idx], generator), processor)
-        image = F.normalize(model.get_image_features(pixel_values=views).pooler_output, dim=-1)
-        text = F.normalize(model.get_text_features(**tokens).pooler_output, dim=-1)
-        loss = F.cross_entropy(model.logit_scale.exp() * image @ text.T, targets[idx])
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    model.eval()
-    return losses
-
-
-def split_images(dataset) -> tuple[list[Image.Image], np.ndarray]:
-    return decode_images(dataset), labels_of(dataset)
-
-
-def check_generator(
-    generator_path, probe, class_names: Sequence[str], images_per_class: int = 50, seed: int = 0
-) -> tuple[dict, list[list[Image.Image]]]:
-    """Class fidelity of the frozen generator prompted with `a photo of a {class}`: ~chance if it does not know the
-    classes, with high probe confidence if its samples look like digits. Returns the metrics and the samples."""
-    pipe = StableDiffusionPipeline.from_pretrained(str(generator_path), use_safetensors=True)
-    pipe.set_progress_bar_config(disable=True)
-    samples = [
-        sample_images(pipe, f"a photo of a {name}", images_per_class, seed + c) for c, name in enumerate(class_names)
-    ]
-    labels = [c for c, row in enumerate(samples) for _ in row]
-    metrics = class_fidelity(probe, [image for row in samples for image in row], labels)
-    generic = sample_images(pipe, "a photo of a digit", images_per_class, seed + len(class_names))
-    metrics["generic_prompt_mean_confidence"] = class_fidelity(probe, generic, [0] * len(generic))["mean_confidence"]
-    return metrics, samples
-
-
-def check_generator_lora(
-    generator_path,
-    probe,
-    shots: Sequence[Image.Image],
-    shot_labels: Sequence[int],
-    class_names: Sequence[str],
-    classes: Sequence[int],
-    steps: int,
-    learning_rate: float,
-    images_per_class: int = 50,
-    seed: int = 0,
-    unet_target_modules: Sequence[str] | None = None,
-) -> tuple[dict, list[list[Image.Image]]]:
-    """Trains one LoRA on the few shots of `classes` (one class: cls mode; several, each with its own prompt: dset
-    mode) and measures the class fidelity of samples of those classes' prompts. Returns the metrics and the samples."""
-    pipe = StableDiffusionPipeline.from_pretrained(str(generator_path), use_safetensors=True)
-    pipe.set_progress_bar_config(disable=True)
-    chosen = [i for i, label in enumerate(shot_labels) if label in set(classes)]
-    images = [shots[i] for i in chosen]
-    prompts = [f"a photo of a {class_names[shot_labels[i]]}" for i in chosen]
-    losses = finetune_generator_lora(
-        pipe,
-        images,
-        prompts,
-        steps=steps,
-        learning_rate=learning_rate,
-        seed=seed,
-        unet_target_modules=unet_target_modules,
-    )
-    samples = [sample_images(pipe, f"a photo of a {class_names[c]}", images_per_class, seed + c) for c in classes]
-    labels = [c for c, row in zip(classes, samples) for _ in row]
-    metrics = class_fidelity(probe, [image for row in samples for image in row], labels)
-    metrics |= {
-        "classes": [class_names[c] for c in classes],
-        "steps": steps,
-        "learning_rate": learning_rate,
-        "unet_target_modules": sorted(pipe.unet.peft_config["default"].target_modules),
-        "first_loss": float(np.mean(losses[:20])),
-        "last_loss": float(np.mean(losses[-20:])),
-    }
-    return metrics, samples
-
-
-def check_clip(
-    clip_path,
-    shots,
-    shot_labels,
-    test_images,
-    test_labels,
-    class_names: Sequence[str],
-    lora_steps: int = 1000,
-    lora_learning_rate: float = 1e-3,
-    seed: int = 0,
-) -> dict:
-    """Test accuracies of the shipped CLIP and of the same architecture at random init: a linear probe on frozen image
-    features fit on the K shots, zero-shot with class prompts, and a stage-3-style LoRA trained on the K shots
-    (`lora_*`); plus a linear probe on raw 8x8 pixels for scale."""
-    from ..testing import build_tiny_clip
-
-    model, processor = (
-        CLIPModel.from_pretrained(str(clip_path), use_safetensors=True).eval(),
-        CLIPProcessor.from_pretrained(str(clip_path)),
-    )
-    random_model = build_tiny_clip(seed)[0].eval()
+    model = CLIPModel.from_pretrained(str(clip_path), use_safetensors=True).eval()
+    processor = CLIPProcessor.from_pretrained(str(clip_path))
+    random_model = build_tiny_world_clip(seed)[0].eval()
     prompts = [f"a photo of a {name}" for name in class_names]
     result = {}
     for name, m in (("pretrained", model), ("random_init", random_model)):
@@ -297,10 +175,6 @@ def check_clip(
         test_x = clip_image_features(m, processor, test_images)
         result[f"linear_probe_{name}"] = linear_probe_accuracy(train_x, shot_labels, test_x, test_labels, seed)
         result[f"zero_shot_{name}"] = clip_prompt_head_accuracy(m, processor, test_images, test_labels, prompts)
-    for name, m in (("pretrained", model), ("random_init", random_model)):
-        finetune_clip_lora(m, processor, shots, shot_labels, prompts, lora_steps, lora_learning_rate, seed=seed)
-        result[f"lora_{name}"] = clip_prompt_head_accuracy(m, processor, test_images, test_labels, prompts)
-    result |= {"lora_steps": lora_steps, "lora_learning_rate": lora_learning_rate}
     result["linear_probe_raw_pixels"] = linear_probe_accuracy(
         digit_probe_features(shots), shot_labels, digit_probe_features(test_images), test_labels, seed
     )
@@ -309,38 +183,28 @@ def check_clip(
 
 def checks_markdown(results: dict) -> str:
     """The check results as a short markdown summary (for the card and the console)."""
-    frozen = results["frozen_generator"]
-    frozen_per_class = {int(c): v for c, v in frozen["per_class_accuracy"].items()}  # JSON turns int keys to str
-    lines = [
-        f"- Probe (logistic regression on 8x8 greyscale, fit on the real train split): "
-        f"{results['probe_real_test_accuracy']:.1%} on the real test split, mean confidence "
-        f"{results['probe_real_test_confidence']:.2f}.",
-        f"- Frozen generator, prompt `a photo of a {{digit}}`, {sum(frozen['predicted_histogram'])} images: the probe "
-        f"reads the prompted class in **{frozen['accuracy']:.1%}** (chance 10%); mean probe confidence "
-        f"{frozen['mean_confidence']:.2f} (prompt `a photo of a digit`: "
-        f"{frozen['generic_prompt_mean_confidence']:.2f}); predicted-class histogram {frozen['predicted_histogram']}.",
-        "",
-        "| LoRA on the 16 shots of | UNet targets | steps | lr | loss first -> last | prompted-class accuracy, frozen "
-        "-> LoRA |",
-        "|---|---|---|---|---|---|",
-    ]
-    for run in results["lora"]:
-        before = " / ".join(f"{frozen_per_class[c]:.0%}" for c in map(int, run["per_class_accuracy"]))
-        after = " / ".join(f"{v:.0%}" for v in run["per_class_accuracy"].values())
-        lines.append(
-            f"| {', '.join(run['classes'])} | {', '.join(run['unet_target_modules'])} | {run['steps']} | "
-            f"{run['learning_rate']:g} | {run['first_loss']:.3f} -> {run['last_loss']:.3f} | {before} -> {after} |"
-        )
-    clip = results["clip"]
-    lines += [
-        "",
-        f"- CLIP, 16-shot linear probe on frozen image features, real test split: pretrained "
-        f"**{clip['linear_probe_pretrained']:.1%}**, same architecture at random init "
-        f"{clip['linear_probe_random_init']:.1%}, "
-        f"raw 8x8 pixels {clip['linear_probe_raw_pixels']:.1%}; zero-shot with class prompts: pretrained "
-        f"{clip['zero_shot_pretrained']:.1%}, random init {clip['zero_shot_random_init']:.1%} (chance 10%).",
-        f"- CLIP + stage-3-style LoRA (r=16, alpha 32, q_proj/v_proj of both towers, class-prompt head, frozen logit "
-        f"scale) trained {clip['lora_steps']} steps at lr {clip['lora_learning_rate']:g} on the 16 shots/class: test "
-        f"accuracy pretrained **{clip['lora_pretrained']:.1%}**, random init {clip['lora_random_init']:.1%}.",
-    ]
-    return "\n".join(lines)
+    frozen, following, clip = results["frozen_generator"], results["prompt_following"], results["clip"]
+    leak, informative = results["label_leak"], results["captions"]
+    return "\n".join(
+        [
+            f"- Probe (logistic regression on 8x8 greyscale, fit on the real train split): "
+            f"{results['probe_real_test_accuracy']:.1%} on the real test split.",
+            f"- Prompt following: {following['num_prompts']} captions of real test images as prompts; the samples' "
+            f"own descriptions agree with the prompt on {following['ink_cell_agreement']:.1%} of the ink-grid cells "
+            f"(prompts shuffled: {following['ink_cell_agreement_shuffled']:.1%}) and on loops in "
+            f"{following['loop_agreement']:.1%} (shuffled: {following['loop_agreement_shuffled']:.1%}); the probe "
+            f"reads {following['digit_of_captioned_image']:.1%} of the samples as the digit whose caption was the "
+            f"prompt (the captions alone name the digit {informative['caption_to_label_accuracy']:.1%} of the time "
+            "through a classifier fit on labelled captions).",
+            f"- Frozen generator, prompt `a photo of a {{digit}}`, {sum(frozen['predicted_histogram'])} images: the "
+            f"probe reads the prompted class in **{frozen['accuracy']:.1%}** (chance 10%); predicted-class histogram "
+            f"{frozen['predicted_histogram']}; mean probe confidence {frozen['mean_confidence']:.2f} (prompt "
+            f"`a photo of a digit`: {frozen['generic_prompt_mean_confidence']:.2f}).",
+            f"- No label in pre-training: digit names among the caption words: {leak['digit_names_in_caption_words']}"
+            f"; pre-training captions naming a digit: {leak['captions_naming_a_digit']}.",
+            f"- CLIP, 16-shot linear probe on frozen image features, real test split: pretrained "
+            f"**{clip['linear_probe_pretrained']:.1%}**, same architecture at random init "
+            f"{clip['linear_probe_random_init']:.1%}, raw 8x8 pixels {clip['linear_probe_raw_pixels']:.1%}; zero-shot "
+            f"with class prompts: pretrained {clip['zero_shot_pretrained']:.1%} (chance 10%).",
+        ]
+    )

@@ -1,4 +1,5 @@
-"""The end-to-end report: accuracy table, alignment table and figure, and real-vs-generated image grids."""
+"""The demo's report: the accuracy table (with every seed's value), the paper's claims checked as targets, class
+fidelity, alignment of synthetic with real features, and real-vs-generated image grids."""
 
 from __future__ import annotations
 
@@ -11,34 +12,99 @@ from ..few_shot import FewShotManifest
 from ..files import save_png_atomic, write_text_atomic
 from ..grids import image_grid
 from ..synthetic import load_synthetic_dataset
+from .demo_data import DemoData
 
 GRID_IMAGES = 6
+COLUMNS = {"datadream_cls": "DataDream cls", "datadream_dset": "DataDream dset", "frozen": "frozen generator",
+           "oracle": "oracle (held-out real)"}  # fmt: skip
+ROWS = {"synthetic": "synthetic only", "real+synthetic": "real (K) + synthetic, lambda 0.8"}
 
 
-def accuracy_table(accuracy: list[dict]) -> list[dict]:
-    """Mean and standard deviation of test accuracy per run over seeds, in first-seen order."""
+def accuracy_statistics(accuracy: list[dict], split: str = "test") -> dict[str, dict]:
+    """Per run, in first-seen order: mean, sample standard deviation (ddof=1; None for a single seed) and every seed's
+    value of `split` accuracy (in %)."""
     runs = list(dict.fromkeys(row["run"] for row in accuracy))
-    table = []
+    table = {}
     for run in runs:
-        values = np.array([row["test"] for row in accuracy if row["run"] == run])
-        table.append({"run": run, "mean": float(values.mean()), "std": float(values.std()), "n": len(values)})
+        rows = [row for row in accuracy if row["run"] == run]
+        values = np.array([100 * row[split] for row in rows])
+        std = float(values.std(ddof=1)) if len(values) > 1 else None
+        table[run] = {"mean": float(values.mean()), "std": std, "values": values.tolist(),
+                      "seeds": [row["seed"] for row in rows]}  # fmt: skip
     return table
 
 
-def write_image_grid(out: Path, data_dir: Path, manifest_path: Path, synthetic: dict[str, Path]) -> Path:
-    """One row per class: K-shot real images, then each generator's images; saved as `grid.png` (upscaled x2)."""
-    train = load_labelled_dataset(str(data_dir), split="train")
-    manifest = FewShotManifest.load(manifest_path)
-    columns = {"real (K-shot)": None} | synthetic
-    per_source = {}
-    for name, folder in columns.items():
-        dataset = manifest.select(train) if folder is None else load_synthetic_dataset(folder)
+def _cell(stats: dict | None) -> str:
+    if stats is None:
+        return ""
+    std = f" ± {stats['std']:.1f}" if stats["std"] is not None else ""
+    return f"{stats['mean']:.1f}{std}"
+
+
+def accuracy_markdown(accuracy: list[dict], split: str = "test") -> list[str]:
+    """The table of the issue: rows synthetic only / real + synthetic / real only, columns the generators and the
+    oracle; then every seed's value."""
+    stats = accuracy_statistics(accuracy, split)
+    columns = [c for c in COLUMNS if any(run.startswith(f"{c}/") for run in stats)]
+    lines = ["| classifier trained on | " + " | ".join(COLUMNS[c] for c in columns) + " |",
+             "| --- |" + " --- |" * len(columns)]  # fmt: skip
+    for mode, label in ROWS.items():
+        lines.append(f"| {label} | " + " | ".join(_cell(stats.get(f"{c}/{mode}")) for c in columns) + " |")
+    lines.append("| real only (K) | " + _cell(stats.get("real")) + " |" + " |" * (len(columns) - 1))
+    lines += ["", "Every seed (seed: accuracy):", ""]
+    for run, row in stats.items():
+        values = ", ".join(f"{seed}: {value:.1f}" for seed, value in zip(row["seeds"], row["values"]))
+        lines.append(f"- {run}: {values}")
+    return lines
+
+
+def evaluate_targets(summary: dict) -> list[dict]:
+    """The paper's claims as the demo's targets (issue #16), each with what was measured and whether it holds."""
+    stats = accuracy_statistics(summary["accuracy"])
+    fidelity = summary["class_fidelity"]
+    chance = 100 / len(summary["class_names"])
+
+    def mean(run):
+        return stats[run]["mean"] if run in stats else float("nan")
+
+    def std(run):
+        return (stats[run]["std"] or 0.0) if run in stats else float("nan")
+
+    cls_fidelity = 100 * fidelity["datadream_cls"]["accuracy"]
+    dset_fidelity = 100 * fidelity["datadream_dset"]["accuracy"]
+    frozen_fidelity = 100 * fidelity["frozen"]["accuracy"]
+    gain = mean("datadream_cls/real+synthetic") - mean("real")
+    spread = max(std("datadream_cls/real+synthetic"), std("real"))
+    targets = [
+        ("cls class fidelity >= 70%", f"{cls_fidelity:.1f}%", cls_fidelity >= 70),
+        ("frozen class fidelity within 5 points of chance", f"{frozen_fidelity:.1f}% (chance {chance:.0f}%)",
+         abs(frozen_fidelity - chance) <= 5),
+        ("dset class fidelity clearly above frozen (> +5 points)", f"{dset_fidelity:.1f}% vs {frozen_fidelity:.1f}%",
+         dset_fidelity > frozen_fidelity + 5),
+        ("synthetic only, cls >= 75%", f"{mean('datadream_cls/synthetic'):.1f}",
+         mean("datadream_cls/synthetic") >= 75),
+        ("synthetic only, dset >= frozen + 10 points",
+         f"{mean('datadream_dset/synthetic'):.1f} vs {mean('frozen/synthetic'):.1f}",
+         mean("datadream_dset/synthetic") >= mean("frozen/synthetic") + 10),
+        ("real + synthetic (cls) >= real only + 1 point", f"{gain:+.1f} points", gain >= 1),
+        ("... and the gain > 2 x the larger std", f"{gain:+.1f} vs 2 x {spread:.1f}", gain > 2 * spread),
+    ]  # fmt: skip
+    return [{"target": t, "measured": m, "met": bool(ok)} for t, m, ok in targets]
+
+
+def write_image_grid(out: Path, data: DemoData, synthetic: dict[str, Path]) -> Path:
+    """One row per class: K-shot real images, then each generator's and the oracle's first images (`grid.png`)."""
+    train = load_labelled_dataset(str(data.dataset), split="train")
+    manifest = FewShotManifest.load(data.manifest)
+    columns = {"real (K-shot)": manifest.select(train)}
+    columns |= {name: load_synthetic_dataset(folder) for name, folder in synthetic.items()}
+    columns["oracle"] = load_labelled_dataset(str(data.oracle))
+    blocks = []
+    for dataset in columns.values():
         images, labels = decode_images(dataset.select_columns(["image", "label"])), labels_of(dataset)
-        per_source[name] = [
-            [im for im, y in zip(images, labels) if y == c][:GRID_IMAGES] for c in range(len(manifest.class_names))
-        ]
+        rows = [[im for im, y in zip(images, labels) if y == c][:GRID_IMAGES] for c in range(len(manifest.indices))]
+        blocks.append(image_grid(rows, scale=2))
     # One block per source, side by side; in each block a row per class.
-    blocks = [image_grid(per_source[name], scale=2) for name in columns]
     return save_png_atomic(image_grid([blocks], gap=16), out / "grid.png")
 
 
@@ -69,24 +135,42 @@ def write_alignment_figure(out: Path, alignment: dict[str, list[dict]], class_na
     return path
 
 
-def render_report(summary: dict) -> str:
+def summary_markdown(summary: dict) -> str:
+    """The headline: the accuracy table and the targets (what `run_demo.py` prints at the end)."""
     settings = summary["settings"]
+    minutes = sum(summary["stage_times_s"].values()) / 60
     lines = [
-        "# DataDream on the tiny world (offline)",
+        f"## Test accuracy, K = {settings['k']} (mean ± sample std over seeds {settings['seeds']}, %)",
         "",
-        f"K = {settings['k']} real images per class (seed 0), {settings['images_per_class']} synthetic images per "
-        "class, "
-        f"classifier seeds {settings['seeds']}. Accuracy is measured on the held-out real **test** split; model "
-        "selection used a validation split carved from the real train split outside the K shots. Stage wall time: "
-        f"{sum(summary['stage_times_s'].values()) / 60:.1f} min (per stage in `timings.json`).",
+        f"On the {summary['num_test']} held-out real test digits; model selection on the validation split (real "
+        f"train images outside the K shots), never on test. {settings['images_per_class']} synthetic (or oracle) "
+        f"images per class. Stage wall time {minutes:.1f} min (per stage in `timings.json`).",
         "",
-        "## Test accuracy (mean ± std over seeds)",
+        *accuracy_markdown(summary["accuracy"]),
         "",
-        "| run | test accuracy | seeds |",
+        "## The paper's claims as targets",
+        "",
+        "| target | measured | met |",
         "| --- | --- | --- |",
     ]
-    for row in accuracy_table(summary["accuracy"]):
-        lines.append(f"| {row['run']} | {100 * row['mean']:.1f} ± {100 * row['std']:.1f} | {row['n']} |")
+    for row in evaluate_targets(summary):
+        lines.append(f"| {row['target']} | {row['measured']} | {'yes' if row['met'] else '**no**'} |")
+    return "\n".join(lines) + "\n"
+
+
+def render_report(summary: dict) -> str:
+    lines = ["# DataDream on the tiny world (offline)", "", summary_markdown(summary)]
+    lines += [
+        "## Class fidelity of the generated images",
+        "",
+        "Share of images that a digit probe (logistic regression on 8x8 greyscale, fit on the real train split) reads "
+        "as the prompted class; chance is 1/classes. The probe's confidence is a digit-likeness proxy.",
+        "",
+        "| images | class fidelity | probe confidence |",
+        "| --- | --- | --- |",
+    ]
+    for name, row in summary["class_fidelity"].items():
+        lines.append(f"| {name} | {100 * row['accuracy']:.1f}% | {row['mean_confidence']:.2f} |")
     lines += [
         "",
         "## Alignment of synthetic with real test images (tiny CLIP image features)",
@@ -106,23 +190,12 @@ def render_report(summary: dict) -> str:
         )
     lines += [
         "",
-        "## Class fidelity of the generated images",
-        "",
-        "Share of images that a digit probe (logistic regression on 8x8 greyscale, fit on the real train split) reads "
-        "as the prompted class; chance is 1/classes. The probe's confidence is a digit-likeness proxy.",
-        "",
-        "| images | class fidelity | probe confidence |",
-        "| --- | --- | --- |",
-    ]
-    for name, row in summary.get("class_fidelity", {}).items():
-        lines.append(f"| {name} | {100 * row['accuracy']:.1f}% | {row['mean_confidence']:.2f} |")
-    lines += [
-        "",
         "![alignment per class](alignment.png)",
         "",
         "## Real vs generated images per class",
         "",
-        "Rows: classes. Column blocks: the K-shot real images, then each generator's first images.",
+        "Rows: classes. Column blocks: the K-shot real images, DataDream cls, DataDream dset, the frozen generator, "
+        "and the oracle's held-out real images.",
         "",
         "![grid](grid.png)",
         "",
@@ -130,8 +203,8 @@ def render_report(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def write_report(out: Path, summary: dict, data_dir: Path, manifest_path: Path, synthetic: dict[str, Path]) -> Path:
-    write_image_grid(out, data_dir, manifest_path, synthetic)
+def write_report(out: Path, summary: dict, data: DemoData, synthetic: dict[str, Path]) -> Path:
+    write_image_grid(out, data, synthetic)
     write_alignment_figure(out, summary["alignment"], summary["class_names"])
     path = out / "report.md"
     write_text_atomic(path, render_report(summary))
