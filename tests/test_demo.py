@@ -117,7 +117,8 @@ def test_recipe_commands_are_what_the_scripts_accept(tmp_path):
     assert stage1.learning_rate == recipe.lora_learning_rate and stage1.num_train_epochs == recipe.lora_epochs
     assert stage1.mode == "cls" and stage1.lr_warmup_steps == 100 and stage1.resolution == 32
     generation = parsed["generate_synthetic"][1]
-    assert generation.guidance_scale == recipe.guidance_scale and generation.num_inference_steps == recipe.num_inference_steps
+    assert generation.guidance_scale == recipe.guidance_scale
+    assert generation.num_inference_steps == recipe.num_inference_steps
     classifier, training = parsed["train_classifier"]
     assert training.train_mode == "real+synthetic" and classifier.real_dataset == "my_digits"
     assert training.max_steps == recipe.classifier_steps
