@@ -1,8 +1,8 @@
 """Pre-trains the tiny world: a 32 px latent diffusion model and a tiny CLIP backbone, on the bundled digits (minus
-the K=16 few-shot subset), without class labels, deterministically on CPU. The result ships in
-`datadream_hf/assets/tiny_world/`; this script is how it was made (see that folder's README.md).
+the K=16 few-shot subset), with captions computed from the pixels and without class labels, deterministically on CPU.
+The result ships in `datadream_hf/assets/tiny_world/`; this script is how it was made (see that folder's README.md).
 
-Rebuild the shipped weights (one process, CPU, ~15 minutes on 2 shared cores):
+Rebuild the shipped weights (one process, one thread: 18 minutes on this repository's 2-core CPU):
 
     OMP_NUM_THREADS=1 python training_scripts/pretrain_tiny_world.py --output_dir datadream_hf/assets/tiny_world
 
