@@ -147,8 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     world.add_argument(
         "--dataset",
         default="my_digits",
-        help="The dataset the printed commands read: a save_to_disk folder with train/validation/test splits or an "
-        "image folder (32 px images; the tiny world knows digit-like images only).",
+        help="The dataset the printed commands read: a save_to_disk folder with train and test splits (stage 3 carves "
+        "its validation images from train); 32 px images, the tiny world knows digit-like images only.",
     )
     world.add_argument("--class_names", default=None, help="Comma-separated classes to keep, in this order.")
     world.add_argument("--k", type=int, default=16, help="Real images per class of the printed recipe.")
