@@ -26,8 +26,6 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
-import torch
 from generate_synthetic import main as generate_main
 from generate_synthetic import parse_args as generate_args
 from train_classifier import main as classifier_main
@@ -129,32 +127,27 @@ def stage3(out: Path, clip: str, data: DemoData, training_sets: dict, settings: 
     return results
 
 
-@torch.no_grad()
-def image_features(clip_path: str, images) -> np.ndarray:
-    """Image embeddings of the pre-trained (not fine-tuned) tiny CLIP: the feature space of the alignment metrics."""
+def measure_images(clip: str, data: DemoData, synthetic: dict) -> tuple[dict, dict]:
+    """Per generator: alignment rows (Frechet, precision, recall per class) on the pre-trained (not fine-tuned) tiny
+    CLIP's normalised image features, and the class fidelity of its images (share read as the prompted digit by a
+    probe fit on the real train split)."""
     from transformers import CLIPModel, CLIPProcessor
 
-    model = CLIPModel.from_pretrained(clip_path, use_safetensors=True).eval()
-    processor = CLIPProcessor.from_pretrained(clip_path)
-    pixel_values = processor(images=images, return_tensors="pt")["pixel_values"]
-    return model.get_image_features(pixel_values=pixel_values).pooler_output.numpy()
-
-
-def measure_images(clip: str, data: DemoData, synthetic: dict) -> tuple[dict, dict]:
-    """Per generator: alignment rows (Frechet, precision, recall per class) on the tiny CLIP's image features, and the
-    class fidelity of its images (share read as the prompted digit by a probe fit on the real train split)."""
     from datadream_hf.tiny_world.alignment import alignment_per_class
-    from datadream_hf.tiny_world.checks import class_fidelity, fit_digit_probe
+    from datadream_hf.tiny_world.checks import class_fidelity, clip_image_features, fit_digit_probe
+
+    model = CLIPModel.from_pretrained(clip, use_safetensors=True).eval()
+    processor = CLIPProcessor.from_pretrained(clip)
 
     train, test = (load_labelled_dataset(str(data.dataset), split=split) for split in ("train", "test"))
     test_images = decode_images(test)
-    real = image_features(clip, test_images)
+    real = clip_image_features(model, processor, test_images)
     probe = fit_digit_probe(decode_images(train), labels_of(train))
     rows, fidelity = {}, {}
     for name, folder in synthetic.items():
         dataset = load_synthetic_dataset(folder).select_columns(["image", "label"])
         images, labels = decode_images(dataset), labels_of(dataset)
-        rows[name] = alignment_per_class(real, labels_of(test), image_features(clip, images), labels)
+        rows[name] = alignment_per_class(real, labels_of(test), clip_image_features(model, processor, images), labels)
         fidelity[name] = class_fidelity(probe, images, labels)
     fidelity["real test images"] = class_fidelity(probe, test_images, labels_of(test))
     return rows, fidelity

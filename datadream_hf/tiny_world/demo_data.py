@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from datasets import DatasetDict
 
+from ..classify.data import per_class_rows
 from ..data import labels_of, load_labelled_dataset
 from ..few_shot import FewShotManifest, draw_few_shot
 from .digits import load_digits_dataset
@@ -63,20 +64,19 @@ def prepare_demo_data(
 def carve_rows(
     train, held_out: FewShotManifest, validation_per_class: int, oracle_per_class: int, seed: int
 ) -> tuple[list[int], list[int]]:
-    """Per class, a seeded permutation of the rows outside the held-out shots: the first `validation_per_class` for
-    validation, the next `oracle_per_class` for the oracle. Raises if a class has too few rows."""
+    """Rows outside the held-out shots, chosen per class as stage 3 carves its validation set (`per_class_rows`):
+    `validation_per_class` for validation, then `oracle_per_class` of the rest for the oracle. Raises, naming the
+    class, if one has too few rows."""
     labels = labels_of(train)
-    excluded = set(held_out.flat_indices)
-    validation, oracle = [], []
+    pool = np.setdiff1d(np.arange(len(labels)), held_out.flat_indices)
     for c, name in enumerate(held_out.class_names):
-        rows = [int(i) for i in np.flatnonzero(labels == c) if int(i) not in excluded]
-        needed = validation_per_class + oracle_per_class
-        if len(rows) < needed:
+        available = int((labels[pool] == c).sum())
+        if available < validation_per_class + oracle_per_class:
             raise ValueError(
-                f"Class {name!r} has {len(rows)} train images outside the held-out shots; the demo needs "
-                f"{validation_per_class} for validation + {oracle_per_class} for the oracle. Lower --images_per_class."
+                f"Class {name!r} has {available} train images outside the held-out shots; the demo needs "
+                f"{validation_per_class} for validation + {oracle_per_class} for the oracle (`TinyWorldRecipe`)."
             )
-        order = np.random.default_rng([seed, c]).permutation(rows).tolist()
-        validation += sorted(order[:validation_per_class])
-        oracle += sorted(order[validation_per_class:needed])
-    return validation, oracle
+    validation = pool[per_class_rows(labels[pool], validation_per_class, seed)]
+    rest = np.setdiff1d(pool, validation)
+    oracle = rest[per_class_rows(labels[rest], oracle_per_class, seed)]
+    return validation.tolist(), oracle.tolist()
