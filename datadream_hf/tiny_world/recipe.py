@@ -20,7 +20,8 @@ What is scaled from the paper for the tiny models, and why:
   lowered every run and 1500 steps raised real-only to 89.4 and real + synthetic to 88.8.
 
 Every choice above was made on the validation split (16 real train images per class outside the K shots, mean of 3
-classifier seeds), never on the test split.
+classifier seeds), never on the test split; the numbers are from the demo's earlier validation draw (the same rows,
+chosen by another seeded loop before `demo_data.carve_rows` used stage 3's `per_class_rows`).
 """
 
 from __future__ import annotations
