@@ -10,7 +10,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from transformers import CLIPModel, CLIPProcessor
 
-from datadream_hf.adapter_index import adapter_index, read_adapter_index
+from datadream_hf.adapter_index import adapter_index, image_adapter_index, image_adapters_by_class, read_adapter_index
 from datadream_hf.cards import available_templates, render_card
 from datadream_hf.files import write_json_atomic
 from datadream_hf.lora import generator_lora_configs, load_safetensors, save_generator_lora
@@ -179,3 +179,24 @@ def test_cards_ship_in_the_wheel(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert eval(result.stdout) == available_templates()
+
+
+def test_image_adapter_index_roundtrip_and_errors(tmp_path):
+    index = image_adapter_index(["a", "b"], [[7, 3], [12]])
+    assert index["adapters"] == {"0": "0000_a/image_000007", "1": "0000_a/image_000003", "2": "0001_b/image_000012"}
+    write_json_atomic(tmp_path / "adapter_index.json", index)
+    read = read_adapter_index(tmp_path)
+    assert image_adapters_by_class(read) == [[(7, "0000_a/image_000007"), (3, "0000_a/image_000003")],
+                                             [(12, "0001_b/image_000012")]]  # fmt: skip
+    no_b = image_adapter_index(["a", "b"], [[7, 3], []])
+    write_json_atomic(tmp_path / "adapter_index.json", no_b)
+    with pytest.raises(ValueError, match=r"no image adapter for class\(es\) \['b'\]"):
+        read_adapter_index(tmp_path)
+    bad_class = index | {"images": {**index["images"], "2": {"class": 5, "row": 12}}}
+    write_json_atomic(tmp_path / "adapter_index.json", bad_class)
+    with pytest.raises(ValueError, match=r"images\['2'\]"):
+        read_adapter_index(tmp_path)
+    shared = index | {"adapters": {**index["adapters"], "1": "0000_a/image_000007"}}
+    write_json_atomic(tmp_path / "adapter_index.json", shared)
+    with pytest.raises(ValueError, match="share a folder"):
+        read_adapter_index(tmp_path)
