@@ -58,6 +58,20 @@ def save_generator_lora(
 ) -> Path:
     """Writes `pytorch_lora_weights.safetensors`, loadable by `StableDiffusionPipeline.load_lora_weights`."""
     from diffusers import StableDiffusionPipeline
+
+    components = {"unet": unet, "text_encoder": text_encoder}
+    return save_pipeline_lora(output_dir, StableDiffusionPipeline, components, adapter_name)
+
+
+def save_pipeline_lora(
+    output_dir: str | os.PathLike,
+    pipeline_class,
+    components: dict[str, torch.nn.Module | None],
+    adapter_name: str = ADAPTER_NAME,
+) -> Path:
+    """Writes the peft adapter `adapter_name` of each component (pipeline names: `unet`, `transformer`,
+    `text_encoder`, `text_encoder_2`; None: left out) with `pipeline_class.save_lora_weights`, with its r, alpha and
+    targets as metadata: `pipeline_class.load_lora_weights` reads the file."""
     from diffusers.utils import convert_state_dict_to_diffusers
 
     # The vocabulary is never resized here: no base embeddings to save, and no Hub lookup of the base model's config
@@ -66,21 +80,16 @@ def save_generator_lora(
         state = get_peft_model_state_dict(model, adapter_name=adapter_name, save_embedding_layers=False)
         return convert_state_dict_to_diffusers(state)
 
-    unet_layers = lora_layers(unet)
-    text_layers = lora_layers(text_encoder) if text_encoder is not None else None
-
     def metadata(model):
         config = model.peft_config[adapter_name]
         return {"r": config.r, "lora_alpha": config.lora_alpha, "target_modules": sorted(config.target_modules)}
 
-    StableDiffusionPipeline.save_lora_weights(
-        save_directory=str(output_dir),
-        unet_lora_layers=unet_layers,
-        text_encoder_lora_layers=text_layers,
-        safe_serialization=True,
-        unet_lora_adapter_metadata=metadata(unet),
-        text_encoder_lora_adapter_metadata=metadata(text_encoder) if text_encoder is not None else None,
-    )
+    kwargs = {}
+    for name, model in components.items():
+        if model is not None:
+            kwargs[f"{name}_lora_layers"] = lora_layers(model)
+            kwargs[f"{name}_lora_adapter_metadata"] = metadata(model)
+    pipeline_class.save_lora_weights(save_directory=str(output_dir), safe_serialization=True, **kwargs)
     return Path(output_dir) / LORA_WEIGHT_NAME
 
 

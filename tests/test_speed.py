@@ -555,7 +555,7 @@ def test_prompts_encoded_once_give_the_same_states_and_gradients(models, data):
                            max_length=models.tokenizer.model_max_length, return_tensors="pt").input_ids  # fmt: skip
     params = [p for n, p in models.trainable_parameters().items() if n.startswith("text_encoder.")]
     results = []
-    for encode in (lambda: models.text_encoder(ids, return_dict=False)[0], lambda: encode_prompts(models, ids)):
+    for encode in (lambda: models.text_encoder(ids, return_dict=False)[0], lambda: encode_prompts(models, ids).hidden):
         states = encode()
         grads = torch.autograd.grad((states * torch.linspace(0, 1, states.shape[-1])).sum(), params)
         results.append((states.detach(), grads))

@@ -162,10 +162,14 @@ def build_units(
 
 
 def tokenize_prompts(tokenizer, prompts: list[str]) -> torch.Tensor:
-    """(len(prompts), model_max_length) ids, padded and truncated like the SD pipelines do."""
-    return tokenizer(
-        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids
+    """(len(prompts), model_max_length) ids, padded and truncated like the SD pipelines do; given a list of tokenizers
+    (SDXL, SD3: one per text encoder), their ids side by side (len(prompts), sum of their lengths)."""
+    tokenizers = tokenizer if isinstance(tokenizer, (list, tuple)) else [tokenizer]
+    ids = [
+        t(prompts, padding="max_length", max_length=t.model_max_length, truncation=True, return_tensors="pt").input_ids
+        for t in tokenizers
+    ]
+    return torch.cat(ids, dim=1)
 
 
 def steps_per_epoch(num_images: int, batch_size: int) -> int:

@@ -1,5 +1,6 @@
-"""Stage-1 models and optimization: the frozen Stable Diffusion parts with their LoRA, the LoRA init, the diffusion
-loss (paper Sec. 3.2, as the reference's `datadream.py`), the AdamW of an adapter, and the adapter file it ends as."""
+"""Stage-1 models and optimization: the frozen generator parts with their LoRA (the generator family's, `families`),
+the LoRA init, the diffusion loss (paper Sec. 3.2, as the reference's `datadream.py`; the family's objective), the
+AdamW of an adapter, and the adapter file it ends as."""
 
 from __future__ import annotations
 
@@ -10,12 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from peft.tuners.lora import LoraLayer
 
+from ..families import GeneratorModels, PromptEmbeddings, read_family
 from ..faults import fault_point
-from ..lora import ADAPTER_NAME, LORA_WEIGHT_NAME, generator_lora_configs, save_generator_lora
-from ..sources import check_source
+from ..lora import ADAPTER_NAME, LORA_WEIGHT_NAME
 from ..validation import check_finite_weights
 from .config import GeneratorTrainingConfig
 from .data import StepBatch, TrainingUnit, init_generator
@@ -23,84 +23,35 @@ from .grouped.optim import GroupedAdamW, GroupedGradScaler
 from .latent_cache import LatentCache, encode_posterior
 
 
-@dataclass
-class GeneratorModels:
-    """The Stable Diffusion parts stage 1 trains through; only their LoRA weights require grad."""
-
-    tokenizer: object
-    text_encoder: torch.nn.Module
-    vae: torch.nn.Module
-    unet: torch.nn.Module
-    noise_scheduler: object
-    train_text_encoder: bool = True
-
-    @property
-    def device(self) -> torch.device:
-        return self.unet.device
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    def latent_shape(self, resolution: int) -> tuple[int, int, int]:
-        factor = self.vae_scale_factor
-        return (self.unet.config.in_channels, resolution // factor, resolution // factor)
-
-    def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
-        """The LoRA parameters by name (`unet.` / `text_encoder.` prefixed), in a fixed order."""
-        models = {"unet": self.unet, "text_encoder": self.text_encoder}
-        return {
-            f"{prefix}.{name}": p
-            for prefix, model in models.items()
-            for name, p in model.named_parameters()
-            if p.requires_grad
-        }
-
-
 def load_generator_models(config: GeneratorTrainingConfig, device: torch.device | str = "cpu") -> GeneratorModels:
-    """Loads the base model, freezes it, adds the UNet (and text-encoder) LoRA; LoRA weights are kept in fp32."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
+    """Loads the base model's parts (its generator family read from `model_index.json`), freezes them, adds the
+    denoiser (and text-encoder) LoRA; LoRA weights are kept in fp32."""
     path = config.pretrained_model_name_or_path
-    check_source(
-        path, "--pretrained_model_name_or_path", required="unet/config.json", expected="a Stable Diffusion model"
-    )
-    tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=config.revision)
-    # The reference trains with DDPM noising whatever the model's sampling scheduler is.
-    noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=config.revision)
-    # Safetensors only: a pickled checkpoint could run code when loaded.
-    weights = {"revision": config.revision, "variant": config.variant, "torch_dtype": config.weight_dtype,
-               "use_safetensors": True}  # fmt: skip
-    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **weights)
-    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **weights)
-    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **weights)
-    if noise_scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
-        raise ValueError(
-            f"{path!r}: scheduler prediction_type {noise_scheduler.config.prediction_type!r} is not supported; "
-            "stage 1 trains 'epsilon' or 'v_prediction' models."
-        )
-    for model in (text_encoder, vae, unet):
+    family = read_family(path, config.revision)
+    models = family.load_models(path, config.revision, config.variant, config.weight_dtype)
+    models.train_text_encoder = config.train_text_encoder
+    for model in models.frozen_modules():
         model.requires_grad_(False)
         model.to(device)
-    unet_lora, text_lora = generator_lora_configs(config.rank, config.lora_alpha, _peft_init(config.lora_init))
-    unet.add_adapter(unet_lora, adapter_name=ADAPTER_NAME)
-    if config.train_text_encoder:
-        text_encoder.add_adapter(text_lora, adapter_name=ADAPTER_NAME)
-    for model in (unet, text_encoder):
+    components = models.lora_components()
+    for name, lora in family.lora_configs(config.rank, config.lora_alpha, _peft_init(config.lora_init)).items():
+        if name == family.denoiser_name or config.train_text_encoder:
+            components[name].add_adapter(lora, adapter_name=ADAPTER_NAME)
+    for model in components.values():
         for parameter in model.parameters():
             if parameter.requires_grad:  # mixed precision: frozen base in fp16/bf16, trained LoRA in fp32
                 parameter.data = parameter.data.float()
     if config.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        enable = getattr(text_encoder, "activation_checkpointing_enable", None) or (
-            text_encoder.gradient_checkpointing_enable
-        )
-        enable()
-    unet.train()
-    text_encoder.train()
-    vae.eval()
-    return GeneratorModels(tokenizer, text_encoder, vae, unet, noise_scheduler, config.train_text_encoder)
+        models.denoiser.enable_gradient_checkpointing()
+        for text_encoder in models.text_encoders.values():
+            enable = getattr(text_encoder, "activation_checkpointing_enable", None) or (
+                text_encoder.gradient_checkpointing_enable
+            )
+            enable()
+    for model in components.values():
+        model.train()
+    models.vae.eval()
+    return models
 
 
 def _peft_init(lora_init: str):
@@ -115,7 +66,7 @@ def init_lora_weights_(models: GeneratorModels, lora_init: str, unit_seed: int) 
     what was trained before it in the same process.
     """
     generator = init_generator(unit_seed)
-    for model in (models.unet, models.text_encoder):
+    for model in models.lora_components().values():
         for _, module in model.named_modules():
             if not isinstance(module, LoraLayer) or ADAPTER_NAME not in module.lora_A:
                 continue
@@ -130,28 +81,29 @@ def init_lora_weights_(models: GeneratorModels, lora_init: str, unit_seed: int) 
             weight_b.zero_()
 
 
-def encode_prompts(models: GeneratorModels, input_ids: torch.Tensor) -> torch.Tensor:
-    """Text-encoder hidden states (B, T, D) of `input_ids` (B, T), running the encoder once per distinct prompt.
+def encode_prompts(models: GeneratorModels, input_ids: torch.Tensor) -> PromptEmbeddings:
+    """The family's prompt embeddings (hidden states (B, T, D), pooled (B, P) where it has them) of `input_ids`
+    (B, T), running the text encoders once per distinct prompt.
 
     A class's batch repeats one prompt. The encoder treats each sequence alone, so encoding the distinct rows and
     indexing gives the same states and, through the index's backward, the same summed LoRA gradient, at 1/B the cost.
     """
     unique, inverse = torch.unique(input_ids, dim=0, return_inverse=True)  # (U, T), (B,)
     with torch.set_grad_enabled(models.train_text_encoder and torch.is_grad_enabled()):
-        hidden = models.text_encoder(unique.to(models.device), return_dict=False)[0]  # (U, T, D)
-    return hidden[inverse.to(models.device)]  # (B, T, D)
+        embeddings = models.family.encode_prompts(models, unique)  # (U, T, D), (U, P)
+    return embeddings.select(inverse.to(models.device))  # (B, T, D), (B, P)
 
 
 def diffusion_loss(
     models: GeneratorModels,
     batch: StepBatch,
     weight_dtype: torch.dtype,
-    encoder_hidden_states: torch.Tensor | None = None,
+    prompt_embeds: PromptEmbeddings | None = None,
 ) -> torch.Tensor:
-    """Per-sample MSE between the UNet's prediction and its target (noise, or velocity for v-prediction), shape (B,).
+    """Per-sample loss of the family's objective (SD: MSE to the noise, or velocity for v-prediction), shape (B,).
 
     As the reference: latents = VAE posterior sample * scaling factor; no offset noise, no SNR weighting. The prompts
-    are encoded here (`encode_prompts`) unless their `encoder_hidden_states` (B, T, D) are given.
+    are encoded here (`encode_prompts`) unless their `prompt_embeds` are given.
     """
     device = models.device
     with torch.no_grad():
@@ -165,15 +117,9 @@ def diffusion_loss(
         latents = (latents - shift) * models.vae.config.scaling_factor
     noise = batch.noise.to(device, dtype=latents.dtype)
     timesteps = batch.timesteps.to(device)
-    noisy_latents = models.noise_scheduler.add_noise(latents, noise, timesteps)
-    if encoder_hidden_states is None:
-        encoder_hidden_states = encode_prompts(models, batch.input_ids)
-    prediction = models.unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
-    if models.noise_scheduler.config.prediction_type == "v_prediction":
-        target = models.noise_scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        target = noise
-    return F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
+    if prompt_embeds is None:
+        prompt_embeds = encode_prompts(models, batch.input_ids)
+    return models.family.loss(models, latents, noise, timesteps, prompt_embeds)  # (B,)
 
 
 def build_latent_cache(
@@ -234,7 +180,10 @@ def save_adapter_atomic(models: GeneratorModels, folder: Path) -> Path:
     tmp = folder / f".adapter-{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        written = save_generator_lora(tmp, models.unet, models.text_encoder if models.train_text_encoder else None)
+        components = (
+            models.lora_components() if models.train_text_encoder else {models.family.denoiser_name: models.denoiser}
+        )
+        written = models.family.save_lora(tmp, components)
         fault_point("adapter-write")  # test hook: the adapter exists only in the temp folder
         os.replace(written, folder / LORA_WEIGHT_NAME)
     finally:

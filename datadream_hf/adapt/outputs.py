@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING
 from .. import hub
 from ..adapter_index import ADAPTER_INDEX_NAME, adapter_folders, adapter_index
 from ..cards import render_card
+from ..families import read_family
 from ..files import write_json_atomic, write_text_atomic
-from ..lora import LORA_WEIGHT_NAME, TEXT_ENCODER_TARGET_MODULES, UNET_TARGET_MODULES
+from ..lora import LORA_WEIGHT_NAME
 from ..run_folder import TRAINING_CONFIG_NAME, refuse_new_run, settings_diff
 from ..versions import library_versions
 from .data import class_seed, total_steps
@@ -49,8 +50,10 @@ PUSH_IGNORE_PATTERNS = ["*/checkpoint-*", "*/.*"]
 def run_record(config: GeneratorTrainingConfig, data: FewShotData) -> dict:
     """`datadream_config.json`: base model, K-shot origin, prompts, LoRA and training settings, library versions."""
     template = config.prompt_template()
+    family = read_family(config.pretrained_model_name_or_path, config.revision)
     record = {
         "stage": "datadream_lora",
+        "generator_family": {"name": family.name, "pipeline_class": family.pipeline_class_name},
         "base_model": {
             "pretrained_model_name_or_path": config.pretrained_model_name_or_path,
             "revision": config.revision,
@@ -71,8 +74,7 @@ def run_record(config: GeneratorTrainingConfig, data: FewShotData) -> dict:
             "rank": config.rank,
             "alpha": config.lora_alpha or config.rank,
             "init": config.lora_init,
-            "unet_target_modules": UNET_TARGET_MODULES,
-            "text_encoder_target_modules": TEXT_ENCODER_TARGET_MODULES if config.train_text_encoder else None,
+            **family.lora_record(config.train_text_encoder),
         },
         "steps_per_adapter": total_steps(
             len(data.images) if config.mode == "dset" else data.manifest.k,

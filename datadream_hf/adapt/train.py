@@ -90,9 +90,9 @@ def _train_generator(config, data, accelerator, models, step_callback) -> Path:
         models = load_generator_models(config, accelerator.device)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        warn_far_resolution(config.resolution, native_resolution(models.unet, models.vae_scale_factor))
+        warn_far_resolution(config.resolution, native_resolution(models.denoiser, models.vae_scale_factor))
         write_run_record(output_dir, record)
-    units = build_units(config, data, models.tokenizer, accelerator.process_index, accelerator.num_processes)
+    units = build_units(config, data, models.tokenizers, accelerator.process_index, accelerator.num_processes)
     logger.info(
         "Process %d of %d trains adapter(s) %s.",
         accelerator.process_index, accelerator.num_processes, [unit.name for unit in units],

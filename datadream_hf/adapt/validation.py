@@ -27,25 +27,22 @@ logger = logging.getLogger(__name__)
 @torch.no_grad()
 def log_validation(models: GeneratorModels, unit, config: GeneratorTrainingConfig, class_names, accelerator) -> Path:
     """Samples `num_validation_images` with the freshly trained adapter, saves a grid and logs it to TensorBoard."""
-    from diffusers import StableDiffusionPipeline
-
-    pipeline = StableDiffusionPipeline.from_pretrained(
+    family = models.family
+    pipeline = family.pipeline_class().from_pretrained(
         config.pretrained_model_name_or_path,
         revision=config.revision,
-        unet=models.unet,
-        text_encoder=models.text_encoder,
+        **models.lora_components(),
         vae=models.vae,
-        tokenizer=models.tokenizer,
-        safety_checker=None,
+        **dict(zip(family.tokenizer_classes, models.tokenizers)),
+        **family.pipeline_kwargs,
         feature_extractor=None,
-        requires_safety_checker=False,
         use_safetensors=True,
     )  # only the sampling scheduler is read from disk; the trained modules are reused
     pipeline.set_progress_bar_config(disable=True)
     template = config.prompt_template()
     class_prompts = [template(class_names[i]) for i in sorted(set(unit.class_indices))]
-    models.unet.eval()
-    models.text_encoder.eval()
+    for model in models.lora_components().values():
+        model.eval()
     images = []
     for i in range(config.num_validation_images):
         prompt = config.validation_prompt or class_prompts[i % len(class_prompts)]
@@ -57,8 +54,8 @@ def log_validation(models: GeneratorModels, unit, config: GeneratorTrainingConfi
             generator=seeded_generator(unit.seed, 3, i),
         )
         images.append(output.images[0])
-    models.unet.train()
-    models.text_encoder.train()
+    for model in models.lora_components().values():
+        model.train()
     folder = Path(config.output_dir) / unit.folder
     path = save_png_atomic(image_grid(chunk(images, 4)), folder / SAMPLES_NAME)
     tag = "validation" if config.mode == "dset" else f"{unit.folder}/validation"

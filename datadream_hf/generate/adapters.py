@@ -13,6 +13,7 @@ import torch
 from safetensors import safe_open
 
 from ..adapter_index import read_adapter_index
+from ..families import GeneratorFamily, family_of_pipeline
 from ..files import file_sha256
 from ..lora import LORA_WEIGHT_NAME, pickled_weight_files
 from ..run_folder import TRAINING_CONFIG_NAME
@@ -189,7 +190,7 @@ def check_adapters_fit(
 ) -> None:
     """Refuses adapters made for another base model: by the id stage 1 recorded, and by every LoRA weight's shape."""
     check_base_model_id(adapters, pretrained_model_name_or_path, revision, allow_base_model_mismatch)
-    components = {"unet": pipeline.unet, "text_encoder": pipeline.text_encoder}
+    components = family_of_pipeline(pipeline).pipeline_lora_components(pipeline)
     for file in sorted({adapters.weight_file(c) for c in range(len(adapters.class_names))} - {None}):
         _check_lora_shapes(file, components)
 
@@ -214,6 +215,17 @@ def check_base_model_id(
             )
 
 
+def check_adapter_family(adapters: AdapterSet, family: GeneratorFamily) -> None:
+    """Refuses adapters whose stage-1 run recorded another generator family than the base model's (before loading
+    it): an SDXL adapter has no place in an SD3 transformer, whatever the id."""
+    trained = (adapters.training_config.get("generator_family") or {}).get("pipeline_class")
+    if trained and trained != family.pipeline_class_name:
+        raise GenerationInputError(
+            f"The adapters in {adapters.source!r} were trained on a {trained}, but the base model is a "
+            f"{family.pipeline_class_name}: pass a base model of the family stage 1 trained on."
+        )
+
+
 def _check_lora_shapes(file: Path, components: dict[str, torch.nn.Module]) -> None:
     found = 0
     with safe_open(str(file), "pt") as f:
@@ -225,8 +237,8 @@ def _check_lora_shapes(file: Path, components: dict[str, torch.nn.Module]) -> No
             component = components.get(component_name)
             if component is None:
                 raise GenerationInputError(
-                    f"Adapter {str(file)!r} has LoRA weight {key!r} for {component_name!r}; a Stable Diffusion "
-                    f"pipeline only has {list(components)}. Was it trained for another model family?"
+                    f"Adapter {str(file)!r} has LoRA weight {key!r} for {component_name!r}; the base pipeline only "
+                    f"has {list(components)}. Was it trained for another model family?"
                 )
             try:
                 module = component.get_submodule(module_path)
@@ -283,6 +295,7 @@ class FusedAdapterSwitcher:
 
     def __init__(self, pipeline):
         self.pipeline = pipeline
+        self.components = family_of_pipeline(pipeline).pipeline_lora_components(pipeline)  # name -> module
         self.active: Path | None = None
         self._base_weights: dict[tuple[str, str], torch.Tensor] = {}
         self._peft_loaded = False  # the active adapter went through diffusers' load_lora_weights
@@ -290,8 +303,8 @@ class FusedAdapterSwitcher:
     def _lora_layers(self):
         from peft.tuners.tuners_utils import BaseTunerLayer
 
-        for component in ("unet", "text_encoder"):
-            for name, module in getattr(self.pipeline, component).named_modules():
+        for component, model in self.components.items():
+            for name, module in model.named_modules():
                 if isinstance(module, BaseTunerLayer):
                     yield component, name, module
 
@@ -329,7 +342,7 @@ class FusedAdapterSwitcher:
         with safe_open(str(weight_file), "pt") as f:
             metadata = json.loads((f.metadata() or {}).get("lora_adapter_metadata") or "{}")
             tensors = {key: f.get_tensor(key) for key in f.keys()}
-        plain = {f"{c}.{k}" for c in ("unet", "text_encoder") for k in ("r", "lora_alpha", "target_modules")}
+        plain = {f"{c}.{k}" for c in self.components for k in ("r", "lora_alpha", "target_modules")}
         if not tensors or any(value for key, value in metadata.items() if key not in plain):
             return None
         factors: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
@@ -342,7 +355,7 @@ class FusedAdapterSwitcher:
         deltas = {}
         for (component, path), pair in factors.items():
             rank, alpha = metadata.get(f"{component}.r"), metadata.get(f"{component}.lora_alpha")
-            model = getattr(self.pipeline, component, None) if component in ("unet", "text_encoder") else None
+            model = self.components.get(component)
             if rank is None or alpha is None or model is None or set(pair) != {"down", "up"}:
                 return None
             for name in (path, path.removeprefix("text_model.")):  # transformers < 5 wrapped `.text_model`

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ..families import read_family
 from ..files import write_json_atomic
 from ..guardrails import native_resolution, refuse_fp16_on_cpu, warn_far_resolution
 from ..prompts import PromptTemplate
@@ -29,7 +30,14 @@ from ..synthetic import (
     remove_stale_temp_files,
 )
 from ..versions import library_versions
-from .adapters import AdapterSet, check_adapters_fit, check_base_model_id, check_class_names, resolve_adapters
+from .adapters import (
+    AdapterSet,
+    check_adapter_family,
+    check_adapters_fit,
+    check_base_model_id,
+    check_class_names,
+    resolve_adapters,
+)
 from .config import DTYPES, GenerationArguments, GenerationConfig, GenerationInputError
 from .dataset import write_dataset_card, write_sample_grid
 from .sampling import SyntheticImageSampler, load_generation_pipeline
@@ -160,7 +168,8 @@ def generate_synthetic_dataset(
     check_class_names(adapters, class_names)
     template = resolve_prompt_template(args.requested_prompt_template(), adapters)
     template.check_distinct(adapters.class_names)  # classes whose prompts are one cannot be told apart
-    # The recorded base model id is checked before the (slow) pipeline load; the weight shapes after it.
+    # The recorded base model id and family are checked before the (slow) pipeline load; the weight shapes after it.
+    check_adapter_family(adapters, read_family(model, revision))
     check_base_model_id(adapters, model, revision, args.allow_base_model_mismatch)
     pipeline = load_generation_pipeline(
         model, revision=revision, variant=args.variant, torch_dtype=DTYPES[dtype], scheduler=config.scheduler
@@ -168,7 +177,7 @@ def generate_synthetic_dataset(
     check_adapters_fit(pipeline, adapters, model, revision, args.allow_base_model_mismatch)
     sampler = SyntheticImageSampler(pipeline.to(state.device), adapters, template, config)
     if state.is_main_process and config.resolution is not None:
-        warn_far_resolution(config.resolution, native_resolution(pipeline.unet, pipeline.vae_scale_factor))
+        warn_far_resolution(config.resolution, native_resolution(sampler.denoiser, pipeline.vae_scale_factor))
     base_model = {"pretrained_model_name_or_path": model, "revision": revision, "variant": args.variant}
     run_info = describe_run(sampler, base_model, dtype, command=command)
     output_dir = Path(output_dir)

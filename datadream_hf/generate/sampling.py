@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from PIL import Image as PILImage
 
+from ..families import family_of_pipeline, read_family
 from ..prompts import PromptTemplate
 from ..validation import NonFiniteError
 from .adapters import AdapterSet, FusedAdapterSwitcher
@@ -35,27 +36,27 @@ def load_generation_pipeline(
     torch_dtype: torch.dtype = torch.float32,
     scheduler: str | None = None,
 ):
-    """Loads the base pipeline once for the whole run: safetensors only, no safety checker (as the reference)."""
+    """Loads the base pipeline once for the whole run with its generator family's pipeline class (read from
+    `model_index.json`): safetensors only, no safety checker (as the reference)."""
     import diffusers
-    from diffusers import StableDiffusionPipeline
     from packaging.version import Version
 
+    family = read_family(pretrained_model_name_or_path, revision)
     # diffusers 0.42 renamed `torch_dtype` to `dtype`; older versions would silently ignore `dtype`.
     dtype_kwarg = "dtype" if Version(diffusers.__version__) >= Version("0.42") else "torch_dtype"
     try:
-        pipeline = StableDiffusionPipeline.from_pretrained(
+        pipeline = family.pipeline_class().from_pretrained(
             pretrained_model_name_or_path,
             revision=revision,
             variant=variant,
-            safety_checker=None,
-            requires_safety_checker=False,
             use_safetensors=True,
+            **family.pipeline_kwargs,
             **{dtype_kwarg: torch_dtype},
         )
     except (OSError, ValueError) as err:
         raise GenerationInputError(
             f"Cannot load base model {pretrained_model_name_or_path!r} (revision {revision}, variant {variant}) as a "
-            f"Stable Diffusion pipeline with safetensors weights: {err}"
+            f"{family.pipeline_class_name} with safetensors weights: {err}"
         ) from err
     if scheduler is not None:
         pipeline.scheduler = scheduler_class(scheduler).from_config(pipeline.scheduler.config)
@@ -72,10 +73,11 @@ class SyntheticImageSampler:
         self.prompt_template = prompt_template
         self.config = config
         self.switcher = FusedAdapterSwitcher.for_pipeline(pipeline)
-        unet = pipeline.unet
-        self.resolution = config.resolution or unet.config.sample_size * pipeline.vae_scale_factor
-        # The VAE and every UNet downsampling halve the size: the side must divide evenly all the way down.
-        multiple = pipeline.vae_scale_factor * 2 ** (len(unet.config.block_out_channels) - 1)
+        family = family_of_pipeline(pipeline)
+        self.denoiser = family.denoiser(pipeline)
+        self.resolution = config.resolution or self.denoiser.config.sample_size * pipeline.vae_scale_factor
+        # The VAE and the denoiser's downsampling (UNet) or patches (transformer): the side must divide evenly.
+        multiple = family.resolution_multiple(self.denoiser, pipeline.vae_scale_factor)
         if self.resolution % multiple:
             raise GenerationInputError(
                 f"`resolution` {self.resolution} must be a multiple of {multiple} for this model."
@@ -103,7 +105,7 @@ class SyntheticImageSampler:
             torch.Generator("cpu").manual_seed(image_seed(self.config.seed, class_index, k)) for k in image_indices
         ]
         side = self.resolution // pipeline.vae_scale_factor
-        shape = (1, pipeline.unet.config.in_channels, side, side)
+        shape = (1, self.denoiser.config.in_channels, side, side)
         latents = torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])  # (B, C, h, w)
         output = pipeline(
             prompt=[self.prompts[class_index]] * len(image_indices),
@@ -111,7 +113,7 @@ class SyntheticImageSampler:
             width=self.resolution,
             num_inference_steps=self.config.num_inference_steps,
             guidance_scale=self.config.guidance_scale,
-            latents=latents.to(pipeline.device, pipeline.unet.dtype),
+            latents=latents.to(pipeline.device, self.denoiser.dtype),
             generator=generators,  # continues each image's stream for stochastic schedulers
             output_type="np",  # (B, H, W, 3) in [0, 1]: checked before PIL conversion would turn NaN into black
         )

@@ -61,12 +61,12 @@ def grouped_losses(
     # 1. The prompts, each distinct (group, prompt) once (as `encode_prompts`), through the group's text LoRA.
     keyed = torch.cat([groups[:, None], batch.input_ids], dim=1)  # (B, 1 + T)
     unique, inverse = torch.unique(keyed, dim=0, return_inverse=True)  # (U, 1 + T), (B,)
-    grouped.route(unique[:, 0], components=("text_encoder",))
+    grouped.route(unique[:, 0], components=tuple(models.text_encoders))
     with torch.set_grad_enabled(models.train_text_encoder):
-        hidden = models.text_encoder(unique[:, 1:].to(models.device), return_dict=False)[0]  # (U, T, D)
-    # 2. One super-batch through the UNet, each sample routed to its group's LoRA factors.
-    grouped.route(groups, components=("unet",))
-    per_sample = diffusion_loss(models, batch, config.weight_dtype, hidden[inverse.to(models.device)])  # (B,)
+        embeddings = models.family.encode_prompts(models, unique[:, 1:])  # (U, T, D), (U, P)
+    # 2. One super-batch through the denoiser, each sample routed to its group's LoRA factors.
+    grouped.route(groups, components=(models.family.denoiser_name,))
+    per_sample = diffusion_loss(models, batch, config.weight_dtype, embeddings.select(inverse.to(models.device)))
     # 3. Each group's mean loss: the gradient of their sum is, for group g, its sequential step's gradient.
     return torch.stack([part.sum() / len(part) for part in per_sample.split(sizes)])  # (G,)
 

@@ -83,8 +83,8 @@ class _Slot:
 class GroupedLora:
     """The grouped layers of a stage-1 model (`GeneratorModels` with its peft adapter), one adapter per group.
 
-    Every peft LoRA layer of the UNet and text encoder gets a `GroupedLoraLinear` over the same base layer. The peft
-    layers stay untouched while the grouped ones are attached (`with grouped.attached(): ...`) and are put back on
+    Every peft LoRA layer of the denoiser and text encoders gets a `GroupedLoraLinear` over the same base layer. The
+    peft layers stay untouched while the grouped ones are attached (`with grouped.attached(): ...`) and are put back on
     exit, so the model is usable by the sequential path again; `copy_to_peft(g)` loads group g into them for export.
 
     Parameter order and names are those of `models.trainable_parameters()`, so one group's slices form exactly the
@@ -95,8 +95,7 @@ class GroupedLora:
         self.models = models
         self.num_groups = num_groups
         self.slots: list[_Slot] = []
-        for component in ("unet", "text_encoder"):
-            model = getattr(models, component)
+        for component, model in models.lora_components().items():
             for name, module in model.named_modules():
                 if not isinstance(module, LoraLayer) or ADAPTER_NAME not in module.lora_A:
                     continue
@@ -170,8 +169,9 @@ class GroupedLora:
             self._attached = False
             self.route(None)
 
-    def route(self, group_index: torch.Tensor | None, components: tuple[str, ...] = ("unet", "text_encoder")) -> None:
-        """Sets which group each sample of the next forward (and its backward) uses in `components`: (B,) ints."""
+    def route(self, group_index: torch.Tensor | None, components: tuple[str, ...] | None = None) -> None:
+        """Sets which group each sample of the next forward (and its backward) uses in `components` (pipeline names;
+        None: all): (B,) ints."""
         block_size = None
         if group_index is not None:
             group_index = group_index.to(dtype=torch.long)  # checked where it was made (the CPU): no GPU sync
@@ -180,7 +180,7 @@ class GroupedLora:
             block_size = contiguous_block_size(group_index, self.num_groups)
             group_index = group_index.to(self.slots[0].grouped.lora_A.device)
         for slot in self.slots:
-            if slot.component in components:
+            if components is None or slot.component in components:
                 slot.grouped.group_index = group_index
                 slot.grouped.block_size = block_size
 

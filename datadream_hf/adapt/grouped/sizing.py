@@ -143,7 +143,7 @@ def _step_bytes(models: GeneratorModels, unit: TrainingUnit, config: GeneratorTr
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
-    weights = {p.untyped_storage().data_ptr() for m in (models.unet, models.text_encoder, models.vae)
+    weights = {p.untyped_storage().data_ptr() for m in models.frozen_modules()
                for p in [*m.parameters(), *m.buffers()]}  # fmt: skip
     caches = [build_latent_cache(models, unit, config) for _ in range(num_groups)]
     latent_shape = models.latent_shape(config.resolution)
