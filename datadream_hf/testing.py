@@ -1,4 +1,4 @@
-"""Tiny, offline, deterministic stand-ins for Stable Diffusion 2.1-base and CLIP ViT-B/16.
+"""Tiny, offline, deterministic stand-ins for Stable Diffusion 2.1-base (and SDXL, SD 3.5) and CLIP ViT-B/16.
 
 Every builder here makes real diffusers / transformers objects from configs under a fixed seed, so the
 scripts run on them exactly as they would on `stabilityai/stable-diffusion-2-1-base` or
@@ -12,7 +12,17 @@ import os
 from collections.abc import Sequence
 
 import torch
-from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    PNDMScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from tokenizers import pre_tokenizers
 from transformers import (
     CLIPConfig,
@@ -21,6 +31,7 @@ from transformers import (
     CLIPProcessor,
     CLIPTextConfig,
     CLIPTextModel,
+    CLIPTextModelWithProjection,
     CLIPTokenizer,
     CLIPVisionConfig,
 )
@@ -130,6 +141,121 @@ def build_tiny_stable_diffusion(seed: int = 0) -> StableDiffusionPipeline:
 def save_tiny_stable_diffusion(path: str | os.PathLike, seed: int = 0) -> str:
     """Writes the tiny pipeline to `path` (safetensors) and returns the path."""
     build_tiny_stable_diffusion(seed).save_pretrained(path, safe_serialization=True)
+    return str(path)
+
+
+def _tiny_vae(seed: int, latent_channels: int = 4, **overrides) -> AutoencoderKL:
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        block_out_channels=[32, 64],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=latent_channels,
+        sample_size=TINY_IMAGE_SIZE,
+        **overrides,
+    )
+
+
+def build_tiny_stable_diffusion_xl(seed: int = 0) -> StableDiffusionXLPipeline:
+    """A tiny SDXL pipeline (32 px, two CLIP text encoders, `text_time` micro-conditioning, Euler sampling) with random
+    weights; the UNet is diffusers' own SDXL test configuration, the tokenizers are built locally."""
+    tokenizer = build_tiny_clip_tokenizer()
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        sample_size=TINY_IMAGE_SIZE // 2,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=6 * 8 + 32,  # 6 time ids x 8 + the pooled text projection
+        cross_attention_dim=64,  # both encoders' hidden states side by side
+    )
+    vae = _tiny_vae(seed)
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(_tiny_text_config(vocab_size=len(tokenizer)))
+    torch.manual_seed(seed + 1)
+    text_encoder_2 = CLIPTextModelWithProjection(_tiny_text_config(vocab_size=len(tokenizer)))
+    # The scheduler config of stable-diffusion-xl-base-1.0.
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        steps_offset=1,
+        timestep_spacing="leading",
+        prediction_type="epsilon",
+    )
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=build_tiny_clip_tokenizer(),
+        unet=unet,
+        scheduler=scheduler,
+        add_watermarker=False,
+    )
+
+
+def build_tiny_stable_diffusion_3(seed: int = 0) -> StableDiffusion3Pipeline:
+    """A tiny SD 3.5-style pipeline (32 px, CLIP-L/G stand-ins, no T5, an MMDiT with one dual-attention block and
+    RMS q/k norms, flow matching with SD3's shift 3) with random weights; the tokenizers are built locally."""
+    tokenizer = build_tiny_clip_tokenizer()
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=TINY_IMAGE_SIZE // 2,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        caption_projection_dim=32,
+        joint_attention_dim=64,  # both encoders' hidden states side by side (T5's width in the real model)
+        pooled_projection_dim=64,  # both encoders' projections side by side
+        pos_embed_max_size=16,
+        dual_attention_layers=(0,),  # SD 3.5's MMDiT-X block
+        qk_norm="rms_norm",
+    )
+    # SD3's 16-channel VAE with its shift and scale.
+    vae = _tiny_vae(seed, latent_channels=16, shift_factor=0.0609, scaling_factor=1.5035, use_quant_conv=False,
+                    use_post_quant_conv=False)  # fmt: skip
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModelWithProjection(_tiny_text_config(vocab_size=len(tokenizer)))
+    torch.manual_seed(seed + 1)
+    text_encoder_2 = CLIPTextModelWithProjection(_tiny_text_config(vocab_size=len(tokenizer)))
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),  # stable-diffusion-3-medium's
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=build_tiny_clip_tokenizer(),
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+
+
+TINY_GENERATORS = {
+    "sd": build_tiny_stable_diffusion,
+    "sdxl": build_tiny_stable_diffusion_xl,
+    "sd3": build_tiny_stable_diffusion_3,
+}  # generator family name (`families`) -> its tiny pipeline
+
+
+def save_tiny_generator(path: str | os.PathLike, family: str = "sd", seed: int = 0) -> str:
+    """Writes the tiny pipeline of a generator family (`TINY_GENERATORS`) to `path` (safetensors); returns the path."""
+    TINY_GENERATORS[family](seed).save_pretrained(path, safe_serialization=True)
     return str(path)
 
 
