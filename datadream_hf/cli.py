@@ -147,8 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     world.add_argument(
         "--dataset",
         default="my_digits",
-        help="The dataset the printed commands read: a save_to_disk folder with train and test splits (stage 3 carves "
-        "its validation images from train); 32 px images, the tiny world knows digit-like images only.",
+        help="The dataset the printed commands read: a save_to_disk folder with train and test splits, an image "
+        "folder with train/ and test/ split folders of class folders, or a folder of class folders (stage 3 then "
+        "carves its test images too); the K shots and stage 3's validation images come from train. 32 px images: the "
+        "tiny world knows digit-like images only.",
     )
     world.add_argument("--class_names", default=None, help="Comma-separated classes to keep, in this order.")
     world.add_argument("--k", type=int, default=16, help="Real images per class of the printed recipe.")

@@ -29,6 +29,10 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass
 
+import numpy as np
+
+from ..data import DatasetInputError, class_names_of, labels_of, load_labelled_dataset, local_split_names
+
 
 @dataclass
 class TinyWorldRecipe:
@@ -75,10 +79,43 @@ class TinyWorldRecipe:
             "--metric_for_best_model", "loss", "--greater_is_better", "false",
         ]  # fmt: skip
 
+    def holdout_flags(self, dataset: str, class_names: str | None = None) -> list[str]:
+        """Stage 3's validation and test images on `dataset`: its `validation` and `test` splits where it has them (a
+        `save_to_disk` folder, an image folder with `train/` and `test/` folders; a Hub copy or a path not made yet is
+        taken to have a test split), else carved from train outside the K shots, sized to the classes' images (a folder
+        of class folders is one table: its "test split" would be the training images). A class too small for K shots,
+        a validation and a test image is an error naming it."""
+        splits = local_split_names(dataset)
+        if splits is None:
+            return ["--test_split", "test"]
+        flags = ["--validation_split", "validation"] if "validation" in splits else []
+        flags += ["--test_split", "test"] if "test" in splits else []
+        carved = [split for split in ("validation", "test") if split not in splits]
+        if not carved:
+            return flags
+        names = class_names.split(",") if class_names else None
+        train = load_labelled_dataset(dataset, split="train", class_names=names)
+        counts = np.bincount(labels_of(train), minlength=len(class_names_of(train)))
+        smallest = int(counts.argmin())
+        spare, most = int(counts[smallest]) - self.k, int(counts.max()) - self.k
+        if spare < len(carved):
+            name = class_names_of(train)[smallest]
+            raise DatasetInputError(
+                f"Class {name!r} of {dataset!r} has {counts[smallest]} training images: the "
+                f"recipe needs K={self.k} + one {' and one '.join(carved)} image, carved outside the K shots. Add "
+                "images, lower --k, or give the folder `train/` and `test/` split folders."
+            )
+        if "validation" not in splits:
+            validation = min(self.validation_per_class, spare // len(carved))
+            flags += ["--validation_per_class", str(validation)]
+            most -= validation
+        return flags if "test" in splits else [*flags, "--test_per_class", str(most)]
+
     def commands(self, generator: str, clip: str, dataset: str, class_names: str | None = None) -> list[str]:
         """The manifest and the three stages as shell commands with this recipe's settings and the tiny world's models,
-        on `dataset` (a save_to_disk folder or Hub copy with `train` and `test` splits; stage 3 carves its validation
-        images from train, outside the K shots): the README's offline recipe for your own images.
+        on `dataset` (a save_to_disk folder, an image folder with `train/` and `test/` split folders or of class
+        folders, or a Hub copy; K shots from train, stage 3's validation and test images as `holdout_flags` says): the
+        README's offline recipe for your own images.
         `class_names`: comma-separated, optional."""
         names = ["--class_names", class_names] if class_names else []
         steps = [
@@ -92,7 +129,7 @@ class TinyWorldRecipe:
              "0"],
             ["python", "training_scripts/train_classifier.py", "--model_name_or_path", clip, "--real_dataset",
              dataset, "--few_shot_manifest", "few_shot.json", "--synthetic_dataset", "synthetic",
-             "--train_mode", "real+synthetic", "--test_split", "test",
+             "--train_mode", "real+synthetic", *self.holdout_flags(dataset, class_names),
              *self.stage3_flags(), "--output_dir", "classifier", "--seed", "0"],
         ]  # fmt: skip
         return [shlex.join(step) for step in steps]
