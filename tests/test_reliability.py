@@ -974,6 +974,7 @@ def test_pickled_weights_are_refused_by_stage2_and_the_classifier(
         CLIPLoRAClassifier.from_clip_pretrained(str(clip), CLASSES)
 
 
+@pytest.mark.usefixtures("reachable_hub")  # the upload is checked before the run
 def test_hub_token_is_never_written_by_any_stage(
     tiny_sd_path, tiny_clip_path, digits_path, digits_manifest_path, stage1_data, tmp_path, monkeypatch, capsys, caplog
 ):

@@ -508,6 +508,7 @@ def uploaded_files(folder, ignore_patterns):
     return set(filter_repo_objects(files, ignore_patterns=patterns))
 
 
+@pytest.mark.usefixtures("reachable_hub")  # the upload is checked before the run
 def test_script_pushes_card_and_weights_without_the_token(few_shot, tiny_sd_path, tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(SCRIPT.parent))
     import train_datadream_lora

@@ -448,6 +448,7 @@ def _script_args(tiny_clip_path, digits_path, manifest, synthetic, output_dir, *
     ]  # fmt: skip
 
 
+@pytest.mark.usefixtures("reachable_hub")  # the upload is checked before the run
 def test_script_report_card_and_mocked_push(
     tiny_clip_path, digits_path, digits_manifest_path, fake_synthetic, tmp_path, monkeypatch
 ):

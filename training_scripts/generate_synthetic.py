@@ -50,6 +50,7 @@ from datadream_hf.errors import run_script
 from datadream_hf.generate.config import GenerationArguments, GenerationConfig
 from datadream_hf.generate.dataset import push_synthetic_dataset_to_hub, save_synthetic_dataset
 from datadream_hf.generate.run import generate_synthetic_dataset
+from datadream_hf.hub import check_push_access
 
 
 def parse_args(input_args: list[str] | None = None) -> tuple[GenerationArguments, GenerationConfig]:
@@ -71,6 +72,10 @@ def main(args: tuple[GenerationArguments, GenerationConfig]) -> None:
     #    masked in the recorded command however it was passed (`--hub_token X`, `--hub_token=X`, ...).
     token = generation.hub_token
     argv = ["<hub_token>" if token and token in a else a for a in sys.argv]
+    #    An upload that would fail after generating (offline, no token, no write access) fails now.
+    if generation.push_to_hub:
+        check_push_access(generation.hub_dataset_id, token, repo_type="dataset", private=generation.hub_private,
+                          main_process=state.is_main_process)  # fmt: skip
 
     # 2. Generation (resumes from the finished shards in --output_dir).
     generate_synthetic_dataset(generation, config, state=state, command=shlex.join(["python", *argv]))

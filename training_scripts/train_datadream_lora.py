@@ -71,6 +71,7 @@ from datadream_hf.arguments import ScriptArgumentParser
 from datadream_hf.console import setup_script_console
 from datadream_hf.errors import run_script
 from datadream_hf.guardrails import refuse_fp16_on_cpu
+from datadream_hf.hub import check_push_access
 
 
 def parse_args(input_args: list[str] | None = None) -> tuple[GeneratorTrainingConfig, AdapterHubArguments]:
@@ -102,6 +103,10 @@ def main(args: tuple[GeneratorTrainingConfig, AdapterHubArguments]) -> None:
         ),
     )
     config = dataclasses.replace(config, mixed_precision=accelerator.mixed_precision)
+    # An upload that would fail after training (offline, no token, no write access) fails now; the repo is created.
+    if hub.push_to_hub:
+        check_push_access(hub.hub_model_id or output_dir.resolve().name, hub.hub_token, private=hub.hub_private,
+                          main_process=accelerator.is_main_process)  # fmt: skip
 
     # 2. The K-shot images the manifest picks (a missing column or corrupt image fails here, before any model load).
     data = load_few_shot_data(config)

@@ -35,7 +35,12 @@ def train_classifier(args: ClassifierArguments, training_args: DataDreamTraining
     push_to_hub, hub_token = training_args.push_to_hub, training_args.hub_token
     training_args.push_to_hub, training_args.hub_token = False, None
 
-    # 1. Data (every input check happens here, before the model loads).
+    # 1. Data (every input check happens here, before the model loads), and an upload that would fail after training
+    #    (offline, no token, no write access).
+    if push_to_hub:
+        repo_id = training_args.hub_model_id or Path(training_args.output_dir).resolve().name
+        hub.check_push_access(repo_id, hub_token, private=bool(training_args.hub_private_repo),
+                              main_process=training_args.process_index == 0)  # fmt: skip
     check_source(args.model_name_or_path, "--model_name_or_path", required="config.json", expected="a CLIP model")
     check_fresh_output_dir(training_args.output_dir, training_args.resume_from_checkpoint)
     data = load_classifier_data(args, training_args)
