@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from .errors import DEBUG_HELP, run_script
+from .files import check_output_path
 from .validation import K_SHOTS, SEED, check_ranges
 
 # What each command's numeric options may be (`datadream_hf.validation`), checked before any work.
@@ -25,6 +27,7 @@ def _few_shot(args: argparse.Namespace) -> None:
 
     if args.dataset_preset:
         domain_for_preset(args.dataset_preset)  # an unknown preset fails here, naming the known ones
+    check_output_path(args.output, "--output", folder=False)
     # The preset's columns, split and K, unless given.
     settings = {"split": "train", "image_column": "image", "label_column": "label", "k": 16}
     settings.update({k: v for k, v in preset_flag_defaults(args.dataset_preset).items() if k in settings})
@@ -48,7 +51,8 @@ def _few_shot(args: argparse.Namespace) -> None:
         source_class_names=source_names,
     )
     manifest.select(dataset)  # decode the chosen images now: a corrupt file fails here, not in stage 1
-    manifest.save(args.output)
+    Path(args.output).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    manifest.save(Path(args.output).expanduser())
     summary = {"manifest": args.output, "k": manifest.k, "seed": args.seed, "classes": len(manifest.class_names)}
     summary["names"] = dict(list(zip(source_names, manifest.class_names))[:3])  # e.g. {"n01440764": "tench"}
     print(json.dumps(summary))
@@ -78,6 +82,7 @@ def _presets(args: argparse.Namespace) -> None:
 def _tiny_models(args: argparse.Namespace) -> None:
     from .testing import save_tiny_clip, save_tiny_stable_diffusion
 
+    check_output_path(args.output_dir, "--output_dir")
     print(save_tiny_stable_diffusion(f"{args.output_dir}/tiny-sd"))
     print(save_tiny_clip(f"{args.output_dir}/tiny-clip"))
 
@@ -97,6 +102,7 @@ def _tiny_world(args: argparse.Namespace) -> None:
 def _digits(args: argparse.Namespace) -> None:
     from .tiny_world.digits import load_digits_dataset
 
+    check_output_path(args.output_dir, "--output_dir")
     load_digits_dataset().save_to_disk(args.output_dir)
     print(args.output_dir)
 

@@ -47,6 +47,7 @@ from accelerate import PartialState
 from datadream_hf.arguments import ScriptArgumentParser
 from datadream_hf.console import setup_script_console
 from datadream_hf.errors import run_script
+from datadream_hf.files import check_output_path
 from datadream_hf.generate.config import GenerationArguments, GenerationConfig
 from datadream_hf.generate.dataset import push_synthetic_dataset_to_hub, save_synthetic_dataset
 from datadream_hf.generate.run import generate_synthetic_dataset
@@ -72,7 +73,10 @@ def main(args: tuple[GenerationArguments, GenerationConfig]) -> None:
     #    masked in the recorded command however it was passed (`--hub_token X`, `--hub_token=X`, ...).
     token = generation.hub_token
     argv = ["<hub_token>" if token and token in a else a for a in sys.argv]
-    #    An upload that would fail after generating (offline, no token, no write access) fails now.
+    #    A --save_to_disk folder that cannot be written, and an upload that would fail after generating (offline, no
+    #    token, no write access), fail now.
+    if generation.save_to_disk:
+        check_output_path(generation.save_to_disk, "--save_to_disk")
     if generation.push_to_hub:
         check_push_access(generation.hub_dataset_id, token, repo_type="dataset", private=generation.hub_private,
                           main_process=state.is_main_process)  # fmt: skip

@@ -57,7 +57,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -70,6 +69,7 @@ from datadream_hf.adapt.train import train_generator
 from datadream_hf.arguments import ScriptArgumentParser
 from datadream_hf.console import setup_script_console
 from datadream_hf.errors import run_script
+from datadream_hf.files import check_output_path
 from datadream_hf.guardrails import refuse_fp16_on_cpu
 from datadream_hf.hub import check_push_access
 
@@ -93,7 +93,7 @@ def main(args: tuple[GeneratorTrainingConfig, AdapterHubArguments]) -> None:
     precision = config.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     refuse_fp16_on_cpu(precision, device, "--mixed_precision fp16 (flag or accelerate launch)", "Pass no (or bf16).")
-    output_dir = Path(config.output_dir)
+    output_dir = check_output_path(config.output_dir, "--output_dir")  # a file in the way, no write permission
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
         mixed_precision=config.mixed_precision,

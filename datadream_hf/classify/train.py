@@ -10,6 +10,7 @@ from pathlib import Path
 from transformers import CLIPProcessor, set_seed
 
 from .. import hub
+from ..files import check_output_path
 from ..lora import classifier_lora_config
 from ..run_folder import output_dir_lock
 from ..sources import check_source
@@ -42,6 +43,7 @@ def train_classifier(args: ClassifierArguments, training_args: DataDreamTraining
         hub.check_push_access(repo_id, hub_token, private=bool(training_args.hub_private_repo),
                               main_process=training_args.process_index == 0)  # fmt: skip
     check_source(args.model_name_or_path, "--model_name_or_path", required="config.json", expected="a CLIP model")
+    check_output_path(training_args.output_dir, "--output_dir")  # a file in the way, no write permission
     check_fresh_output_dir(training_args.output_dir, training_args.resume_from_checkpoint)
     data = load_classifier_data(args, training_args)
     args.class_prompt_template().check_distinct(data["class_names"])  # the head must tell every class apart

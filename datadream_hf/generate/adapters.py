@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from ..adapter_index import read_adapter_index
 from ..files import file_sha256
@@ -138,6 +138,7 @@ def resolve_adapters(
     for c, folder in enumerate(folders):
         file = root / folder / LORA_WEIGHT_NAME
         if file.is_file():
+            _check_readable(file, names[c] if index["mode"] != "dset" else None)
             continue
         pickles = pickled_weight_files(root / folder)
         if pickles:
@@ -167,6 +168,20 @@ def resolve_adapters(
         folders=folders,
         training_config=training_config,
     )
+
+
+def _check_readable(file: Path, class_name: str | None) -> None:
+    """Refuses an adapter file that safetensors cannot open (truncated, overwritten, not safetensors), before any model
+    loads; its tensors' shapes and values are checked against the base model later (`check_adapters_fit`)."""
+    try:
+        with safe_open(str(file), "pt") as f:
+            f.keys()
+    except (SafetensorError, OSError) as err:
+        owner = f"of class {class_name!r}" if class_name is not None else "of every class (dset mode)"
+        raise GenerationInputError(
+            f"Adapter {owner} ({str(file)!r}) cannot be read as safetensors ({' '.join(str(err).split())}): the file is "
+            "damaged or not an adapter. Restore it, or train it again in stage 1."
+        ) from None
 
 
 def check_class_names(adapters: AdapterSet, class_names: list[str] | None) -> None:

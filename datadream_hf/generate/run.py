@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..files import write_json_atomic
+from ..files import check_output_path, write_json_atomic
 from ..guardrails import native_resolution, refuse_fp16_on_cpu, warn_far_resolution
 from ..prompts import PromptTemplate
 from ..run_folder import TRAINING_CONFIG_NAME, OutputDirLock, OutputDirLockedError, settings_diff
@@ -145,6 +145,7 @@ def generate_synthetic_dataset(
     state = state or PartialState(cpu=not torch.cuda.is_available())
     output_dir, model, revision = args.output_dir, args.pretrained_model_name_or_path, args.revision
     # 1. Validate everything before the first image (`args` checked adapter_path / no_adapter / classes).
+    check_output_path(output_dir, "--output_dir")  # a file in the way, no write permission
     check_source(
         model, "--pretrained_model_name_or_path", required="model_index.json", expected="a diffusers pipeline"
     )

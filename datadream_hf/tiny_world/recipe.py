@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import shlex
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -85,6 +86,10 @@ class TinyWorldRecipe:
         taken to have a test split), else carved from train outside the K shots, sized to the classes' images (a folder
         of class folders is one table: its "test split" would be the training images). A class too small for K shots,
         a validation and a test image is an error naming it."""
+        if Path(dataset).exists() and not Path(dataset).is_dir():
+            raise DatasetInputError(
+                f"--dataset {dataset!r} is a file; pass a save_to_disk folder, an image folder or a Hub dataset id."
+            )
         splits = local_split_names(dataset)
         if splits is None:
             return ["--test_split", "test"]
