@@ -306,6 +306,24 @@ def dataset_fingerprint(dataset: Dataset) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+def image_digests(dataset: Dataset) -> list[str]:
+    """The sha256 of each row's encoded image (its bytes, or its file's), without decoding it; a file that cannot be
+    read is an error naming it."""
+    digests = []
+    for item in dataset.cast_column("image", Image(decode=False))["image"]:
+        if item.get("bytes") is not None:
+            payload = item["bytes"]
+        else:
+            try:
+                payload = Path(item["path"]).read_bytes()
+            except OSError as err:
+                raise DatasetInputError(
+                    f"Image {item['path']!r} cannot be read ({err.strerror or err}). Restore it or remove it."
+                ) from None
+        digests.append(hashlib.sha256(payload).hexdigest())
+    return digests
+
+
 def labels_of(dataset: Dataset) -> np.ndarray:
     return dataset.with_format("numpy")["label"][:]
 

@@ -53,6 +53,7 @@ def load_few_shot_data(config: GeneratorTrainingConfig) -> FewShotData:
                 "(draw it with `datadream-hf few-shot`)."
             )
     manifest = FewShotManifest.load(config.few_shot_manifest)
+    manifest.check_split(config.dataset, config.split, "--split")
     dataset = load_manifest_dataset(
         manifest, config.dataset, config.split, config.image_column, config.label_column, config.class_names
     )

@@ -3,7 +3,6 @@ that fixes each batch's real/synthetic counts and each draw's augmentation seed,
 
 from __future__ import annotations
 
-import hashlib
 import math
 from inspect import signature
 from pathlib import Path
@@ -16,7 +15,14 @@ from PIL import Image as PILImage
 from torch.utils.data import Sampler
 
 from ..class_names import display_class_names, rename_classes
-from ..data import DatasetInputError, class_names_of, is_single_table, labels_of, load_labelled_dataset
+from ..data import (
+    DatasetInputError,
+    class_names_of,
+    image_digests,
+    is_single_table,
+    labels_of,
+    load_labelled_dataset,
+)
 from ..few_shot import FewShotManifest, load_manifest_dataset
 from ..sources import STAGE1_FOLDER, STAGE2_FOLDER, STAGE3_FOLDER, output_folder_kind
 from ..synthetic import load_synthetic_dataset
@@ -315,6 +321,8 @@ def load_classifier_data(args: ClassifierArguments, training_args: DataDreamTrai
     """
     manifest = FewShotManifest.load(args.few_shot_manifest) if args.few_shot_manifest else None
     load = _real_loader(args, manifest)
+    if manifest is not None:
+        manifest.check_split(args.real_dataset, args.real_split, "--real_split")
     real = load(args.real_dataset, args.real_split)
     names = class_names_of(real)
     data = {"class_names": names, "manifest": manifest, "real_train": None, "synthetic": None, "test": None}
@@ -412,18 +420,6 @@ def _same_source(a, b) -> bool:
     if isinstance(a, str) and isinstance(b, str) and Path(a).exists() and Path(b).exists():
         return Path(a).resolve() == Path(b).resolve()
     return a is b or (isinstance(a, str) and a == b)
-
-
-def image_digests(dataset) -> list[str]:
-    """The sha256 of each row's encoded image (its bytes, or its file's), without decoding it."""
-    digests = []
-    for item in dataset.cast_column("image", Image(decode=False))["image"]:
-        if item.get("bytes") is not None:
-            payload = item["bytes"]
-        else:
-            payload = Path(item["path"]).read_bytes()
-        digests.append(hashlib.sha256(payload).hexdigest())
-    return digests
 
 
 def _refuse_shared_images(test, trained_on: list, test_source: str) -> None:

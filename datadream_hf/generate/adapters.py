@@ -179,8 +179,8 @@ def _check_readable(file: Path, class_name: str | None) -> None:
     except (SafetensorError, OSError) as err:
         owner = f"of class {class_name!r}" if class_name is not None else "of every class (dset mode)"
         raise GenerationInputError(
-            f"Adapter {owner} ({str(file)!r}) cannot be read as safetensors ({' '.join(str(err).split())}): the file is "
-            "damaged or not an adapter. Restore it, or train it again in stage 1."
+            f"Adapter {owner} ({str(file)!r}) cannot be read as safetensors ({' '.join(str(err).split())}): the file "
+            "is damaged or not an adapter. Restore it, or train it again in stage 1."
         ) from None
 
 
