@@ -10,6 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
+from .console import setup_script_console
 from .errors import DEBUG_HELP, run_script
 from .files import check_output_path
 from .validation import K_SHOTS, SEED, check_ranges
@@ -28,6 +29,7 @@ def _few_shot(args: argparse.Namespace) -> None:
     if args.dataset_preset:
         domain_for_preset(args.dataset_preset)  # an unknown preset fails here, naming the known ones
     check_output_path(args.output, "--output", folder=False)
+    setup_script_console(libraries=("datasets",))  # a piped output gets lines, not progress-bar redraws
     # The preset's columns, split and K, unless given.
     settings = {"split": "train", "image_column": "image", "label_column": "label", "k": 16}
     settings.update({k: v for k, v in preset_flag_defaults(args.dataset_preset).items() if k in settings})
@@ -83,6 +85,7 @@ def _tiny_models(args: argparse.Namespace) -> None:
     from .testing import save_tiny_clip, save_tiny_stable_diffusion
 
     check_output_path(args.output_dir, "--output_dir")
+    setup_script_console(libraries=("diffusers", "huggingface_hub", "transformers"))
     print(save_tiny_stable_diffusion(f"{args.output_dir}/tiny-sd"))
     print(save_tiny_clip(f"{args.output_dir}/tiny-clip"))
 
@@ -103,6 +106,7 @@ def _digits(args: argparse.Namespace) -> None:
     from .tiny_world.digits import load_digits_dataset
 
     check_output_path(args.output_dir, "--output_dir")
+    setup_script_console(libraries=("datasets",))
     load_digits_dataset().save_to_disk(args.output_dir)
     print(args.output_dir)
 
