@@ -13,7 +13,7 @@ import yaml
 from transformers import HfArgumentParser
 from transformers.hf_argparser import string_to_bool
 
-from .errors import DEBUG_HELP
+from .errors import DEBUG_HELP, InputError
 from .presets import preset_flag_defaults
 
 CONFIG_FILE_SUFFIXES = (".json", ".yaml", ".yml")
@@ -74,8 +74,11 @@ class ScriptArgumentParser(HfArgumentParser):
 
     def parse_config_file(self, path: str) -> tuple:
         """The dataclass instances from a JSON or YAML file; an unknown key is an error, not ignored."""
-        text = Path(path).read_text(encoding="utf-8")
-        values = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+            values = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+        except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as err:  # JSONDecodeError is a ValueError
+            raise InputError(f"Config file {path!r} cannot be read: {' '.join(str(err).split())}.") from None
         if not isinstance(values, dict):
             raise ValueError(f"Config file {path!r} must hold a mapping of flag names to values, got {type(values)}.")
         values = {**self.script_defaults, **self._preset_defaults(values.get("dataset_preset")), **values}

@@ -130,3 +130,19 @@ def check_output_path(path: str | os.PathLike, flag: str, folder: bool = True) -
             "Pass a folder you can write to, or fix its permissions."
         ) from None
     return path
+
+
+def check_safetensors(path: str | os.PathLike, what: str, fix: str) -> None:
+    """Raises `InputError` ("`what` (path) cannot be read as safetensors (why): ... `fix`") unless safetensors can open
+    `path` and read its header (a truncated, overwritten or non-safetensors file fails here; its tensors are not
+    read)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            f.keys()
+    except (SafetensorError, OSError) as err:
+        raise InputError(
+            f"{what} ({str(path)!r}) cannot be read as safetensors ({' '.join(str(err).split())}): the file is "
+            f"damaged, or holds no safetensors weights. {fix}"
+        ) from None

@@ -11,6 +11,8 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
 
+from .files import check_safetensors
+
 # Paper Sec. 3.2 / reference `datadream.py`: self- and cross-attention projections of the UNet, and every
 # attention projection of the CLIP text encoder.
 UNET_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -100,6 +102,7 @@ def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                 f"and {path.name} (safetensors) is missing. Convert the weights with `safetensors.torch.save_file`."
             )
         raise FileNotFoundError(f"Weights file {str(path)!r} does not exist.")
+    check_safetensors(path, "Weights file", "Restore it, or remove it and re-run the stage that wrote it.")
     return load_file(str(path))
 
 

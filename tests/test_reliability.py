@@ -645,6 +645,22 @@ def _unwritable(ctx: Ctx) -> Path:
     return folder / "out"
 
 
+def _damaged_classifier(ctx: Ctx):
+    from datadream_hf.classify.modeling import CLIPLoRAClassifier
+
+    folder = ctx.tmp / "classifier"
+    CLIPLoRAClassifier.from_clip_pretrained(ctx.tiny_clip, CLASSES).save_pretrained(folder)
+    weights = folder / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:50])
+    CLIPLoRAClassifier.from_pretrained(folder)
+
+
+def _malformed_config_file(ctx: Ctx):
+    path = ctx.tmp / "stage3.yaml"
+    path.write_text("model_name_or_path: [models/tiny-clip,\n")
+    run_main("stage3", [path])
+
+
 def _replaced_image(ctx: Ctx):
     """A K-shot image replaced under the same file name after the manifest was drawn."""
     root, manifest = folder_with(ctx.tmp, png_bytes(noise_image(seed=3)))
@@ -831,6 +847,11 @@ CASES = {
         lambda c: c.stage2(c.adapters(_truncate_adapter)), GenerationInputError,
         r"Adapter of class 'one' \('.*0001_one/pytorch_lora_weights\.safetensors'\) cannot be read as safetensors "
         r"\(.*\): the file is damaged"),
+    "damaged classifier adapter": Case(
+        _damaged_classifier, ValueError, r"Weights file \('.*classifier/adapter_model\.safetensors'\) cannot be read "
+                                         r"as safetensors", loads_model=True),
+    "malformed YAML config file (stage 3)": Case(_malformed_config_file, ValueError,
+                                                 r"Config file '.*stage3\.yaml' cannot be read: while parsing"),
     "output dir that is a file (stage 1)": Case(lambda c: c.stage1_digits("--output_dir", _a_file(c)),
                                                 OutputPathError, r"--output_dir '.*a_file' is a file; pass a folder"),
     "output dir inside a file (stage 3)": Case(

@@ -10,10 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 
 from ..adapter_index import read_adapter_index
-from ..files import file_sha256
+from ..errors import InputError
+from ..files import check_safetensors, file_sha256
 from ..lora import LORA_WEIGHT_NAME, pickled_weight_files
 from ..run_folder import TRAINING_CONFIG_NAME
 from ..sources import check_source
@@ -173,15 +174,11 @@ def resolve_adapters(
 def _check_readable(file: Path, class_name: str | None) -> None:
     """Refuses an adapter file that safetensors cannot open (truncated, overwritten, not safetensors), before any model
     loads; its tensors' shapes and values are checked against the base model later (`check_adapters_fit`)."""
+    owner = f"of class {class_name!r}" if class_name is not None else "of every class (dset mode)"
     try:
-        with safe_open(str(file), "pt") as f:
-            f.keys()
-    except (SafetensorError, OSError) as err:
-        owner = f"of class {class_name!r}" if class_name is not None else "of every class (dset mode)"
-        raise GenerationInputError(
-            f"Adapter {owner} ({str(file)!r}) cannot be read as safetensors ({' '.join(str(err).split())}): the file "
-            "is damaged or not an adapter. Restore it, or train it again in stage 1."
-        ) from None
+        check_safetensors(file, f"Adapter {owner}", "Restore it, or train it again in stage 1.")
+    except InputError as err:
+        raise GenerationInputError(str(err)) from None
 
 
 def check_class_names(adapters: AdapterSet, class_names: list[str] | None) -> None:
