@@ -661,6 +661,15 @@ def _malformed_config_file(ctx: Ctx):
     run_main("stage3", [path])
 
 
+def _synthetic_of_another_draw(ctx: Ctx):
+    """Stage 3 with a stage-2 folder whose adapters learned from another K-shot draw than its manifest."""
+    synthetic = ctx.tmp / "synthetic"
+    ctx.stage2(None, "--output_dir", synthetic)
+    other = [[row + 1 for row in rows] for rows in FewShotManifest.load(ctx.digits_manifest).indices]
+    _edit_json(synthetic / "generation_config.json", few_shot={"k": 4, "seed": 1, "indices": other})
+    ctx.stage3("--synthetic_dataset", synthetic, mode="real+synthetic")
+
+
 def _replaced_image(ctx: Ctx):
     """A K-shot image replaced under the same file name after the manifest was drawn."""
     root, manifest = folder_with(ctx.tmp, png_bytes(noise_image(seed=3)))
@@ -881,6 +890,10 @@ CASES = {
     "K-shot image replaced under the same name": Case(
         _replaced_image, DatasetInputError,
         r"class 'dog': row 3 \('.*dog/1\.png'\) is not the image the manifest was drawn with.*the data changed"),
+    "synthetic images from adapters of another K-shot draw": Case(
+        _synthetic_of_another_draw, DatasetInputError,
+        r"synthetic'? was generated with adapters trained on another K-shot draw \(K=4, seed 1\) than "
+        r"--few_shot_manifest '.*few_shot\.json' \(K=4, seed 0\)", loads_model=True),
     "manifest of format 1 (no image hashes)": Case(
         _format_1_manifest, check=lambda m: m.image_sha256 is None and m.k == 2 and m.format_version == 1),
     "manifest used with another split": Case(

@@ -3,6 +3,7 @@ that fixes each batch's real/synthetic counts and each draw's augmentation seed,
 
 from __future__ import annotations
 
+import json
 import math
 from inspect import signature
 from pathlib import Path
@@ -25,7 +26,7 @@ from ..data import (
 )
 from ..few_shot import FewShotManifest, load_manifest_dataset
 from ..sources import STAGE1_FOLDER, STAGE2_FOLDER, STAGE3_FOLDER, output_folder_kind
-from ..synthetic import load_synthetic_dataset
+from ..synthetic import GENERATION_CONFIG_NAME, load_synthetic_dataset
 
 if TYPE_CHECKING:
     from .config import ClassifierArguments, DataDreamTrainingArguments
@@ -248,6 +249,7 @@ def load_synthetic_training_set(
     seed: int = 0,
     real=None,
     real_source: str | None = None,
+    manifest: FewShotManifest | None = None,
 ):
     """Loads a stage-2 dataset (a `generate_synthetic.py` output folder, a `save_to_disk` folder or a Hub id) as
     `image` + `label`, dropping provenance columns, and checks that its classes are `class_names` in the same order.
@@ -264,6 +266,7 @@ def load_synthetic_training_set(
     if real_source is not None and _same_path(source, real_source):
         raise DatasetInputError(_REAL_AS_SYNTHETIC.format(source=source))
     if kind == STAGE2_FOLDER:
+        _refuse_other_draw(source, manifest)
         source = load_synthetic_dataset(source)
     synthetic = load_labelled_dataset(source, split=split, image_column=image_column, label_column=label_column)
     names = class_names_of(synthetic)
@@ -276,6 +279,30 @@ def load_synthetic_training_set(
     if real is not None and _same_rows(synthetic, real):
         raise DatasetInputError(_REAL_AS_SYNTHETIC.format(source=source))
     return per_class_subset(synthetic, images_per_class, seed)
+
+
+def _refuse_other_draw(folder: str, manifest: FewShotManifest | None) -> None:
+    """Refuses a stage-2 folder whose adapters learned from another K-shot draw than `manifest` (their images would
+    carry real images the classifier's K shots leave out). Folders that record no draw (the frozen generator, older
+    runs) pass."""
+    drawn = _read_json(Path(folder) / GENERATION_CONFIG_NAME).get("few_shot")
+    if manifest is None or not isinstance(drawn, dict) or drawn.get("indices") is None:
+        return
+    if [list(map(int, rows)) for rows in drawn["indices"]] != manifest.indices:
+        raise DatasetInputError(
+            f"--synthetic_dataset {folder!r} was generated with adapters trained on another K-shot draw "
+            f"(K={drawn.get('k')}, seed {drawn.get('seed')}) than --few_shot_manifest {manifest.path!r} "
+            f"(K={manifest.k}, seed {manifest.seed}): its images carry real images the classifier's K shots leave "
+            "out. Run stages 1 and 2 with this manifest, or pass the manifest stage 1 used."
+        )
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        payload = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return payload if isinstance(payload, dict) else {}
 
 
 _REAL_AS_SYNTHETIC = (
@@ -380,6 +407,7 @@ def load_classifier_data(args: ClassifierArguments, training_args: DataDreamTrai
             seed=training_args.seed,
             real=real,
             real_source=args.real_dataset,
+            manifest=manifest,
         )
     if training_args.train_mode == "synthetic":
         data["real_train"] = None

@@ -88,6 +88,8 @@ def describe_run(sampler: SyntheticImageSampler, base_model: dict, dtype: str, c
         "generation": generation,
         "scheduler_class": type(sampler.pipeline.scheduler).__name__,
         "seed_derivation": "numpy SeedSequence([seed, class_index, image_index]) -> 62-bit torch CPU generator seed",
+        # The K-shot draw the adapters learned from (stage 1's record): stage 3 refuses these images beside another.
+        "few_shot": sampler.adapters.training_config.get("few_shot"),
         "library_versions": library_versions(),
         "command": command,
     }
