@@ -29,8 +29,8 @@ class ScriptArgumentParser(HfArgumentParser):
             epoch); they apply to a config file too.
         comma_separated: `list[str]` fields that also take one comma-separated value, `--class_names a,b,c` (the
             scripts' spelling), beside `--class_names a b c`.
-        negatable: boolean fields (default True) that also take `--no-<name>` (argparse's `BooleanOptionalAction`
-            spelling, e.g. `--no-cache_latents`), beside `--no_<name>` and `--<name> false`.
+        negatable: boolean fields (default True, or None) that also take `--no-<name>` (argparse's
+            `BooleanOptionalAction` spelling, e.g. `--no-cache_latents`), beside `--no_<name>` and `--<name> false`.
 
     `parse()` reads the command line, or a config file when it is the only argument: `script.py config.yaml` (JSON or
     YAML, one key per field), as transformers' and trl's example scripts do. A `--dataset_preset` (see
@@ -54,6 +54,8 @@ class ScriptArgumentParser(HfArgumentParser):
         self.comma_separated = tuple(comma_separated)
         for name in negatable:
             self.add_argument(f"--no-{name}", action="store_false", dest=name, help=SUPPRESS)
+            if f"--no_{name}" not in self._option_string_actions:  # a `bool | None` field gets no `--no_` of its own
+                self.add_argument(f"--no_{name}", action="store_false", dest=name, help=SUPPRESS)
         for action in self._actions:
             if action.type is string_to_bool and action.nargs is None:
                 action.nargs, action.const = "?", True

@@ -79,7 +79,7 @@ def parse_args(input_args: list[str] | None = None) -> tuple[GeneratorTrainingCo
         description="DataDream stage 1: LoRA-adapt Stable Diffusion on few-shot data.",
         defaults={"mixed_precision": None},  # Accelerate decides (`accelerate launch --mixed_precision`, its config)
         comma_separated=("class_names",),
-        negatable=("train_text_encoder", "cache_latents"),
+        negatable=("train_text_encoder", "cache_latents", "center_crop"),
     )
     return parser.parse(input_args)
 
