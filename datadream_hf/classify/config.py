@@ -11,6 +11,7 @@ import torch
 from transformers import TrainingArguments
 
 from ..guardrails import refuse_fp16_on_cpu
+from ..presets import CLASSIFIER_RECIPES
 from ..prompts import DEFAULT_TEMPLATE, PromptTemplate, domain_for_preset
 from ..validation import (
     BETA,
@@ -199,6 +200,16 @@ class DataDreamTrainingArguments(TrainingArguments):
     `is_real`; `label_names=["labels"]`).
     """
 
+    recipe: str = field(
+        default="datadream",
+        metadata={
+            "help": "The classifier recipe whose defaults the script uses: 'datadream' (the reference's, below) or "
+            "'loft' (LoFT's: synthetic images only, batch 256, 60 epochs, 6 warm-up epochs; the rest DataDream's). "
+            "A flag given explicitly wins, e.g. `--recipe loft --train_mode real+synthetic`; it wins over "
+            "`--dataset_preset`'s epochs. In Python, pass `**datadream_hf.presets.recipe_flag_defaults('loft')`.",
+            "choices": list(CLASSIFIER_RECIPES),
+        },
+    )
     real_loss_weight: float = field(
         default=0.8,
         metadata={"help": "lambda: weight of the real-image CE; the synthetic CE gets 1 - lambda (reference: 0.8)."},
@@ -297,6 +308,8 @@ class DataDreamTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         check_ranges(self, self.NUMERIC_RANGES)
+        if self.recipe not in CLASSIFIER_RECIPES:
+            raise ValueError(f"`recipe` must be one of {list(CLASSIFIER_RECIPES)}, got {self.recipe!r}.")
         if self.train_mode not in TRAIN_MODES:
             raise ValueError(f"`train_mode` must be one of {TRAIN_MODES}, got {self.train_mode!r}.")
         if self.augmentation not in AUGMENTATIONS:
