@@ -133,6 +133,18 @@ def test_image_mode_defaults_are_lofts_and_an_explicit_flag_wins(tmp_path):
         GeneratorTrainingConfig(pretrained_model_name_or_path="m", mode="image", resume_from_checkpoint="x/ckpt")
 
 
+def test_tiny_world_image_mode_flags_are_what_the_script_accepts(tmp_path):
+    from datadream_hf.tiny_world.recipe import TinyWorldRecipe
+
+    recipe = TinyWorldRecipe()
+    base = ["--pretrained_model_name_or_path", "m", "--dataset", "d", "--few_shot_manifest", "m.json", "--mode",
+            "image", "--output_dir", str(tmp_path)]  # fmt: skip
+    config, _ = load_script().parse_args([*base, *recipe.stage1_image_flags()])
+    assert (config.max_train_steps, config.learning_rate, config.lr_warmup_steps) == (600, 2e-2, 10)
+    assert (config.resolution, config.rank, config.train_batch_size, config.center_crop) == (32, 2, 1, True)
+    assert TinyWorldRecipe.quick().stage1_image_flags()[3] == "1"  # the smoke run: one step per image
+
+
 def test_center_crop_takes_the_middle_of_the_resized_image():
     pixels = torch.arange(48 * 32 * 3, dtype=torch.float32).reshape(32, 48, 3) % 251
     image = Image.fromarray(pixels.numpy().astype("uint8"))  # 48 wide, 32 high
