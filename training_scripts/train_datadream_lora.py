@@ -39,10 +39,11 @@ weights: they learn nothing. For offline runs that mean something, use the tiny 
         --dataset digits --few_shot_manifest digits_4shot.json --resolution 32 --max_train_steps 4 --output_dir out
 
 Outputs: `pytorch_lora_weights.safetensors` (top level in dset mode, one `<index>_<class>/` folder per class in cls
-mode, one `<index>_<class>/image_<row>/` folder per K-shot image in image mode, each loadable with `StableDiffusionPipeline.load_lora_weights`) with its `training_log.json` (loss and lr at
-every step), `adapter_index.json`, `datadream_config.json` and a model card. With `--report_to`, trackers run on the
-main process; in a multi-process cls run its TensorBoard also gets the other processes' classes (their training logs
-and validation samples) at the end. A run is deterministic under `--seed`: a resumed run ends with the same adapters
+mode, one `<index>_<class>/image_<row>/` folder per K-shot image in image mode, each loadable with
+`StableDiffusionPipeline.load_lora_weights`) with its `training_log.json` (loss and lr at every step),
+`adapter_index.json`, `datadream_config.json` and a model card. With `--report_to`, trackers run on the main process;
+in a multi-process cls run its TensorBoard also gets the other processes' classes (their training logs and validation
+samples) at the end. A run is deterministic under `--seed`: a resumed run ends with the same adapters
 and logs as an uninterrupted one.
 
 cls mode trains several classes per forward pass by default (`--cls_strategy auto`, each sample routed to its class's
