@@ -24,7 +24,10 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # weights formats th
 
 
 def generator_lora_configs(
-    rank: int = 16, alpha: int | None = None, init: str | bool = "gaussian", unet_target_modules: list[str] | None = None
+    rank: int = 16,
+    alpha: int | None = None,
+    init: str | bool = "gaussian",
+    unet_target_modules: list[str] | None = None,
 ):
     """The (UNet, text encoder) `LoraConfig`s of stage 1. `alpha` defaults to `rank`, as in the reference;
     `unet_target_modules` to DataDream's (`UNET_TARGET_MODULES`)."""
