@@ -94,10 +94,10 @@ def _train_generator(config, data, accelerator, models, step_callback) -> Path:
         warn_far_resolution(config.resolution, native_resolution(models.unet, models.vae_scale_factor))
         write_run_record(output_dir, record)
     units = build_units(config, data, models.tokenizer, accelerator.process_index, accelerator.num_processes)
-    logger.info(
-        "Process %d of %d trains adapter(s) %s.",
-        accelerator.process_index, accelerator.num_processes, [unit.name for unit in units],
-    )  # fmt: skip
+    names = [unit.name for unit in units]
+    shown = names if len(names) <= 8 else f"{names[:3]} ... {names[-2:]} ({len(names)})"  # image mode: hundreds
+    logger.info("Process %d of %d trains adapter(s) %s.", accelerator.process_index, accelerator.num_processes,
+                shown)  # fmt: skip
     mode = get_mode(config.mode)
     shard = (0, 1) if mode.splits_adapters else (accelerator.process_index, accelerator.num_processes)
 
