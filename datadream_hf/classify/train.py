@@ -99,7 +99,7 @@ def _train_and_report(args, training_args, data: dict, push_to_hub: bool, hub_to
         results[split] = classification_report(
             prediction.predictions.argmax(-1), prediction.label_ids, class_names, source
         )
-    record = run_record(args, training_args, data, prompt_template, train_dataset)
+    record = run_record(args, training_args, data, prompt_template, train_dataset, model)
     report = run_report(training_args, trainer.state, results)
 
     # 5. Outputs (main process): adapter, configs, report, card; then the optional upload.

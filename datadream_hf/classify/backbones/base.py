@@ -67,6 +67,21 @@ class ClassifierBackbone(nn.Module):
             "library_versions": library_versions(),
         }
 
+    def summary(self) -> dict:
+        """What the run record and the card say about the model: its kind and class, how it is fine-tuned, the LoRA
+        targets and the number of trained parameters."""
+        peft_model = next((m for m in self.children() if isinstance(m, PeftModel)), None)
+        model = peft_model.get_base_model() if peft_model is not None else next(self.children())
+        targets = peft_model.peft_config["default"].target_modules if peft_model is not None else None
+        return {
+            "backbone": self.kind,
+            "model_class": type(model).__name__,
+            "model_type": model.config.model_type,
+            "fine_tuning": "lora" if peft_model is not None else "full",
+            "lora_target_modules": sorted(targets) if isinstance(targets, (set, list)) else targets,
+            "trainable_parameters": sum(p.numel() for p in self.parameters() if p.requires_grad),
+        }
+
     def write_classifier_config(self, save_directory: Path, extra_config: dict | None = None) -> None:
         write_json_atomic(save_directory / CLASSIFIER_CONFIG_NAME, {**self.config_dict(), **(extra_config or {})})
 

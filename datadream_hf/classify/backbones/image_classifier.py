@@ -180,6 +180,9 @@ class ImageClassifier(ClassifierBackbone):
         fine_tuning = "lora" if self.uses_lora else "full"
         return {**super().config_dict(), "fine_tuning": fine_tuning, "head_init": self.head_init}
 
+    def summary(self) -> dict:
+        return {**super().summary(), "head_init": self.head_init}
+
     # ---- weights I/O ----
 
     def save_pretrained(self, save_directory: str | os.PathLike, extra_config: dict | None = None) -> None:
