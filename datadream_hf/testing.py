@@ -297,6 +297,9 @@ def build_tiny_siglip(seed: int = 0, gemma_tokenizer: bool = False, full_size: b
         "image_size": TINY_IMAGE_SIZE, "patch_size": 8, **tiny}  # fmt: skip
     torch.manual_seed(seed)
     model = SiglipModel(SiglipConfig(text_config=text_config, vision_config=vision_config))
+    with torch.no_grad():  # the SigLIP paper's initial scale and bias (transformers' random init zeroes both)
+        model.logit_scale.fill_(2.302585)  # log 10
+        model.logit_bias.fill_(-10.0)
     side = vision_config["image_size"]
     image_processor = SiglipImageProcessorPil(size={"height": side, "width": side})
     return model, SiglipProcessor(image_processor=image_processor, tokenizer=tokenizer)

@@ -167,7 +167,7 @@ class ClassifierArguments:
         default=None,
         metadata={
             "help": "Comma-separated module names for the LoRA. Default: the attention Q and V projections "
-            "(reference; dual encoders: q_proj,v_proj of both towers; ViT: query,value)."
+            "(reference: q_proj,v_proj; of both towers for dual encoders); a convolutional model's linear layers."
         },
     )
     use_peft: bool = field(

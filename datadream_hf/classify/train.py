@@ -58,15 +58,14 @@ def _train_and_report(args, training_args, data: dict, push_to_hub: bool, hub_to
     # 2. Model and transforms; seeded first, since the LoRA init draws from the global RNG (the Trainer seeds later).
     set_seed(training_args.seed)
     prompt_template = args.class_prompt_template()
-    lora_config = None  # --use_peft false: full fine-tuning
-    if args.use_peft:
-        targets = args.lora_target_modules.split(",") if args.lora_target_modules else None  # None: the backbone's
-        lora_config = LoraConfig(
-            r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, target_modules=targets
-        )
-    model = load_classifier(
-        args.model_name_or_path, class_names, prompt_template, lora_config, args.revision, args.classifier_type
+    targets = args.lora_target_modules.split(",") if args.lora_target_modules else None  # None: the backbone's
+    lora_config = LoraConfig(
+        r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, target_modules=targets
     )
+    model = load_classifier(
+        args.model_name_or_path, class_names, prompt_template, lora_config, args.revision, args.classifier_type,
+        full_fine_tuning=not args.use_peft,
+    )  # fmt: skip
     # The model's own processor: its image size and normalization (and, for a dual encoder, its tokenizer).
     processor = AutoProcessor.from_pretrained(args.model_name_or_path, revision=args.revision)
     image_processor = getattr(processor, "image_processor", processor)

@@ -17,6 +17,7 @@ from peft import LoraConfig
 from transformers import AutoConfig, PretrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES, MODEL_MAPPING_NAMES
 
+from ...lora import classifier_lora_config
 from ...prompts import PromptTemplate
 from .base import ClassifierBackbone, read_classifier_config
 from .dual_encoder import DualEncoderClassifier
@@ -57,24 +58,31 @@ def load_classifier(
     lora_config: LoraConfig | None = None,
     revision: str | None = None,
     classifier_type: str = "auto",
+    full_fine_tuning: bool = False,
 ) -> ClassifierBackbone:
     """A fresh classifier on the base model: its kind read from the config (`classifier_type="auto"`) or forced
     (`"image_classifier"` fine-tunes a dual encoder's image tower under a head initialised from its text tower).
 
-    `lora_config=None` fine-tunes every weight (image classifiers only); its `target_modules=None` takes the kind's
-    default (dual encoders: q_proj, v_proj of both towers; image classifiers: the attention query/value projections).
+    `lora_config` defaults to the reference's (r=16, alpha=32, dropout 0.1); its `target_modules=None` takes the
+    kind's default (dual encoders: q_proj, v_proj of both towers; image classifiers: the attention query/value
+    projections). `full_fine_tuning` trains every weight instead (image classifiers only).
     """
     if classifier_type not in CLASSIFIER_TYPES:
         raise ValueError(f"`classifier_type` must be one of {CLASSIFIER_TYPES}, got {classifier_type!r}.")
     config = AutoConfig.from_pretrained(model_name_or_path, revision=revision)
     kind = backbone_kind(config, model_name_or_path) if classifier_type == "auto" else classifier_type
     if kind == DualEncoderClassifier.kind:
-        if lora_config is None:
+        if full_fine_tuning:
             raise ValueError(
                 f"--use_peft false: {model_name_or_path!r} is a dual encoder, fine-tuned with LoRA on both towers "
                 "(its head comes from the text tower). Full fine-tuning is for image classifiers "
                 "(--classifier_type image_classifier)."
             )
+    if full_fine_tuning:
+        lora_config = None
+    elif lora_config is None:
+        lora_config = classifier_lora_config()
+        lora_config.target_modules = None  # the kind's own attention Q and V
     return BACKBONES[kind].from_base_pretrained(
         model_name_or_path, class_names, prompt_template, lora_config=lora_config, revision=revision
     )

@@ -15,7 +15,6 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForImageClassification, AutoTokenizer, PreTrainedModel
 
 from ...files import staged_files
-from ...lora import load_safetensors
 from ...prompts import PromptTemplate
 from ...validation import check_finite_weights
 from .base import (
@@ -32,8 +31,8 @@ from .dual_encoder import class_prompt_embeddings, is_dual_encoder
 
 logger = logging.getLogger(__name__)
 
-# Attention query/value projections, as the models name them (ViT, DeiT, DINOv2, Swin: query/value; CLIP and SigLIP
-# vision towers: q_proj/v_proj): the default LoRA placement, as the reference's Q and V.
+# Attention query/value projections, as the models name them (transformers 5: q_proj/v_proj in ViT, DeiT, DINOv2,
+# Swin, CLIP, SigLIP; query/value in older remote-free ports): the default LoRA placement, as the reference's Q and V.
 ATTENTION_QV_NAMES = ("query", "value", "q_proj", "v_proj")
 
 
@@ -203,8 +202,11 @@ class ImageClassifier(ClassifierBackbone):
         if self.uses_lora:
             load_adapter(self.model, directory, self.base_model_name_or_path)
             return
-        state_dict = load_safetensors(Path(directory) / FULL_WEIGHTS_NAME)
-        result = self.model.load_state_dict(state_dict, strict=False)
+        if not (Path(directory) / FULL_WEIGHTS_NAME).is_file():
+            raise FileNotFoundError(f"No {FULL_WEIGHTS_NAME} in {str(directory)!r}: no fully fine-tuned model there.")
+        # transformers renames some weights when it saves (e.g. ViT's to the older layout): read them back through it.
+        saved = AutoModelForImageClassification.from_pretrained(str(directory), use_safetensors=True)
+        result = self.model.load_state_dict(saved.state_dict(), strict=False)
         if result.missing_keys or result.unexpected_keys:
             raise ValueError(
                 f"The weights in {str(directory)!r} do not fit this model: missing {result.missing_keys[:3]}, "
