@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from peft import LoraConfig
 
 from datadream_hf.classify.augment import EvalTransform
@@ -259,6 +260,9 @@ def test_script_trains_and_saves_each_backbone(
     assert report["evaluations"]["validation"]["num_examples"] == 10
     record = json.loads((out / "datadream_config.json").read_text())["classifier"]
     card = (out / "README.md").read_text()
+    metadata = yaml.safe_load(card.split("---")[1])
+    assert metadata["library_name"] == ("peft" if record["fine_tuning"] == "lora" else "transformers")
+    assert record["model_type"] in metadata["tags"]
     if variant == "siglip":
         assert record["backbone"] == "dual_encoder" and record["model_class"] == "SiglipModel"
         assert (out / "adapter_model.safetensors").is_file() and "- siglip" in card and "+ logit_bias" in card
