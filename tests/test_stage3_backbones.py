@@ -241,6 +241,17 @@ def test_image_classifier_head_starts_from_the_text_tower_where_there_is_one(bac
     assert vit.head_init == "fresh" and vit.summary()["lora_target_modules"] == ["q_proj", "v_proj"]
 
 
+def test_full_fine_tuning_freezes_what_no_logit_depends_on(backbone_paths):
+    """CLIP's classification model mean-pools its patch tokens and bypasses the vision post-layernorm: left trainable,
+    it would never get a gradient (and stop a DDP run). Everything else trains (ViT: every weight, see above)."""
+    path, _ = backbone_paths["clip-image-classifier"]
+    model = load_classifier(path, DIGIT_NAMES, classifier_type="image_classifier", full_fine_tuning=True)
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {"model.vision_model.post_layernorm.weight", "model.vision_model.post_layernorm.bias"}
+    model(torch.randn(2, 3, 32, 32)).logits.sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
 # ---- the script ----
 
 

@@ -97,6 +97,25 @@ def text_head_init(model_name_or_path: str, revision, class_names, prompt_templa
     return None
 
 
+def freeze_unused_parameters(model: PreTrainedModel) -> list[str]:
+    """Freezes the parameters no logit depends on and returns their names: one backward pass through a blank image
+    finds them (CLIP's vision post-layernorm and SigLIP's pooling head, which their classification models compute but
+    bypass by mean-pooling). They would never train, and under DDP (`ddp_find_unused_parameters=False`) their missing
+    gradients would stop the run."""
+    config = getattr(model.config, "vision_config", model.config)
+    size = getattr(config, "image_size", 224)
+    size = size if isinstance(size, int) else size[0]
+    was_training = model.training
+    model.eval()
+    model(pixel_values=torch.zeros(1, getattr(config, "num_channels", 3), size, size)).logits.sum().backward()
+    unused = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    model.zero_grad(set_to_none=True)
+    model.train(was_training)
+    for name in unused:
+        model.get_parameter(name).requires_grad_(False)
+    return unused
+
+
 class ImageClassifier(ClassifierBackbone):
     """An `AutoModelForImageClassification` model over a fixed list of classes.
 
@@ -105,7 +124,7 @@ class ImageClassifier(ClassifierBackbone):
         class_names: class names in label order.
         prompt_template: the class prompts (recorded; they initialise the head where a text tower exists).
         lora_config: a LoRA on the backbone (default targets: `default_lora_targets`) with the head trained whole;
-            None: full fine-tuning, every weight trains.
+            None: full fine-tuning, every weight on the logits' path trains (`freeze_unused_parameters`).
         head_init: initial head weights (num_classes, in_features), bias zero; None keeps the model's (fresh) head.
     """
 
@@ -131,6 +150,9 @@ class ImageClassifier(ClassifierBackbone):
         self.head_init = "text" if head_init is not None else "fresh"
         if lora_config is None:
             self.model = model.requires_grad_(True)
+            frozen = freeze_unused_parameters(model)
+            if frozen:
+                logger.info(f"Frozen, as no logit depends on them: {', '.join(frozen)}.")
         else:
             if lora_config.target_modules is None:
                 lora_config.target_modules = default_lora_targets(model, head_name)
