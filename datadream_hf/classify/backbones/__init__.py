@@ -14,13 +14,13 @@ from __future__ import annotations
 import os
 
 from peft import LoraConfig
-from transformers import AutoConfig, PretrainedConfig
+from transformers import AutoConfig, AutoModel, PretrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES, MODEL_MAPPING_NAMES
 
 from ...lora import classifier_lora_config
 from ...prompts import PromptTemplate
 from .base import ClassifierBackbone, read_classifier_config
-from .dual_encoder import DualEncoderClassifier
+from .dual_encoder import DualEncoderClassifier, is_dual_encoder
 from .image_classifier import ImageClassifier
 
 BACKBONES: dict[str, type[ClassifierBackbone]] = {
@@ -30,8 +30,14 @@ BACKBONES: dict[str, type[ClassifierBackbone]] = {
 CLASSIFIER_TYPES = ("auto", *BACKBONES)
 
 
-def _has_text_tower(config: PretrainedConfig) -> bool:
-    return getattr(config, "text_config", None) is not None and getattr(config, "vision_config", None) is not None
+def _is_dual_encoder_config(config: PretrainedConfig) -> bool:
+    """Text and vision towers in the config, and an `AutoModel` class that gives text and image features (read from
+    the mapping: no weights load)."""
+    if getattr(config, "text_config", None) is None or getattr(config, "vision_config", None) is None:
+        return False
+    if config.model_type not in MODEL_MAPPING_NAMES:
+        return False
+    return is_dual_encoder(AutoModel._model_mapping[type(config)])
 
 
 def backbone_kind(config: PretrainedConfig, name: str) -> str:
@@ -40,7 +46,7 @@ def backbone_kind(config: PretrainedConfig, name: str) -> str:
     architectures = config.architectures or []
     if any(a.endswith("ForImageClassification") for a in architectures):
         return ImageClassifier.kind
-    if _has_text_tower(config) and config.model_type in MODEL_MAPPING_NAMES:
+    if _is_dual_encoder_config(config):
         return DualEncoderClassifier.kind
     if config.model_type in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES:
         return ImageClassifier.kind
