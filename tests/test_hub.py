@@ -74,9 +74,7 @@ def test_push_to_hub_offline_is_refused_at_once_with_one_line_and_nothing_writte
 @pytest.fixture
 def no_work(monkeypatch):
     """Every model load and data load fails loudly: a refused upload must come before any of them."""
-    import datadream_hf.adapt.data
     import datadream_hf.adapt.train
-    import datadream_hf.classify.modeling
     import datadream_hf.classify.train
     import datadream_hf.generate.run
 
@@ -86,8 +84,7 @@ def no_work(monkeypatch):
     monkeypatch.setattr(datadream_hf.adapt.train, "load_generator_models", expensive)
     monkeypatch.setattr(datadream_hf.generate.run, "load_generation_pipeline", expensive)
     monkeypatch.setattr(datadream_hf.classify.train, "load_classifier_data", expensive)
-    monkeypatch.setattr(datadream_hf.classify.modeling.CLIPLoRAClassifier, "from_clip_pretrained",
-                        classmethod(expensive))  # fmt: skip
+    monkeypatch.setattr(datadream_hf.classify.train, "load_classifier", expensive)
 
 
 def _load_script(path: Path):
