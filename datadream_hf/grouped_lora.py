@@ -72,9 +72,11 @@ class GroupedLoraLinear(nn.Module):
                     f"GroupedLoraLinear got a batch of {x.shape[0]} but a mixture route for {a.shape[0]} samples: "
                     "route one mixture per sample of the batch this layer sees."
                 )
-            h = x.to(a.dtype).reshape(x.shape[0], -1, x.shape[-1])  # (B, T, in)
-            lora = torch.bmm(torch.bmm(h, a.transpose(1, 2)), b.transpose(1, 2))  # (B, T, M*r) -> (B, T, out)
-            return (result + lora.reshape(result.shape)).to(result.dtype)  # the scales are in b
+            h = torch.bmm(x.to(a.dtype).reshape(x.shape[0], -1, x.shape[-1]), a.transpose(1, 2))  # (B, T, M*r)
+            # result + h @ b^T as one matmul whose epilogue adds result (the scales are in b): at inference the LoRA
+            # costs a read of x and a read-write of the output, not the four passes of separate matmul and add.
+            base = result.to(a.dtype).reshape(x.shape[0], -1, result.shape[-1])  # (B, T, out)
+            return torch.baddbmm(base, h, b.transpose(1, 2)).reshape(result.shape).to(result.dtype)
         index = self.group_index
         if index is None or index.shape[0] != x.shape[0]:
             raise RuntimeError(
