@@ -16,6 +16,7 @@ from PIL import Image
 
 from datadream_hf.generate.adapters import resolve_adapters
 from datadream_hf.generate.config import GenerationArguments, GenerationConfig, GenerationInputError
+from datadream_hf.generate.dataset import render_dataset_card, save_synthetic_dataset
 from datadream_hf.generate.fusion import class_pairs
 from datadream_hf.generate.run import generate_synthetic_dataset
 from datadream_hf.generate.sampling import SyntheticImageSampler, image_seed, load_generation_pipeline
@@ -218,6 +219,12 @@ def test_fusion_run_records_each_images_pair_and_loads_as_a_dataset(reference, s
     assert {"fusion_adapters", "fusion_rows", "fusion_weights"} <= {f["name"] for f in features}
     config = json.loads((reference / "generation_config.json").read_text())
     assert config["generation"]["fusion"] == "pairs" and len(config["adapters"]["per_class"][0]["images"]) == 3
+    # The Hub copy's card (Parquet of the built dataset) declares the same columns, and a save_to_disk copy keeps them.
+    hub_card = render_dataset_card(reference, repo_id="user/loft", hub_layout=True)
+    hub_features = {f["name"] for f in yaml.safe_load(hub_card.split("---")[1])["dataset_info"]["features"]}
+    assert {"adapter", "fusion_adapters", "fusion_rows", "fusion_weights"} <= hub_features
+    saved = save_synthetic_dataset(reference, tmp_path / "saved", cache_dir=str(tmp_path / "cache3"))
+    assert datasets.load_from_disk(str(tmp_path / "saved")).data.to_pydict() == saved.data.to_pydict()
 
 
 def test_fused_images_do_not_depend_on_batch_size(reference, stage1, tiny_sd_path, tmp_path):
