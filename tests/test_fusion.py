@@ -14,7 +14,7 @@ import torch
 import yaml
 from PIL import Image
 
-from datadream_hf.generate.adapters import resolve_adapters
+from datadream_hf.generate.adapters import AdapterSet, resolve_adapters
 from datadream_hf.generate.config import GenerationArguments, GenerationConfig, GenerationInputError
 from datadream_hf.generate.dataset import render_dataset_card, save_synthetic_dataset
 from datadream_hf.generate.fusion import class_pairs
@@ -176,6 +176,22 @@ def test_batched_fused_pairs_equal_diffusers_set_adapters(stage1, tiny_sd_path, 
     assert np.abs(np.asarray(swapped, dtype=np.int16) - ours[0]).mean() > 1
     sampler.reset()
     assert not any(isinstance(m, GroupedLoraLinear) for m in sampler.pipeline.unet.modules())
+
+
+def test_without_guidance_each_sample_is_routed_once(stage1, tiny_sd_path):
+    """guidance_scale <= 1: the pipeline does not double the batch, and the route follows (no shape error), the
+    adapters still applied."""
+    pipeline = load_generation_pipeline(tiny_sd_path)
+
+    def images(adapters, **options):
+        config = GenerationConfig(**{**SMALL, "guidance_scale": 1.0, **options})
+        sampler = SyntheticImageSampler(pipeline, adapters, PromptTemplate(), config)
+        return [np.asarray(image, dtype=np.int16) for image in sampler.sample(0, [0, 1])]
+
+    fused = images(resolve_adapters(stage1["image"]), **FUSION)
+    frozen = images(AdapterSet.none(CLASSES))  # also removes the fusion layers the first sampler left
+    assert all(np.abs(a - b).mean() > 1 for a, b in zip(fused, frozen))
+    assert not any(isinstance(m, GroupedLoraLinear) for m in pipeline.unet.modules())
 
 
 # --- the run: provenance, batch size, resume, processes ------------------------------------------------------------

@@ -11,6 +11,7 @@ call for several pairs, and the same images as diffusers' `set_adapters` up to f
 from __future__ import annotations
 
 import itertools
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -59,12 +60,21 @@ class PairFusion:
 
     `load(files)` stacks the adapters (G = their number) over every linear layer any of them targets (text-encoder
     layers too, if the files hold them; an adapter that skips a layer, or has a lower rank, gets zero factors there);
-    `route(pairs, unet_repeats)` sets each sample's pair before a pipeline call; `remove()` puts the plain layers back.
+    `route(pairs, weights, unet_repeats)` sets each sample's pair before a pipeline call; `remove()` puts the plain
+    layers back. One per pipeline (`for_pipeline`), as `FusedAdapterSwitcher`: two would each think they own its
+    layers.
     """
 
-    def __init__(self, pipeline, weights: list[float]):
+    _by_pipeline: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    @classmethod
+    def for_pipeline(cls, pipeline) -> PairFusion:
+        if pipeline not in cls._by_pipeline:
+            cls._by_pipeline[pipeline] = cls(pipeline)
+        return cls._by_pipeline[pipeline]
+
+    def __init__(self, pipeline):
         self.pipeline = pipeline
-        self.weights = [float(w) for w in weights]
         self.files: list[Path] = []
         self._layers: list[tuple[str, nn.Module, str, nn.Linear, GroupedLoraLinear]] = []
 
@@ -80,7 +90,8 @@ class PairFusion:
             if read is None:
                 raise GenerationInputError(
                     f"Adapter {str(file)!r} is not a plain diffusers-format LoRA with r/lora_alpha metadata (as "
-                    "stage 1 writes): fusion stacks such adapters only (no DoRA, rank or alpha patterns)."
+                    "stage 1 writes), or the pipeline holds other LoRA layers (unload them first): fusion stacks "
+                    "plain adapters only (no DoRA, rank or alpha patterns) over the pipeline's own linear layers."
                 )
             factors.append(read)
         targets = sorted(set().union(*factors))
@@ -103,13 +114,13 @@ class PairFusion:
             self._layers.append((component, parent, attribute, base, layer))
         self.files = list(files)
 
-    def route(self, pairs: list[tuple[int, int]], unet_repeats: int = 1) -> None:
-        """Sample i of the next pipeline call mixes adapters `pairs[i]` with the fusion weights. The UNet sees the
-        batch `unet_repeats` times stacked (classifier-free guidance: [unconditional, conditional]), each copy of
-        sample i with the same pair; the text encoder sees it once per prompt batch."""
+    def route(self, pairs: list[tuple[int, int]], weights: list[float], unet_repeats: int = 1) -> None:
+        """Sample i of the next pipeline call mixes adapters `pairs[i]` with `weights`. The UNet sees the batch
+        `unet_repeats` times stacked (classifier-free guidance: [unconditional, conditional]), each copy of sample i
+        with the same pair; the text encoder sees it once per prompt batch."""
         device = self._layers[0][4].lora_A.device
         groups = torch.tensor(pairs, dtype=torch.long, device=device)  # (B, 2)
-        weights = torch.tensor([self.weights] * len(pairs), device=device)  # (B, 2)
+        weights = torch.tensor([list(weights)] * len(pairs), dtype=torch.float32, device=device)  # (B, 2)
         for component, _, _, _, layer in self._layers:
             repeats = unet_repeats if component == "unet" else 1
             layer.set_mixture(groups.repeat(repeats, 1), weights.repeat(repeats, 1))

@@ -84,7 +84,7 @@ class SyntheticImageSampler:
             )
         self.prompts = [prompt_template(name) for name in adapters.class_names]
         check_fusion(adapters, config)
-        self.fusion = PairFusion(pipeline, config.fusion_weights) if config.fusion is not None else None
+        self.fusion = PairFusion.for_pipeline(pipeline) if config.fusion is not None else None
         self._pairs: dict[int, list[tuple[int, int]]] = {}
 
     def image_pair(self, class_index: int, image_index: int) -> tuple[int, int]:
@@ -116,7 +116,9 @@ class SyntheticImageSampler:
         self, class_index: int, image_indices: list[int], on_batch: Callable[[int], None] | None = None
     ) -> list[PILImage.Image]:
         """Images `image_indices` of class `class_index`, in batches of `config.batch_size`."""
-        self.switcher.use(self.adapters.weight_file(class_index))
+        if self.fusion is None:
+            PairFusion.for_pipeline(self.pipeline).remove()  # another sampler's fusion layers, if any
+        self.switcher.use(self.adapters.weight_file(class_index))  # None with fusion: the exact base weights
         if self.fusion is not None:
             self.fusion.load(self.adapters.image_weight_files(class_index))
         images = []
@@ -141,7 +143,7 @@ class SyntheticImageSampler:
             # The pipeline stacks [unconditional, conditional] for classifier-free guidance (its own condition).
             guided = self.config.guidance_scale > 1 and pipeline.unet.config.time_cond_proj_dim is None
             pairs = [self.image_pair(class_index, k) for k in image_indices]
-            self.fusion.route(pairs, unet_repeats=2 if guided else 1)
+            self.fusion.route(pairs, self.config.fusion_weights, unet_repeats=2 if guided else 1)
         output = pipeline(
             prompt=[self.prompts[class_index]] * len(image_indices),
             height=self.resolution,
