@@ -5,6 +5,7 @@ import io
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import datasets
@@ -268,6 +269,25 @@ def test_fusion_resumes_after_interruption(reference, stage1, tiny_sd_path, tmp_
     # Other weights are other settings: no resuming into this folder.
     with pytest.raises(GenerationInputError, match="fusion_weights"):
         run(output_dir, tiny_sd_path, stage1["image"], fusion_weights=[0.5, 0.5])
+
+
+def test_fusion_killed_with_sigkill_then_rerun_equals_uninterrupted_run(reference, stage1, tiny_sd_path, tmp_path):
+    output_dir = tmp_path / "killed"
+    child = f"""
+import os, signal, torch
+from datadream_hf.generate.config import GenerationArguments, GenerationConfig
+from datadream_hf.generate.run import generate_synthetic_dataset
+torch.set_num_threads(1)
+args = GenerationArguments(pretrained_model_name_or_path={tiny_sd_path!r}, adapter_path={stage1["image"]!r},
+                           output_dir={str(output_dir)!r})
+generate_synthetic_dataset(args, GenerationConfig(**{ {**SMALL, **FUSION}!r}),
+                           on_shard_written=lambda shard, path: os.kill(os.getpid(), signal.SIGKILL))
+"""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    assert subprocess.run([sys.executable, "-c", child], env=env, timeout=300).returncode == -9
+    assert len(list(output_dir.rglob("*.parquet"))) == 1  # killed after its first shard
+    run(output_dir, tiny_sd_path, stage1["image"])
+    assert shard_files(output_dir) == shard_files(reference)
 
 
 def test_two_processes_give_the_same_fused_images_as_one(reference, stage1, tiny_sd_path, tmp_path):
