@@ -4,6 +4,7 @@ equal to diffusers' `set_adapters`, provenance, batch-size independence, resume,
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -317,6 +318,15 @@ def test_bad_fusion_input_fails_before_any_image(case, stage1, tiny_sd_path, tmp
     folder, kwargs, message = BAD_INPUTS[case]
     with pytest.raises(GenerationInputError, match=message):
         run(tmp_path / "out", tiny_sd_path, stage1[folder] if folder else None, **kwargs)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_image_adapter_is_named_by_class_and_row(stage1, tiny_sd_path, tmp_path):
+    adapters = tmp_path / "adapters"
+    shutil.copytree(stage1["image"], adapters)
+    (adapters / "0001_one" / "image_000101" / "pytorch_lora_weights.safetensors").unlink()
+    with pytest.raises(GenerationInputError, match=r"Missing adapter for class 'one', image row 101 \(adapter 4\)"):
+        run(tmp_path / "out", tiny_sd_path, str(adapters))
     assert not (tmp_path / "out").exists()
 
 

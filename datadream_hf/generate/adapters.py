@@ -94,11 +94,10 @@ class AdapterSet:
 
     def weight_files(self) -> list[Path]:
         """Every adapter file of the set, once each."""
-        files = [f for c in range(len(self.class_names)) for f in [self.weight_file(c), *self._images_of(c)] if f]
-        return list(dict.fromkeys(files))
-
-    def _images_of(self, class_index: int) -> list[Path]:
-        return self.image_weight_files(class_index) if self.mode == "image" else []
+        classes = range(len(self.class_names))
+        if self.mode == "image":
+            return [file for c in classes for file in self.image_weight_files(c)]
+        return list(dict.fromkeys(file for c in classes if (file := self.weight_file(c)) is not None))
 
     def adapter_id(self, class_index: int, folder: str | None = None) -> str:
         """Class `class_index`'s adapter (or its folder of per-image adapters), or the adapter in `folder`."""
@@ -176,13 +175,13 @@ def resolve_adapters(
         folders = [str(Path(adapters[0].folder).parent) for adapters in images]
     else:
         folders = [index["adapters"][str(c)] for c in range(len(names))]
-    expected = [(c, f"class {names[c]!r} (index {c})", folder) for c, folder in enumerate(folders) if not images]
+    expected = [(f"class {names[c]!r} (index {c})", folder) for c, folder in enumerate(folders) if not images]
     expected += [
-        (c, f"class {names[c]!r}, image row {image.row} (adapter {image.key})", image.folder)
+        (f"class {names[c]!r}, image row {image.row} (adapter {image.key})", image.folder)
         for c, class_images in enumerate(images)
         for image in class_images
     ]
-    for c, what, folder in expected:
+    for what, folder in expected:
         file = root / folder / LORA_WEIGHT_NAME
         if file.is_file():
             continue
