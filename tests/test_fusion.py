@@ -303,6 +303,30 @@ def test_two_processes_give_the_same_fused_images_as_one(reference, stage1, tiny
     assert shard_files(output_dir) == shard_files(reference)
 
 
+def test_stage1_image_mode_output_generates_with_fusion(digits, tiny_sd_path, tmp_path):
+    """The real hand-over: stage 1's `--mode image` folder (2 classes x K=3, 2 steps) -> fusion -> each image's pair
+    names the manifest rows those adapters were trained on."""
+    from accelerate import Accelerator
+
+    from datadream_hf.adapt.config import GeneratorTrainingConfig
+    from datadream_hf.adapt.data import FewShotData
+    from datadream_hf.adapt.train import train_generator
+    from datadream_hf.data import load_labelled_dataset
+    from datadream_hf.few_shot import draw_few_shot
+
+    dataset = load_labelled_dataset(digits, split="train", class_names=CLASSES)
+    manifest = draw_few_shot(dataset, k=3, seed=0, source_name="digits", split="train")
+    config = GeneratorTrainingConfig(
+        pretrained_model_name_or_path=tiny_sd_path, output_dir=str(tmp_path / "stage1"), mode="image",
+        resolution=32, max_train_steps=2, lr_warmup_steps=0, report_to=None,
+    )  # fmt: skip
+    train_generator(config, FewShotData.from_dataset(dataset, manifest), Accelerator(cpu=True))
+    run(tmp_path / "loft", tiny_sd_path, str(tmp_path / "stage1"), images_per_class=3, shard_size=3)
+    rows = shard_rows(tmp_path / "loft")
+    for c in (0, 1):
+        assert {row for k in range(3) for row in rows[c, k]["fusion_rows"]} == set(manifest.indices[c])
+
+
 # --- bad input ----------------------------------------------------------------------------------------------------
 
 BAD_INPUTS = {
