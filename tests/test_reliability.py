@@ -854,7 +854,8 @@ CASES = {
     # Damaged and mistyped outputs and adapters (raw library errors before: SafetensorError, Errno)
     "damaged adapter file (stage 2)": Case(
         lambda c: c.stage2(c.adapters(_truncate_adapter)), GenerationInputError,
-        r"Adapter of class 'one' \('.*0001_one/pytorch_lora_weights\.safetensors'\) cannot be read as safetensors "
+        r"Adapter of class 'one' \(index 1\) \('.*0001_one/pytorch_lora_weights\.safetensors'\) cannot be read as "
+        r"safetensors "
         r"\(.*\): the file is damaged"),
     "damaged classifier adapter": Case(
         _damaged_classifier, ValueError, r"Weights file \('.*classifier/adapter_model\.safetensors'\) cannot be read "
