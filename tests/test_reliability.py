@@ -670,6 +670,13 @@ def _synthetic_of_another_draw(ctx: Ctx):
     ctx.stage3("--synthetic_dataset", synthetic, mode="real+synthetic")
 
 
+def _stage2_clean_names(ctx: Ctx) -> list[str]:
+    """Stage 2's --clean_class_names alone (no template asked for): stage 1's template, with '_' as ' '."""
+    adapters = write_fake_stage1_output(ctx.tmp / "underscored", ctx.tiny_sd, ["big_cat", "small_dog"])
+    ctx.stage2(adapters, "--clean_class_names")
+    return json.loads((ctx.out / "generation_config.json").read_text())["prompts"]
+
+
 def _replaced_image(ctx: Ctx):
     """A K-shot image replaced under the same file name after the manifest was drawn."""
     root, manifest = folder_with(ctx.tmp, png_bytes(noise_image(seed=3)))
@@ -895,6 +902,9 @@ CASES = {
         _synthetic_of_another_draw, DatasetInputError,
         r"synthetic'? was generated with adapters trained on another K-shot draw \(K=4, seed 1\) than "
         r"--few_shot_manifest '.*few_shot\.json' \(K=4, seed 0\)", loads_model=True),
+    "--clean_class_names alone (stage 2)": Case(
+        _stage2_clean_names, check=lambda prompts: prompts == ["a photo of a big cat", "a photo of a small dog"],
+        loads_model=True),
     "manifest of format 1 (no image hashes)": Case(
         _format_1_manifest, check=lambda m: m.image_sha256 is None and m.k == 2 and m.format_version == 1),
     "manifest used with another split": Case(

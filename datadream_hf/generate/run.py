@@ -4,6 +4,7 @@ one with other settings."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -169,6 +170,8 @@ def generate_synthetic_dataset(
     check_class_names(adapters, class_names)
     check_fusion(adapters, config)
     template = resolve_prompt_template(args.requested_prompt_template(), adapters)
+    if args.clean_class_names and not template.clean_class_names:  # alone, it asks for stage 1's template, cleaned
+        template = resolve_prompt_template(dataclasses.replace(template, clean_class_names=True), adapters)
     template.check_distinct(adapters.class_names)  # classes whose prompts are one cannot be told apart
     # The recorded base model id is checked before the (slow) pipeline load; the weight shapes after it.
     check_base_model_id(adapters, model, revision, args.allow_base_model_mismatch)
