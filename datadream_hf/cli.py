@@ -98,7 +98,10 @@ def _tiny_world(args: argparse.Namespace) -> None:
     print(json.dumps({"generator": str(paths.generator), "clip": str(paths.clip)}))
     if args.recipe:
         recipe = TinyWorldRecipe(k=args.k)
-        print("# DataDream on your images with the tiny world's models and the demo's settings:")
+        print(
+            "# DataDream on your images with the tiny world's models and the demo's settings, one process each "
+            "(`accelerate launch --num_processes N` in place of `python` splits stages 1 and 2 over N processes):"
+        )
         print("\n".join(recipe.commands(str(paths.generator), str(paths.clip), args.dataset, args.class_names)))
 
 

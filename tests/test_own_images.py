@@ -135,6 +135,7 @@ def test_the_printed_recipe_runs_on_an_own_image_folder(layout, digits, tmp_path
     lines = capsys.readouterr().out.splitlines()
     commands = [line for line in lines if line and not line.startswith(("#", "{"))]
     assert len(commands) == 4 and json.loads(lines[0])["generator"] == str(tiny_world_paths().generator)
+    assert not any(c.startswith("accelerate") for c in commands)  # its launcher opens with lines about its defaults
     if layout == "train+test":
         assert "--test_split test" in commands[3] and "--test_per_class" not in commands[3]
     else:

@@ -137,16 +137,17 @@ class TinyWorldRecipe:
         """The manifest and the three stages as shell commands with this recipe's settings and the tiny world's models,
         on `dataset` (a save_to_disk folder, an image folder with `train/` and `test/` split folders or of class
         folders, or a Hub copy; K shots from train, stage 3's validation and test images as `holdout_flags` says): the
-        README's offline recipe for your own images.
-        `class_names`: comma-separated, optional."""
+        README's offline recipe for your own images. One process each (`python`: `accelerate launch` without a config
+        opens with lines about the defaults it picked); `accelerate launch --num_processes N` in its place splits
+        stages 1 and 2 over N processes. `class_names`: comma-separated, optional."""
         names = ["--class_names", class_names] if class_names else []
         steps = [
             ["datadream-hf", "few-shot", "--dataset", dataset, *names, "--k", str(self.k), "--seed", "0",
              "--output", "few_shot.json"],
-            ["accelerate", "launch", "training_scripts/train_datadream_lora.py",
+            ["python", "training_scripts/train_datadream_lora.py",
              "--pretrained_model_name_or_path", generator, "--dataset", dataset, "--few_shot_manifest",
              "few_shot.json", "--mode", "cls", *self.stage1_flags(), "--output_dir", "adapters", "--seed", "0"],
-            ["accelerate", "launch", "training_scripts/generate_synthetic.py", "--pretrained_model_name_or_path",
+            ["python", "training_scripts/generate_synthetic.py", "--pretrained_model_name_or_path",
              generator, "--adapter_path", "adapters", *self.stage2_flags(), "--output_dir", "synthetic", "--seed",
              "0"],
             ["python", "training_scripts/train_classifier.py", "--model_name_or_path", clip, "--real_dataset",
