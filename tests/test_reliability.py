@@ -1225,3 +1225,18 @@ def test_every_stage_refuses_an_output_folder_another_run_holds(
         holder.wait()
     for folder in folders.values():
         assert_nothing_written(folder)
+
+
+def test_a_format_1_manifest_loads_and_warns_once_that_its_images_are_unchecked(digits, digits_manifest_path,
+                                                                                tmp_path, caplog):  # fmt: skip
+    payload = json.loads(Path(digits_manifest_path).read_text())
+    assert payload["format_version"] == 2 and len(payload["image_sha256"][0]) == payload["k"]
+    del payload["image_sha256"]
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps({**payload, "format_version": 1}))
+    old = FewShotManifest.load(path)
+    with caplog.at_level("WARNING"):
+        old.select(digits["train"])
+        old.complement(digits["train"])
+    warnings = [r.getMessage() for r in caplog.records if "records no image hashes" in r.getMessage()]
+    assert len(warnings) == 1 and "old.json" in warnings[0] and "datadream-hf few-shot" in warnings[0]
