@@ -879,6 +879,13 @@ CASES = {
                                                              r"entries"),
     "unwritable output dir (stage 1)": Case(lambda c: c.stage1_digits("--output_dir", _unwritable(c)),
                                             OutputPathError, r"--output_dir '.*' cannot be written"),
+    "output dir inside the image folder it trains on (stage 1)": Case(
+        lambda c: c.stage1(*map(str, folder_with(c.tmp, png_bytes(noise_image(seed=3)))), "--output_dir",
+                           c.tmp / "images" / "adapters"), OutputPathError,
+        r"--output_dir '.*images/adapters' is inside --dataset '.*images': the run would write its files among"),
+    "output dir that is the stage-1 folder (stage 2)": Case(
+        lambda c: c.stage2(None, "--output_dir", c.adapters()), OutputPathError,
+        r"--output_dir '.*adapters' is a stage-1 adapter folder .*would be mixed with this run's"),
     "--save_to_disk that is a file (stage 2)": Case(lambda c: c.stage2(None, "--save_to_disk", _a_file(c)),
                                                     OutputPathError, r"--save_to_disk '.*a_file' is a file"),
     "manifest --output that is a folder (datadream-hf few-shot)": Case(

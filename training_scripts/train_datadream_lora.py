@@ -81,6 +81,7 @@ from datadream_hf.errors import run_script
 from datadream_hf.files import check_output_path
 from datadream_hf.guardrails import refuse_fp16_on_cpu
 from datadream_hf.hub import check_push_access
+from datadream_hf.sources import STAGE1_FOLDER, check_output_apart
 
 
 def parse_args(input_args: list[str] | None = None) -> tuple[GeneratorTrainingConfig, AdapterHubArguments]:
@@ -103,6 +104,7 @@ def main(args: tuple[GeneratorTrainingConfig, AdapterHubArguments]) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     refuse_fp16_on_cpu(precision, device, "--mixed_precision fp16 (flag or accelerate launch)", "Pass no (or bf16).")
     output_dir = check_output_path(config.output_dir, "--output_dir")  # a file in the way, no write permission
+    check_output_apart(output_dir, STAGE1_FOLDER, {"--dataset": config.dataset})  # not into the images it reads
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
         mixed_precision=config.mixed_precision,

@@ -14,7 +14,7 @@ from transformers import AutoConfig, AutoProcessor, set_seed
 from .. import hub
 from ..files import check_output_path
 from ..run_folder import output_dir_lock
-from ..sources import check_source
+from ..sources import STAGE3_FOLDER, check_output_apart, check_source
 from .augment import build_transforms
 from .backbones import backbone_kind, load_classifier
 from .checkpoints import check_fresh_output_dir
@@ -47,6 +47,9 @@ def train_classifier(args: ClassifierArguments, training_args: DataDreamTraining
         args.model_name_or_path, "--model_name_or_path", required="config.json", expected="a transformers model"
     )
     check_output_path(training_args.output_dir, "--output_dir")  # a file in the way, no write permission
+    inputs = {"--real_dataset": args.real_dataset, "--synthetic_dataset": args.synthetic_dataset,
+              "--test_dataset": args.test_dataset, "--model_name_or_path": args.model_name_or_path}  # fmt: skip
+    check_output_apart(training_args.output_dir, STAGE3_FOLDER, inputs)
     if args.classifier_type == "auto":  # a model stage 3 cannot classify with is refused before the data loads
         config = AutoConfig.from_pretrained(args.model_name_or_path, revision=args.revision)
         backbone_kind(config, args.model_name_or_path)

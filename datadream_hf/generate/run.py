@@ -18,7 +18,7 @@ from ..files import check_output_path, write_json_atomic
 from ..guardrails import native_resolution, refuse_fp16_on_cpu, warn_far_resolution
 from ..prompts import PromptTemplate
 from ..run_folder import TRAINING_CONFIG_NAME, OutputDirLock, OutputDirLockedError, settings_diff
-from ..sources import check_source
+from ..sources import STAGE2_FOLDER, check_output_apart, check_source
 from ..synthetic import (
     GENERATION_CONFIG_NAME,
     GENERATION_MANIFEST_NAME,
@@ -155,6 +155,7 @@ def generate_synthetic_dataset(
     output_dir, model, revision = args.output_dir, args.pretrained_model_name_or_path, args.revision
     # 1. Validate everything before the first image (`args` checked adapter_path / no_adapter / classes).
     check_output_path(output_dir, "--output_dir")  # a file in the way, no write permission
+    check_output_apart(output_dir, STAGE2_FOLDER, {"--adapter_path": args.adapter_path})
     check_source(
         model, "--pretrained_model_name_or_path", required="model_index.json", expected="a diffusers pipeline"
     )
