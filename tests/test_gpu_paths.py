@@ -1,0 +1,55 @@
+"""What breaks only on GPUs (issue 24), reproduced on the CPU: a second device stood for by `meta` tensors, CUDA mocked
+where only its presence matters, and 2 gloo processes with short timeouts where the launcher is what is tested."""
+
+import pytest
+import torch
+
+from datadream_hf.adapt.grouped.loop import _stack_optimizer_states
+from datadream_hf.adapt.grouped.optim import GroupedAdamW
+
+HYPER = {"lr": 0.1, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-2}
+
+
+def _per_class_states(init: torch.Tensor, steps: int) -> tuple[list[dict], list[torch.nn.Parameter]]:
+    """Each class's plain AdamW after `steps` steps, its state as a checkpoint holds it (on the CPU)."""
+    states, params = [], []
+    for group in range(init.shape[0]):
+        param = torch.nn.Parameter(init[group].clone())
+        adamw = torch.optim.AdamW([param], **HYPER)
+        for step in range(steps):
+            param.grad = torch.full_like(param, float(step + group + 1))
+            adamw.step()
+        states.append(adamw.state_dict())
+        params.append(param)
+    return states, params
+
+
+def test_grouped_adamw_resumed_onto_another_device_steps_there():
+    """A checkpoint loads on the CPU; resumed onto parameters on another device (`meta` stands for CUDA), every
+    state tensor (the per-class step counts included) moves to the parameters' device and the next step runs there.
+    On the CPU the resumed step equals each class's AdamW continued."""
+    torch.manual_seed(0)
+    init = torch.randn(2, 3, 4)
+    states, params = _per_class_states(init, steps=3)
+
+    on_meta = torch.nn.Parameter(torch.empty(2, 3, 4, device="meta"))
+    optimizer = GroupedAdamW([on_meta], 2, **HYPER)
+    optimizer.load_state_dict(_stack_optimizer_states(states))
+    assert {key: value.device.type for key, value in optimizer.state[on_meta].items()} == dict.fromkeys(
+        ("step", "exp_avg", "exp_avg_sq"), "meta"
+    )
+    on_meta.grad = torch.empty_like(on_meta)
+    optimizer.step()  # mixed devices: "Expected all tensors to be on the same device" before the fix
+
+    stack = torch.nn.Parameter(torch.stack([p.detach() for p in params]))
+    optimizer = GroupedAdamW([stack], 2, **HYPER)
+    optimizer.load_state_dict(_stack_optimizer_states(states))
+    stack.grad = torch.ones_like(stack)
+    optimizer.step()
+    for group, (param, state) in enumerate(zip(params, states)):
+        adamw = torch.optim.AdamW([param], **HYPER)
+        adamw.load_state_dict(state)
+        param.grad = torch.ones_like(param)
+        adamw.step()
+        torch.testing.assert_close(stack.detach()[group], param.detach())
+    assert optimizer.state[stack]["step"].tolist() == [4.0, 4.0]
