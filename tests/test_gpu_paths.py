@@ -1,12 +1,17 @@
 """What breaks only on GPUs (issue 24), reproduced on the CPU: a second device stood for by `meta` tensors, CUDA mocked
 where only its presence matters, and 2 gloo processes with short timeouts where the launcher is what is tested."""
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from datadream_hf.adapt.grouped.loop import _stack_optimizer_states
 from datadream_hf.adapt.grouped.optim import GroupedAdamW
 
+SCRIPTS = Path(__file__).resolve().parents[1] / "training_scripts"
 HYPER = {"lr": 0.1, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-2}
 
 
@@ -53,3 +58,55 @@ def test_grouped_adamw_resumed_onto_another_device_steps_there():
         adamw.step()
         torch.testing.assert_close(stack.detach()[group], param.detach())
     assert optimizer.state[stack]["step"].tolist() == [4.0, 4.0]
+
+
+# ---- stage 3's mixed precision ----
+
+
+@pytest.fixture
+def mocked_cuda(monkeypatch):
+    """A machine with one bf16-capable CUDA GPU, as far as `TrainingArguments` can tell (it sets the device up)."""
+    import transformers.training_args
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(transformers.training_args, "is_torch_bf16_gpu_available", lambda: True)
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+
+
+@pytest.mark.parametrize(
+    "flags, launcher, expected",
+    [
+        ({"bf16": True}, None, "bf16"),  # refused before: fp16 defaulted on beside it
+        ({}, None, "fp16"),  # the reference's fp16 on a GPU
+        ({}, "bf16", "bf16"),  # `accelerate launch --mixed_precision bf16`
+        ({}, "no", "no"),
+        ({"fp16": False}, "bf16", "no"),  # a flag given wins over the launcher's setting
+        ({"fp16": True}, "no", "fp16"),
+    ],
+)
+def test_stage3_precision_follows_the_flags_then_accelerate_then_fp16_on_a_gpu(
+    mocked_cuda, monkeypatch, tmp_path, flags, launcher, expected
+):
+    from datadream_hf.classify.config import DataDreamTrainingArguments
+
+    if launcher is not None:
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launcher)
+    args = DataDreamTrainingArguments(output_dir=str(tmp_path), **flags)
+    assert args.device.type == "cuda"
+    assert (args.fp16, args.bf16, args.mixed_precision) == (expected == "fp16", expected == "bf16", expected)
+
+
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve the script's annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_stage3_script_takes_bf16_on_a_gpu(mocked_cuda, tmp_path):
+    flags = ["--real_dataset", "x", "--few_shot_manifest", "m.json", "--train_mode", "real", "--bf16", "true"]
+    _, training_args = _load_script("train_classifier").parse_args([*flags, "--output_dir", str(tmp_path)])
+    assert (training_args.fp16, training_args.bf16, training_args.mixed_precision) == (False, True, "bf16")
