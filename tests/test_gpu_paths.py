@@ -2,6 +2,10 @@
 where only its presence matters, and 2 gloo processes with short timeouts where the launcher is what is tested."""
 
 import importlib.util
+import json
+import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -10,8 +14,10 @@ import torch
 
 from datadream_hf.adapt.grouped.loop import _stack_optimizer_states
 from datadream_hf.adapt.grouped.optim import GroupedAdamW
+from datadream_hf.testing import accelerate_launch_command
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "training_scripts"
+CLASSIFIER_SCRIPT = SCRIPTS / "train_classifier.py"
 HYPER = {"lr": 0.1, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-2}
 
 
@@ -110,3 +116,51 @@ def test_stage3_script_takes_bf16_on_a_gpu(mocked_cuda, tmp_path):
     flags = ["--real_dataset", "x", "--few_shot_manifest", "m.json", "--train_mode", "real", "--bf16", "true"]
     _, training_args = _load_script("train_classifier").parse_args([*flags, "--output_dir", str(tmp_path)])
     assert (training_args.fp16, training_args.bf16, training_args.mixed_precision) == (False, True, "bf16")
+
+
+# ---- stage 3: a multi-process resume mid-epoch ----
+
+
+def _launch(script: Path, args: list, timeout: int = 300, **env) -> subprocess.CompletedProcess:
+    """`accelerate launch` of 2 CPU (gloo) processes, one thread each."""
+    command = accelerate_launch_command(script, 2) + [str(a) for a in args]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **env}
+    return subprocess.run(command, env=environment, capture_output=True, text=True, timeout=timeout)
+
+
+def _tensors(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def test_two_process_stage3_killed_mid_epoch_resumes_to_the_uninterrupted_runs_batches(
+    tiny_clip_path, digits_path, digits_manifest_path, tmp_path
+):
+    """40 real images, 8 per batch and process: 3 steps per epoch. Killed inside step 5 (epoch 1, checkpoint-4 kept),
+    the 2-process run resumes one step into epoch 1; its steps 5 and 6 must draw epoch 1's batches, as the
+    uninterrupted run does (they drew epoch 0's: the resumed epoch's loader holds the sampler two wrappers deep)."""
+    args = lambda out: [  # noqa: E731
+        "--model_name_or_path", tiny_clip_path, "--real_dataset", digits_path, "--few_shot_manifest",
+        digits_manifest_path, "--train_mode", "real", "--output_dir", out, "--per_device_train_batch_size", "8",
+        "--max_steps", "6", "--save_strategy", "steps", "--save_steps", "2", "--eval_strategy", "no",
+        "--load_best_model_at_end", "false", "--test_split", "none", "--validation_per_class", "1",
+        "--augmentation", "none", "--mix_augmentation", "none", "--learning_rate", "1e-3", "--logging_steps", "1",
+        "--disable_tqdm", "true", "--seed", "0",
+    ]  # fmt: skip
+    reference, resumed = tmp_path / "uninterrupted", tmp_path / "resumed"
+    result = _launch(CLASSIFIER_SCRIPT, args(reference))
+    assert result.returncode == 0, result.stderr[-3000:]
+    # What a kill inside step 5 leaves (test_reliability kills for real): checkpoint-4, complete, and nothing after.
+    shutil.copytree(reference / "checkpoint-4", resumed / "checkpoint-4")
+    result = _launch(CLASSIFIER_SCRIPT, [*args(resumed), "--resume_from_checkpoint", "latest"])
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    def step_losses(folder: Path) -> list:
+        history = json.loads((folder / "checkpoint-6" / "trainer_state.json").read_text())["log_history"]
+        return [(entry["step"], entry["loss"]) for entry in history if "loss" in entry]
+
+    assert len(step_losses(reference)) == 6 and step_losses(resumed) == step_losses(reference)
+    weights = Path("checkpoint-6") / "adapter_model.safetensors"
+    expected, got = _tensors(reference / weights), _tensors(resumed / weights)
+    assert set(got) == set(expected) and all(torch.equal(got[key], expected[key]) for key in expected)
