@@ -164,3 +164,53 @@ def test_two_process_stage3_killed_mid_epoch_resumes_to_the_uninterrupted_runs_b
     weights = Path("checkpoint-6") / "adapter_model.safetensors"
     expected, got = _tensors(reference / weights), _tensors(resumed / weights)
     assert set(got) == set(expected) and all(torch.equal(got[key], expected[key]) for key in expected)
+
+
+# ---- stage 2: main-only work past the process-group timeout ----
+
+TIMEOUT_S, SLOW_S = 8, 11  # the gloo timeout the run is given, and how long each main-only step takes here
+# `generate_synthetic.py` with its main-only steps slowed past the timeout: the library's tail (the sample grid, the
+# run manifest and the card) and the script's (the `save_to_disk` copy; a Hub upload stands in the same place).
+SLOW_STAGE2 = f"""
+import importlib.util, sys, time
+import datadream_hf.generate.run as run
+
+def slow(step):
+    def slowed(*args, **kwargs):
+        time.sleep({SLOW_S})
+        return step(*args, **kwargs)
+    return slowed
+
+spec = importlib.util.spec_from_file_location("generate_synthetic", {str(SCRIPTS / "generate_synthetic.py")!r})
+script = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = script
+spec.loader.exec_module(script)
+run.write_sample_grid = slow(run.write_sample_grid)
+script.save_synthetic_dataset = slow(script.save_synthetic_dataset)
+from datadream_hf.errors import run_script
+run_script(script.main, script.parse_args)
+"""
+
+
+def test_two_process_stage2_completes_when_main_only_work_outlasts_the_timeout(tiny_sd_path, tmp_path):
+    """Each main-only step sleeps past the process-group timeout (`--ddp_timeout`, short here): no other process
+    waits on it at a barrier (it used to, and was aborted at the timeout, as NCCL's 10 minutes abort a real run's
+    upload of 15-20 GB), so the run completes, its dataset and copy whole."""
+    from datasets import load_from_disk
+
+    from datadream_hf.testing import write_fake_stage1_output
+
+    adapters = write_fake_stage1_output(tmp_path / "stage1", tiny_sd_path, ["zero", "one"], mode="cls", seed=0)
+    script = tmp_path / "slow_generate_synthetic.py"
+    script.write_text(SLOW_STAGE2)
+    out, copy = tmp_path / "synthetic", tmp_path / "copy"
+    result = _launch(script, [
+        "--pretrained_model_name_or_path", tiny_sd_path, "--adapter_path", adapters, "--output_dir", out,
+        "--images_per_class", "2", "--num_inference_steps", "1", "--batch_size", "2", "--shard_size", "1",
+        "--save_to_disk", copy, "--ddp_timeout", TIMEOUT_S,
+    ])  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    for process in (1, 2):  # the work was really split
+        assert f"Process {process}/2: 2 shard(s), 2 images to generate." in result.stderr
+    assert (out / "README.md").is_file() and (out / "sample_grid.png").is_file()
+    assert len(load_from_disk(str(copy))) == 4

@@ -115,7 +115,8 @@ def _train_generator(config, data, accelerator, models, step_callback) -> Path:
             if config.num_validation_images > 0 and shard[0] == 0:
                 log_validation(models, unit, config, data.class_names, accelerator)
 
-    # 4. Once every process is done: the index (which marks the output complete) and the card; the curves of the
+    # 4. Once every process is done (this barrier waits for the busiest process: `--ddp_timeout` bounds it): the index
+    #    (which marks the output complete) and the card; then, with no process waiting on it, the curves of the
     #    classes other processes trained go to the trackers, which live on the main process.
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -123,11 +124,11 @@ def _train_generator(config, data, accelerator, models, step_callback) -> Path:
         if missing:
             raise CheckpointError(f"Adapters missing after training: {missing}; re-run with --resume_from_checkpoint.")
         write_outputs(output_dir, config.mode, data.class_names)
-        if config.mode == "cls" and config.report_to and accelerator.num_processes > 1:
-            others = [class_folder_name(i, name) for i, name in enumerate(data.class_names)
-                      if i % accelerator.num_processes != accelerator.process_index]  # fmt: skip
-            replay_to_trackers(output_dir, others, accelerator)
     accelerator.wait_for_everyone()
+    if accelerator.is_main_process and config.mode == "cls" and config.report_to and accelerator.num_processes > 1:
+        others = [class_folder_name(i, name) for i, name in enumerate(data.class_names)
+                  if i % accelerator.num_processes != accelerator.process_index]  # fmt: skip
+        replay_to_trackers(output_dir, others, accelerator)
     return output_dir
 
 
