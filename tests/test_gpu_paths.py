@@ -214,3 +214,50 @@ def test_two_process_stage2_completes_when_main_only_work_outlasts_the_timeout(t
         assert f"Process {process}/2: 2 shard(s), 2 images to generate." in result.stderr
     assert (out / "README.md").is_file() and (out / "sample_grid.png").is_file()
     assert len(load_from_disk(str(copy))) == 4
+
+
+# ---- stage 1: grouped clipping reached ----
+
+
+def test_grouped_clipping_past_the_threshold_clips_each_class_alone(tiny_sd_path, digits, tmp_path, monkeypatch):
+    """max_grad_norm 0.005 under gradient norms of ~0.02: every class is clipped at every step, and grouped training
+    still ends where each class trained (and clipped) alone ends. Clipping the group as one (a global norm) misses by
+    ~2e-2 relative here, 20x the tolerance; at the default 1.0 no norm reaches the threshold and both would pass."""
+    from accelerate import Accelerator
+    from safetensors.torch import load_file
+
+    import datadream_hf.adapt.grouped.loop as grouped_loop
+    from datadream_hf.adapt.config import GeneratorTrainingConfig
+    from datadream_hf.adapt.data import FewShotData
+    from datadream_hf.adapt.modeling import load_generator_models
+    from datadream_hf.adapt.train import train_generator
+    from datadream_hf.data import load_labelled_dataset
+    from datadream_hf.few_shot import draw_few_shot
+    from datadream_hf.lora import LORA_WEIGHT_NAME
+
+    classes, max_grad_norm = ["zero", "one", "two"], 0.005
+    dataset = load_labelled_dataset(digits, split="train", class_names=classes)
+    data = FewShotData.from_dataset(dataset, draw_few_shot(dataset, k=2, seed=0, source_name="digits", split="train"))
+    norms, clip = [], grouped_loop.clip_grad_norm_per_group_
+
+    def recorded(*args, **kwargs):  # each step's (G,) norms, before clipping
+        norms.append(clip(*args, **kwargs))
+        return norms[-1]
+
+    monkeypatch.setattr(grouped_loop, "clip_grad_norm_per_group_", recorded)
+    adapters = {}
+    for strategy in ("sequential", "grouped"):
+        config = GeneratorTrainingConfig(
+            pretrained_model_name_or_path=tiny_sd_path, output_dir=str(tmp_path / strategy), mode="cls",
+            cls_strategy=strategy, resolution=32, train_batch_size=2, max_train_steps=3, lr_warmup_steps=0,
+            learning_rate=1e-4, max_grad_norm=max_grad_norm, report_to=None,
+        )  # fmt: skip
+        train_generator(config, data, Accelerator(cpu=True), models=load_generator_models(config))
+        folders = sorted(p.parent for p in (tmp_path / strategy).glob(f"*/{LORA_WEIGHT_NAME}"))
+        adapters[strategy] = [load_file(str(folder / LORA_WEIGHT_NAME)) for folder in folders]
+    assert len(norms) == 3 and all(n.shape == (3,) and bool((n > 2 * max_grad_norm).all()) for n in norms)
+    for alone, grouped in zip(adapters["sequential"], adapters["grouped"]):
+        assert set(alone) == set(grouped) and len(alone) > 0
+        ups = [key for key in alone if key.endswith("up.weight")]
+        difference = torch.cat([(alone[k] - grouped[k]).flatten() for k in ups]).norm()
+        assert difference / torch.cat([alone[k].flatten() for k in ups]).norm() < 1e-3
