@@ -71,14 +71,20 @@ def test_grouped_adamw_resumed_onto_another_device_steps_there():
 
 @pytest.fixture
 def mocked_cuda(monkeypatch):
-    """A machine with one bf16-capable CUDA GPU, as far as `TrainingArguments` can tell (it sets the device up)."""
+    """A machine with one bf16-capable CUDA GPU, as far as `TrainingArguments` can tell (it sets the device up). The
+    process-wide Accelerate state it makes is dropped after the test (and any from before, which would hold the CPU):
+    the next `Accelerator(cpu=True)` starts afresh."""
     import transformers.training_args
+    from accelerate.state import AcceleratorState
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
     monkeypatch.setattr(transformers.training_args, "is_torch_bf16_gpu_available", lambda: True)
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 @pytest.mark.parametrize(
