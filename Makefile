@@ -29,6 +29,7 @@ demo:
 
 benchmark:
 	$(PY) benchmarks/bench_stage1_cls.py
+	$(PY) benchmarks/bench_stage1_loft.py
 	$(PY) benchmarks/bench_generation.py
 
 # On one GPU (>= 80 GB): both benchmarks at SD 2.1-base size with random weights, nothing downloaded.

@@ -30,6 +30,7 @@ _PUBLIC_API = {
     "ClassifierArguments": "classify.config",
     "DataDreamTrainingArguments": "classify.config",
     "CLIPLoRAClassifier": "classify.modeling",
+    "load_trained_classifier": "classify.backbones",
     "MixedRealSyntheticTrainer": "classify.trainer",
     "train_classifier": "classify.train",
 }

@@ -23,12 +23,19 @@ LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # weights formats that unpickle, i.e. can run code
 
 
-def generator_lora_configs(rank: int = 16, alpha: int | None = None, init: str | bool = "gaussian"):
-    """The (UNet, text encoder) `LoraConfig`s of stage 1. `alpha` defaults to `rank`, as in the reference."""
+def generator_lora_configs(
+    rank: int = 16,
+    alpha: int | None = None,
+    init: str | bool = "gaussian",
+    unet_target_modules: list[str] | None = None,
+):
+    """The (UNet, text encoder) `LoraConfig`s of stage 1. `alpha` defaults to `rank`, as in the reference;
+    `unet_target_modules` to DataDream's (`UNET_TARGET_MODULES`)."""
     if rank < 1:
         raise ValueError(f"`rank` must be >= 1, got {rank}.")
     alpha = rank if alpha is None else alpha
-    unet = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=init, target_modules=UNET_TARGET_MODULES)
+    targets = list(unet_target_modules or UNET_TARGET_MODULES)
+    unet = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=init, target_modules=targets)
     text = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=init, target_modules=TEXT_ENCODER_TARGET_MODULES)
     return unet, text
 

@@ -809,7 +809,7 @@ def _stage3_batches(batch_size: int):
 def no_model_loading(monkeypatch):
     """Makes every base-model load fail loudly: a bad input must be refused before it."""
     import datadream_hf.adapt.train
-    import datadream_hf.classify.modeling
+    import datadream_hf.classify.train
     import datadream_hf.generate.run
 
     def expensive(*args, **kwargs):
@@ -817,9 +817,7 @@ def no_model_loading(monkeypatch):
 
     monkeypatch.setattr(datadream_hf.adapt.train, "load_generator_models", expensive)
     monkeypatch.setattr(datadream_hf.generate.run, "load_generation_pipeline", expensive)
-    monkeypatch.setattr(
-        datadream_hf.classify.modeling.CLIPLoRAClassifier, "from_clip_pretrained", classmethod(expensive)
-    )
+    monkeypatch.setattr(datadream_hf.classify.train, "load_classifier", expensive)
 
 
 def assert_nothing_written(folder: Path):

@@ -21,6 +21,14 @@ copy's raw label); `--dataset_preset` also sets the prompts' domain word and the
         --mode dset --output_dir datadream-aircraft-dset --mixed_precision fp16 \
         --push_to_hub --hub_model_id <user>/datadream-aircraft-dset
 
+LoFT (one adapter per K-shot image, LoFT's settings as defaults: rank 2 on the UNet only, batch 1, 600 steps, lr 1e-3,
+10 warm-up steps, center crop; any flag given wins), trained many images at a time on the grouped engine:
+
+    accelerate launch training_scripts/train_datadream_lora.py \
+        --pretrained_model_name_or_path stabilityai/stable-diffusion-2-1-base \
+        --dataset <aircraft dataset id> --few_shot_manifest aircraft_16shot.json --dataset_preset fgvc_aircraft \
+        --mode image --output_dir loft-aircraft --mixed_precision fp16 --resume_from_checkpoint latest
+
 Offline plumbing check on the tiny test models and the bundled digits (CPU, seconds). The tiny test models have RANDOM
 weights: they learn nothing. For offline runs that mean something, use the tiny world's pre-trained generator
 (`datadream-hf tiny-world` prints its folder; in Python `datadream_hf.tiny_world.world.tiny_world_paths().generator`):
@@ -31,10 +39,11 @@ weights: they learn nothing. For offline runs that mean something, use the tiny 
         --dataset digits --few_shot_manifest digits_4shot.json --resolution 32 --max_train_steps 4 --output_dir out
 
 Outputs: `pytorch_lora_weights.safetensors` (top level in dset mode, one `<index>_<class>/` folder per class in cls
-mode, each loadable with `StableDiffusionPipeline.load_lora_weights`) with its `training_log.json` (loss and lr at
-every step), `adapter_index.json`, `datadream_config.json` and a model card. With `--report_to`, trackers run on the
-main process; in a multi-process cls run its TensorBoard also gets the other processes' classes (their training logs
-and validation samples) at the end. A run is deterministic under `--seed`: a resumed run ends with the same adapters
+mode, one `<index>_<class>/image_<row>/` folder per K-shot image in image mode, each loadable with
+`StableDiffusionPipeline.load_lora_weights`) with its `training_log.json` (loss and lr at every step),
+`adapter_index.json`, `datadream_config.json` and a model card. With `--report_to`, trackers run on the main process;
+in a multi-process cls run its TensorBoard also gets the other processes' classes (their training logs and validation
+samples) at the end. A run is deterministic under `--seed`: a resumed run ends with the same adapters
 and logs as an uninterrupted one.
 
 cls mode trains several classes per forward pass by default (`--cls_strategy auto`, each sample routed to its class's
@@ -80,7 +89,7 @@ def parse_args(input_args: list[str] | None = None) -> tuple[GeneratorTrainingCo
         description="DataDream stage 1: LoRA-adapt Stable Diffusion on few-shot data.",
         defaults={"mixed_precision": None},  # Accelerate decides (`accelerate launch --mixed_precision`, its config)
         comma_separated=("class_names",),
-        negatable=("train_text_encoder", "cache_latents"),
+        negatable=("train_text_encoder", "cache_latents", "center_crop"),
     )
     return parser.parse(input_args)
 

@@ -83,7 +83,8 @@ def load_generator_models(config: GeneratorTrainingConfig, device: torch.device 
     for model in (text_encoder, vae, unet):
         model.requires_grad_(False)
         model.to(device)
-    unet_lora, text_lora = generator_lora_configs(config.rank, config.lora_alpha, _peft_init(config.lora_init))
+    unet_lora, text_lora = generator_lora_configs(config.rank, config.lora_alpha, _peft_init(config.lora_init),
+                                                  config.unet_target_modules)  # fmt: skip
     unet.add_adapter(unet_lora, adapter_name=ADAPTER_NAME)
     if config.train_text_encoder:
         text_encoder.add_adapter(text_lora, adapter_name=ADAPTER_NAME)

@@ -1,4 +1,4 @@
-"""Settings of stage 3 (`train_classifier.py`): `ClassifierArguments` (the CLIP model, its LoRA, the real and
+"""Settings of stage 3 (`train_classifier.py`): `ClassifierArguments` (the model, its LoRA, the real and
 synthetic data, the prompts) and `DataDreamTrainingArguments` (`TrainingArguments` plus the real/synthetic mixing)."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import torch
 from transformers import TrainingArguments
 
 from ..guardrails import refuse_fp16_on_cpu
+from ..presets import CLASSIFIER_RECIPES
 from ..prompts import DEFAULT_TEMPLATE, PromptTemplate, domain_for_preset
 from ..validation import (
     BETA,
@@ -27,6 +28,7 @@ from ..validation import (
     integer,
 )
 from .augment import AUGMENTATIONS, MIX_AUGMENTATIONS
+from .backbones import CLASSIFIER_TYPES
 from .modeling import DEFAULT_CLASSIFIER_BASE
 
 TRAIN_MODES = ("real+synthetic", "synthetic", "real")
@@ -79,10 +81,24 @@ TRAINING_ARGUMENT_RANGES = {
 
 @dataclass
 class ClassifierArguments:
-    """What stage 3 trains on and with: the CLIP model and its LoRA, the real and synthetic data, the class prompts."""
+    """What stage 3 trains on and with: the model and its LoRA, the real and synthetic data, the class prompts."""
 
-    model_name_or_path: str = field(default=DEFAULT_CLASSIFIER_BASE, metadata={"help": "CLIP model id or path."})
-    revision: str | None = field(default=None, metadata={"help": "Hub revision of the CLIP model."})
+    model_name_or_path: str = field(
+        default=DEFAULT_CLASSIFIER_BASE,
+        metadata={
+            "help": "Model id or path: a dual encoder (CLIP, SigLIP, SigLIP 2 fixed-resolution, ...) or an "
+            "image-classification model (ViT, ConvNeXt, ...); the kind is read from its config."
+        },
+    )
+    revision: str | None = field(default=None, metadata={"help": "Hub revision of the model."})
+    classifier_type: str = field(
+        default="auto",
+        metadata={
+            "help": "'auto' (default): from the model's config. 'image_classifier' on a dual encoder fine-tunes its "
+            "image tower under a head initialised from the class-prompt text embeddings.",
+            "choices": list(CLASSIFIER_TYPES),
+        },
+    )
     real_dataset: str | None = field(
         default=None, metadata={"help": "Real labelled data: Hub id, save_to_disk folder or image folder."}
     )
@@ -148,8 +164,16 @@ class ClassifierArguments:
     lora_rank: int = field(default=16, metadata={"help": "LoRA rank (reference: 16)."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (reference: 32)."})
     lora_dropout: float = field(default=0.1, metadata={"help": "LoRA dropout (reference: 0.1)."})
-    lora_target_modules: str = field(
-        default="q_proj,v_proj", metadata={"help": "Comma-separated modules of both towers (reference: Q and V)."}
+    lora_target_modules: str | None = field(
+        default=None,
+        metadata={
+            "help": "Comma-separated module names for the LoRA. Default: the attention Q and V projections "
+            "(reference: q_proj,v_proj; of both towers for dual encoders); a convolutional model's linear layers."
+        },
+    )
+    use_peft: bool = field(
+        default=True,
+        metadata={"help": "Train a LoRA (default); false: fine-tune every weight (image-classification models)."},
     )
     license: str = field(default="mit", metadata={"help": "License in the model card (OpenAI CLIP weights: MIT)."})
 
@@ -178,6 +202,8 @@ class ClassifierArguments:
                 f"`--validation_split` and `--test_split` are both {self.test_split!r}: selecting the model on the "
                 "test split inflates its accuracy. Use another split or leave `--validation_split` unset."
             )
+        if self.classifier_type not in CLASSIFIER_TYPES:
+            raise ValueError(f"`classifier_type` must be one of {CLASSIFIER_TYPES}, got {self.classifier_type!r}.")
         if self.dataset_preset is not None:
             domain_for_preset(self.dataset_preset)  # an unknown preset fails here, before any data is read
 
@@ -199,6 +225,16 @@ class DataDreamTrainingArguments(TrainingArguments):
     `is_real`; `label_names=["labels"]`).
     """
 
+    recipe: str = field(
+        default="datadream",
+        metadata={
+            "help": "The classifier recipe whose defaults the script uses: 'datadream' (the reference's, below) or "
+            "'loft' (LoFT's: synthetic images only, batch 256, 60 epochs, 6 warm-up epochs; the rest DataDream's). "
+            "A flag given explicitly wins, e.g. `--recipe loft --train_mode real+synthetic`; it wins over "
+            "`--dataset_preset`'s epochs. In Python, pass `**datadream_hf.presets.recipe_flag_defaults('loft')`.",
+            "choices": list(CLASSIFIER_RECIPES),
+        },
+    )
     real_loss_weight: float = field(
         default=0.8,
         metadata={"help": "lambda: weight of the real-image CE; the synthetic CE gets 1 - lambda (reference: 0.8)."},
@@ -302,6 +338,8 @@ class DataDreamTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         check_ranges(self, self.NUMERIC_RANGES)
+        if self.recipe not in CLASSIFIER_RECIPES:
+            raise ValueError(f"`recipe` must be one of {list(CLASSIFIER_RECIPES)}, got {self.recipe!r}.")
         if self.train_mode not in TRAIN_MODES:
             raise ValueError(f"`train_mode` must be one of {TRAIN_MODES}, got {self.train_mode!r}.")
         if self.augmentation not in AUGMENTATIONS:

@@ -132,8 +132,9 @@ class SamplerEpochCallback(TrainerCallback):
 
 
 class MixedRealSyntheticTrainer(Trainer):
-    """`Trainer` for `CLIPLoRAClassifier`; overrides the train sampler/loader, `compute_loss`, `log` and the checkpoint
-    I/O (LoRA adapter only, not the full CLIP).
+    """`Trainer` for the stage-3 classifiers (`backbones.ClassifierBackbone`: CLIP, SigLIP, image-classification
+    models); overrides the train sampler/loader, `compute_loss`, `log` and the checkpoint I/O (the classifier's own:
+    the LoRA adapter only, or the whole model when every weight trains).
 
     The training set is an `ImageClassificationDataset` (what `train_classifier` builds), or a plain
     `datasets.Dataset` whose items hold `pixel_values` and `label` through a transform (`dataset.with_transform(...)`),
@@ -343,7 +344,7 @@ class MixedRealSyntheticTrainer(Trainer):
             raise
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        self.accelerator.unwrap_model(model if model is not None else self.model).load_adapter_weights(
+        self.accelerator.unwrap_model(model if model is not None else self.model).load_trained_weights(
             resume_from_checkpoint
         )
 
