@@ -193,40 +193,66 @@ def accelerate_launch_command(script: str | os.PathLike, num_processes: int = 2)
 
 
 def write_fake_stage1_output(
-    path: str | os.PathLike, base_model_path: str, class_names: list[str], mode: str = "cls", seed: int = 0
+    path: str | os.PathLike,
+    base_model_path: str,
+    class_names: list[str],
+    mode: str = "cls",
+    seed: int = 0,
+    images_per_class: int | Sequence[int] = 3,
+    image_text_encoder: bool = False,
 ) -> str:
     """Writes a stage-1-style output folder (see the stage-1/stage-2 contract) with random, non-zero LoRA adapters.
 
     Lets stage-2 tests run without stage 1: adapters use `init=False` (B != 0) so they really change the outputs,
     and each class gets its own torch seed (`seed * 1000 + class index`) so class adapters differ. The `dset` adapter
     uses the seed of class 0, so it equals class 0's `cls` adapter under the same `seed` (tests rely on it).
+
+    `mode="image"` writes LoFT's layout (`adapter_index.image_adapter_index`): `images_per_class` adapters per class
+    (one count for all, or one per class), rank 2 (alpha 4), UNet only unless `image_text_encoder`, as if trained on
+    the made-up dataset rows `100 * class + j`; adapter j of class c has torch seed `seed * 1000 + 100 * (c + 1) + j`.
     """
     import json
 
-    from .adapter_index import adapter_index
+    from .adapter_index import adapter_index, image_adapter_index
     from .files import write_json_atomic
     from .lora import generator_lora_configs, save_generator_lora
     from .prompts import PromptTemplate
-    from .run_folder import TRAINING_CONFIG_NAME, class_folder_name
+    from .run_folder import TRAINING_CONFIG_NAME
     from .versions import library_versions
 
-    if mode not in ("dset", "cls"):
-        raise ValueError(f"`mode` must be 'dset' or 'cls', got {mode!r}.")
+    if mode not in ("dset", "cls", "image"):
+        raise ValueError(f"`mode` must be 'dset', 'cls' or 'image', got {mode!r}.")
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     pipe = StableDiffusionPipeline.from_pretrained(base_model_path, safety_checker=None, use_safetensors=True)
-    unet_config, text_config = generator_lora_configs(rank=4, init=False)
-    folders = {"all": "."} if mode == "dset" else {i: class_folder_name(i, n) for i, n in enumerate(class_names)}
-    for key, folder in folders.items():
+    # Image mode: LoFT's rank 2, with alpha 4 so that a scale alpha / r != 1 is exercised.
+    unet_config, text_config = generator_lora_configs(
+        **({"rank": 2, "alpha": 4} if mode == "image" else {"rank": 4}), init=False
+    )
+    with_text = mode != "image" or image_text_encoder
+    if mode == "image":
+        counts = [images_per_class] * len(class_names) if isinstance(images_per_class, int) else images_per_class
+        index = image_adapter_index(class_names, [[100 * c + j for j in range(n)] for c, n in enumerate(counts)])
+        seeds = {
+            key: seed * 1000 + 100 * (image["class"] + 1) + image["row"] % 100
+            for key, image in index["images"].items()
+        }
+    else:
+        index = adapter_index(mode, class_names)
+        seeds = {key: seed * 1000 + (0 if key == "all" else int(key)) for key in index["adapters"]}
+    for key, folder in index["adapters"].items():
         adapter_name = f"fake_{key}"
-        torch.manual_seed(seed * 1000 + (0 if key == "all" else key))
+        torch.manual_seed(seeds[key])
         pipe.unet.add_adapter(unet_config, adapter_name=adapter_name)
-        pipe.text_encoder.add_adapter(text_config, adapter_name=adapter_name)
+        if with_text:
+            pipe.text_encoder.add_adapter(text_config, adapter_name=adapter_name)
         os.makedirs(os.path.join(path, folder), exist_ok=True)
-        save_generator_lora(os.path.join(path, folder), pipe.unet, pipe.text_encoder, adapter_name=adapter_name)
+        text_encoder = pipe.text_encoder if with_text else None
+        save_generator_lora(os.path.join(path, folder), pipe.unet, text_encoder, adapter_name=adapter_name)
         pipe.unet.delete_adapters(adapter_name)
-        pipe.text_encoder.delete_adapter(adapter_name)
-    write_json_atomic(os.path.join(path, "adapter_index.json"), adapter_index(mode, class_names))
+        if with_text:
+            pipe.text_encoder.delete_adapter(adapter_name)
+    write_json_atomic(os.path.join(path, "adapter_index.json"), index)
     template = PromptTemplate(domain="")
     # The layout stage 1 writes (`adapt.outputs.run_record`), reduced to what stage 2 reads.
     config = {

@@ -18,6 +18,14 @@ the same prompts:
         --few_shot_manifest aircraft_16shot.json --dataset_preset fgvc_aircraft \
         --output_dir synthetic-aircraft-frozen --dtype float16
 
+LoFT: from the per-image adapters of `train_datadream_lora.py --mode image`, each image fuses a pair of its class's
+adapters (every pair of the class in a seeded shuffle, cycled; several pairs per batched UNet call):
+
+    accelerate launch --num_processes 8 training_scripts/generate_synthetic.py \
+        --pretrained_model_name_or_path stabilityai/stable-diffusion-2-1-base \
+        --adapter_path loft-aircraft-image --fusion pairs --fusion_weights 0.5 0.5 \
+        --output_dir synthetic-aircraft-loft --dtype float16 --batch_size 16
+
 Offline plumbing check on the tiny test model (RANDOM weights: for meaningful images pass the tiny world's pre-trained
 generator, `datadream-hf tiny-world` prints its folder), after stage 1 wrote `out` (CPU, seconds):
 

@@ -30,12 +30,17 @@ from ..versions import library_versions
 from .adapters import AdapterSet, check_adapters_fit, check_base_model_id, check_class_names, resolve_adapters
 from .config import DTYPES, GenerationArguments, GenerationConfig, GenerationInputError
 from .dataset import write_dataset_card, write_sample_grid
+from .fusion import check_fusion
 from .sampling import SyntheticImageSampler, load_generation_pipeline
 from .shards import generate_shards, split_work
 
 logger = logging.getLogger(__name__)
 
 GENERATION_FORMAT_VERSION = 1
+FUSION_PAIRS_DERIVATION = (
+    "per class, itertools.combinations of its image adapters (adapter_index.json order), permuted by "
+    "numpy.random.default_rng([seed, class_index]); image k uses pair k % number of pairs"
+)
 
 
 def resolve_prompt_template(prompt_template: PromptTemplate | None, adapters: AdapterSet) -> PromptTemplate:
@@ -86,6 +91,7 @@ def describe_run(sampler: SyntheticImageSampler, base_model: dict, dtype: str, c
         "generation": generation,
         "scheduler_class": type(sampler.pipeline.scheduler).__name__,
         "seed_derivation": "numpy SeedSequence([seed, class_index, image_index]) -> 62-bit torch CPU generator seed",
+        **({"fusion_pairs": FUSION_PAIRS_DERIVATION} if sampler.fusion is not None else {}),
         "library_versions": library_versions(),
         "command": command,
     }
@@ -168,6 +174,7 @@ def generate_synthetic_dataset(
     else:
         adapters = resolve_adapters(args.adapter_path, revision=args.adapter_revision, token=args.hub_token)
     check_class_names(adapters, class_names)
+    check_fusion(adapters, config)
     template = resolve_prompt_template(args.requested_prompt_template(), adapters)
     template.check_distinct(adapters.class_names)  # classes whose prompts are one cannot be told apart
     # The recorded base model id is checked before the (slow) pipeline load; the weight shapes after it.
@@ -227,7 +234,7 @@ def generate_synthetic_dataset(
             show_progress=state.is_local_main_process,
             on_shard_written=on_shard_written,
         )
-        sampler.switcher.reset()
+        sampler.reset()
 
         # 4. Every process checks its own shards (the last collective: it waits for the slowest process); then the
         #    main process writes the run manifest, a sample grid and the dataset card, the others gone.
