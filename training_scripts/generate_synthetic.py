@@ -48,12 +48,11 @@ from __future__ import annotations
 import shlex
 import sys
 
-import torch
 import transformers
-from accelerate import PartialState
 
 from datadream_hf.arguments import ScriptArgumentParser
 from datadream_hf.console import setup_script_console
+from datadream_hf.distributed import process_state
 from datadream_hf.errors import run_script
 from datadream_hf.files import check_output_path
 from datadream_hf.generate.config import GenerationArguments, GenerationConfig
@@ -75,7 +74,7 @@ def main(args: tuple[GenerationArguments, GenerationConfig]) -> None:
     generation, config = args
     setup_script_console(libraries=("datasets", "diffusers", "huggingface_hub", "transformers"))
     transformers.utils.logging.disable_progress_bar()  # else a "Loading weights" bar at every adapter switch
-    state = PartialState(cpu=not torch.cuda.is_available())
+    state = process_state(generation.ddp_timeout)  # explicit: NCCL's own is 10 minutes
 
     # 1. Configuration: every check ran when the arguments were parsed, or runs before the first image. The token is
     #    masked in the recorded command however it was passed (`--hub_token X`, `--hub_token=X`, ...).
@@ -92,7 +91,9 @@ def main(args: tuple[GenerationArguments, GenerationConfig]) -> None:
     # 2. Generation (resumes from the finished shards in --output_dir).
     generate_synthetic_dataset(generation, config, state=state, command=shlex.join(["python", *argv]))
 
-    # 3. The dataset (its card written by the run): optional save_to_disk copy, optional Hub upload (Parquet).
+    # 3. The dataset (its card written by the run): optional save_to_disk copy, optional Hub upload (Parquet). Main
+    #    process only, after the last collective: the others have left and wait on no copy or upload (15-20 GB of
+    #    PNG for 500 images x 100 classes), which NCCL's timeout would otherwise abort.
     if state.is_main_process:
         if generation.save_to_disk:
             save_synthetic_dataset(generation.output_dir, generation.save_to_disk)
@@ -104,7 +105,6 @@ def main(args: tuple[GenerationArguments, GenerationConfig]) -> None:
                 token=token,
                 private=generation.hub_private,
             )
-    state.wait_for_everyone()
     state.destroy_process_group()
 
 

@@ -77,6 +77,7 @@ from datadream_hf.adapt.outputs import push_adapters_to_hub
 from datadream_hf.adapt.train import train_generator
 from datadream_hf.arguments import ScriptArgumentParser
 from datadream_hf.console import setup_script_console
+from datadream_hf.distributed import process_group_kwargs
 from datadream_hf.errors import run_script
 from datadream_hf.files import check_output_path
 from datadream_hf.guardrails import refuse_fp16_on_cpu
@@ -109,6 +110,7 @@ def main(args: tuple[GeneratorTrainingConfig, AdapterHubArguments]) -> None:
         cpu=not torch.cuda.is_available(),
         mixed_precision=config.mixed_precision,
         log_with=config.report_to,
+        kwargs_handlers=[process_group_kwargs(config.ddp_timeout)],  # explicit: NCCL's own is 10 minutes
         project_config=ProjectConfiguration(
             project_dir=str(output_dir), logging_dir=str(output_dir / config.logging_dir)
         ),
@@ -128,7 +130,8 @@ def main(args: tuple[GeneratorTrainingConfig, AdapterHubArguments]) -> None:
     # 3. Train: the base model is loaded once per process; cls mode gives class i to process i % num_processes.
     train_generator(config, data, accelerator)
 
-    # 4. Push the finished folder (index, run config, card, adapters; checkpoints stay local).
+    # 4. Push the finished folder (index, run config, card, adapters; checkpoints stay local): main process only, after
+    #    the last collective, so no process waits on the upload.
     if hub.push_to_hub and accelerator.is_main_process:
         repo_id = hub.hub_model_id or output_dir.resolve().name
         url = push_adapters_to_hub(output_dir, repo_id, token=hub.hub_token, private=hub.hub_private)

@@ -13,6 +13,7 @@ from typing import ClassVar, Literal
 
 import torch
 
+from ..distributed import DDP_TIMEOUT_RANGE, ddp_timeout_field
 from ..prompts import DOMAIN_PRESETS, PromptTemplate
 from ..validation import BETA, COUNT, NON_NEGATIVE_INT, POSITIVE, PROBABILITY, RATE, SEED, Range, check_ranges, integer
 from .modes import MODES, get_mode
@@ -162,6 +163,7 @@ class GeneratorTrainingConfig:
     num_validation_images: int = field(default=0, metadata={"help": "Images sampled after each adapter (0: none)."})
     validation_num_inference_steps: int = field(default=25, metadata={"help": "Sampling steps of validation."})
     license: str = field(default="openrail++", metadata={"help": "License in the card (SD 2.1's is openrail++)."})
+    ddp_timeout: int = ddp_timeout_field()
 
     # What every numeric flag may be (`datadream_hf.validation`), checked before any work.
     NUMERIC_RANGES: ClassVar[dict[str, Range]] = {
@@ -185,6 +187,7 @@ class GeneratorTrainingConfig:
         "checkpoints_total_limit": COUNT.or_none(),
         "num_validation_images": NON_NEGATIVE_INT,
         "validation_num_inference_steps": COUNT,
+        "ddp_timeout": DDP_TIMEOUT_RANGE,
     }
 
     def __post_init__(self):

@@ -40,7 +40,7 @@ RUN_ONLY_FIELDS = frozenset(
     {
         "output_dir", "dataset", "few_shot_manifest", "checkpointing_steps", "checkpoints_total_limit",
         "resume_from_checkpoint", "report_to", "logging_dir", "validation_prompt", "num_validation_images",
-        "validation_num_inference_steps", "license", "gradient_checkpointing",
+        "validation_num_inference_steps", "license", "gradient_checkpointing", "ddp_timeout",
         # How cls classes are grouped changes the adapters by float rounding only: a run may resume with another
         # strategy or group size (`adapt.grouped.plan` continues every class from its own checkpoints).
         "cls_strategy", "classes_per_group", "memory_safety_margin",

@@ -117,7 +117,8 @@ def _train_generator(config, data, accelerator, models, step_callback) -> Path:
             if config.num_validation_images > 0 and shard[0] == 0:
                 log_validation(models, unit, config, data.class_names, accelerator)
 
-    # 4. Once every process is done: the index (which marks the output complete) and the card; the curves of the
+    # 4. Once every process is done (this barrier waits for the busiest process: `--ddp_timeout` bounds it): the index
+    #    (which marks the output complete) and the card; then, with no process waiting on it, the curves of the
     #    classes other processes trained go to the trackers, which live on the main process.
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -125,12 +126,12 @@ def _train_generator(config, data, accelerator, models, step_callback) -> Path:
         if missing:
             raise CheckpointError(f"Adapters missing after training: {missing}; re-run with --resume_from_checkpoint.")
         write_outputs(output_dir, config.mode, data.class_names, data.manifest.indices)
-        if mode.splits_adapters and config.report_to and accelerator.num_processes > 1:
-            specs = mode.units(config.seed, data.class_names, data.labels, data.manifest.indices)
-            others = [spec.folder for i, spec in enumerate(specs)
-                      if i % accelerator.num_processes != accelerator.process_index]  # fmt: skip
-            replay_to_trackers(output_dir, others, accelerator)
     accelerator.wait_for_everyone()
+    if accelerator.is_main_process and mode.splits_adapters and config.report_to and accelerator.num_processes > 1:
+        specs = mode.units(config.seed, data.class_names, data.labels, data.manifest.indices)
+        others = [spec.folder for i, spec in enumerate(specs)
+                  if i % accelerator.num_processes != accelerator.process_index]  # fmt: skip
+        replay_to_trackers(output_dir, others, accelerator)
     return output_dir
 
 

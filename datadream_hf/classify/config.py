@@ -305,9 +305,14 @@ class DataDreamTrainingArguments(TrainingArguments):
     fp16: bool | None = field(
         default=None,
         metadata={
-            "help": "fp16 autocast with loss scaling. Default: on when a CUDA GPU trains (the reference's "
-            "`--use_fp16 True`), off on CPU."
+            "help": "fp16 autocast with loss scaling. Default (neither --fp16 nor --bf16 given): Accelerate's setting "
+            "(`accelerate launch --mixed_precision`, its config file), else on when a CUDA GPU trains (the "
+            "reference's `--use_fp16 True`), off on CPU."
         },
+    )
+    bf16: bool | None = field(
+        default=None,
+        metadata={"help": "bf16 autocast (Ampere or newer GPUs, or a CPU). Default: as --fp16 says."},
     )
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Kept False: the model's forward does not take `is_real`, the loss does."}
@@ -345,9 +350,11 @@ class DataDreamTrainingArguments(TrainingArguments):
             # Several CPU processes (accelerate launch / torchrun without a GPU) only form a DDP group when
             # `use_cpu` is set before the devices are set up, i.e. here; otherwise each process trains alone.
             self.use_cpu = True
-        if self.fp16 is None:
-            self.fp16 = default_fp16(self.use_cpu)
+        precision_given = self.fp16 is not None or self.bf16 is not None
+        self.fp16, self.bf16 = mixed_precision_flags(self.fp16, self.bf16, self.use_cpu)
         super().__post_init__()
+        if precision_given and not (self.fp16 or self.bf16):
+            self.mixed_precision = "no"  # TrainingArguments would take ACCELERATE_MIXED_PRECISION: the flags win
         if isinstance(self.lr_scheduler_kwargs, dict) and "min_lr" in self.lr_scheduler_kwargs:  # parsed by now
             check_value("lr_scheduler_kwargs.min_lr", self.lr_scheduler_kwargs["min_lr"], PROBABILITY.with_hint(
                 "the cosine's floor; reference: 1e-8"))  # fmt: skip
@@ -375,6 +382,19 @@ def default_fp16(use_cpu: bool) -> bool:
     return torch.cuda.is_available() and not use_cpu
 
 
+def mixed_precision_flags(fp16: bool | None, bf16: bool | None, use_cpu: bool) -> tuple[bool, bool]:
+    """(fp16, bf16): the flags when either is given; else Accelerate's setting (`ACCELERATE_MIXED_PRECISION`, which
+    `accelerate launch` sets from its `--mixed_precision` or config file, as stage 1 follows it); else fp16 on a GPU
+    (`default_fp16`). Resolving fp16 on a GPU regardless would refuse `--bf16 true` (both on) and silently replace
+    `accelerate launch --mixed_precision bf16` (or `no`) by fp16."""
+    if fp16 is not None or bf16 is not None:
+        return bool(fp16), bool(bf16)
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if launcher is not None:  # "no", "fp16", "bf16" (another, e.g. fp8, is left to Accelerate: both flags off)
+        return launcher == "fp16", launcher == "bf16"
+    return default_fp16(use_cpu), False
+
+
 def _has_accelerator() -> bool:
     accelerator = getattr(torch, "accelerator", None)
     return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
@@ -384,7 +404,8 @@ def check_arguments(args: ClassifierArguments, training_args: DataDreamTrainingA
     """The checks that need both dataclasses (the data `train_mode` trains on must be given) or the machine (no fp16
     on a CPU)."""
     if training_args.fp16:
-        refuse_fp16_on_cpu("fp16", training_args.device, "--fp16", "Drop it (fp32), or pass --bf16 true.")
+        refuse_fp16_on_cpu("fp16", training_args.device, "--fp16 (flag or accelerate launch --mixed_precision)",
+                           "Drop it (fp32), or pass --bf16 true.")  # fmt: skip
     if training_args.train_mode != "real" and not args.synthetic_dataset:
         raise ValueError(f"`--train_mode {training_args.train_mode}` needs `--synthetic_dataset`.")
     if training_args.train_mode != "synthetic" and not args.few_shot_manifest:

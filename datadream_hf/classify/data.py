@@ -109,6 +109,25 @@ class RealSyntheticBatchSampler(Sampler[list[SampleKey]]):
             yield [SampleKey(index, seed) for index, seed in zip(indices, seeds[g].tolist())]
 
 
+def find_batch_sampler(loader) -> RealSyntheticBatchSampler | None:
+    """The `RealSyntheticBatchSampler` under a dataloader's wrappers, however deep, or None.
+
+    accelerate wraps it in a `BatchSamplerShard` under several processes, and a resumed epoch adds a
+    `SkipBatchSampler` and a new `DataLoaderShard` over those: its `set_epoch` (and the Trainer's, one level deeper)
+    no longer reaches the sampler, which would replay epoch 0's order for the rest of the resumed epoch.
+    """
+    seen, todo = set(), [loader]
+    while todo:
+        current = todo.pop()
+        if isinstance(current, RealSyntheticBatchSampler):
+            return current
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        todo.extend(getattr(current, name, None) for name in ("batch_sampler", "sampler", "base_dataloader"))
+    return None
+
+
 # Outputs of a deterministic transform kept in memory per dataset, when they all fit (CLIP ViT-B/16: ~0.6 MB each).
 CACHE_BYTES = 512 << 20
 

@@ -111,14 +111,15 @@ def _train_and_report(args, training_args, data: dict, push_to_hub: bool, hub_to
     record = run_record(args, training_args, data, prompt_template, train_dataset, model)
     report = run_report(training_args, trainer.state, results)
 
-    # 5. Outputs (main process): adapter, configs, report, card; then the optional upload.
+    # 5. Outputs (main process): adapter, configs, report, card; then the optional upload, after the last collective
+    #    (no process waits on it: `--ddp_timeout` bounds the waits at collectives).
     trainer.save_model(training_args.output_dir)
+    output_dir = Path(training_args.output_dir)
     if training_args.should_save:
-        output_dir = Path(training_args.output_dir)
         write_outputs(output_dir, args, training_args, record, report)
-        if push_to_hub:
-            repo_id = training_args.hub_model_id or output_dir.resolve().name
-            hub.push_folder_to_hub(output_dir, repo_id, token=hub_token, private=bool(training_args.hub_private_repo))
     trainer.accelerator.wait_for_everyone()
+    if training_args.should_save and push_to_hub:
+        repo_id = training_args.hub_model_id or output_dir.resolve().name
+        hub.push_folder_to_hub(output_dir, repo_id, token=hub_token, private=bool(training_args.hub_private_repo))
     trainer.accelerator.end_training()
     return report

@@ -9,6 +9,7 @@ from typing import ClassVar, Literal
 
 import torch
 
+from ..distributed import DDP_TIMEOUT_RANGE, ddp_timeout_field
 from ..errors import InputError
 from ..few_shot import FewShotManifest
 from ..prompts import DEFAULT_TEMPLATE, PromptTemplate
@@ -203,8 +204,12 @@ class GenerationArguments:
         default=None, metadata={"help": "Hub token (default: the logged-in one); never written anywhere."}
     )
     hub_private: bool = field(default=False, metadata={"help": "Create the dataset repo as private."})
+    ddp_timeout: int = ddp_timeout_field()
+
+    NUMERIC_RANGES: ClassVar[dict[str, Range]] = {"ddp_timeout": DDP_TIMEOUT_RANGE}
 
     def __post_init__(self):
+        check_ranges(self, self.NUMERIC_RANGES, GenerationInputError)
         if not self.pretrained_model_name_or_path:
             raise GenerationInputError("`pretrained_model_name_or_path` is required: the base model stage 1 used.")
         if self.no_adapter and self.adapter_path is not None:

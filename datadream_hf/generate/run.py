@@ -12,8 +12,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
+from ..distributed import process_state
 from ..files import check_output_path, write_json_atomic
 from ..guardrails import native_resolution, refuse_fp16_on_cpu, warn_far_resolution
 from ..prompts import PromptTemplate
@@ -25,7 +24,6 @@ from ..synthetic import (
     SHARDS_DIR,
     Shard,
     is_shard_finished,
-    missing_shards,
     plan_shards,
     remove_stale_temp_files,
 )
@@ -132,6 +130,16 @@ def check_output_dir(output_dir: str | Path, run_info: dict) -> bool:
     )
 
 
+def _gather_unfinished(output_dir: Path, share: list[Shard], run_info: dict, state) -> set[Shard]:
+    """The unfinished shards of every process's `share`, each process hashing its own (a collective: every process
+    calls it and gets the union)."""
+    from accelerate.utils import gather_object
+
+    names, fingerprint = run_info["class_names"], run_info["fingerprint"]
+    unfinished = [s for s in share if not is_shard_finished(output_dir, s, names, fingerprint)]
+    return set(gather_object(unfinished) if state.num_processes > 1 else unfinished)
+
+
 def generate_synthetic_dataset(
     args: GenerationArguments,
     config: GenerationConfig,
@@ -147,11 +155,13 @@ def generate_synthetic_dataset(
         state: an `accelerate.PartialState`; the shards are split across its processes.
         command: the command line to record (the script's, its token masked).
         on_shard_written: called after each finished shard (tests use it to stop a run midway).
+
+    With several processes, the others return once every shard is written and checked; the main process then writes
+    the run manifest, sample grid and card (and the script uploads), with no process waiting on it at a collective.
     """
-    from accelerate import PartialState
     from accelerate.utils import broadcast_object_list
 
-    state = state or PartialState(cpu=not torch.cuda.is_available())
+    state = state or process_state(args.ddp_timeout)
     output_dir, model, revision = args.output_dir, args.pretrained_model_name_or_path, args.revision
     # 1. Validate everything before the first image (`args` checked adapter_path / no_adapter / classes).
     check_output_path(output_dir, "--output_dir")  # a file in the way, no write permission
@@ -189,7 +199,8 @@ def generate_synthetic_dataset(
     check_output_dir(output_dir, run_info)
     state.wait_for_everyone()
 
-    # 2. The main process locks the folder, sets it up and lists the unfinished shards; every process gets the list.
+    # 2. The main process locks the folder and sets it up; then every process hashes its share of the finished
+    #    shards (15-20 GB of PNG in a full run: one process alone would keep the others waiting at a collective).
     lock, setup = OutputDirLock(output_dir), None
     if state.is_main_process:
         try:
@@ -201,7 +212,7 @@ def generate_synthetic_dataset(
             write_json_atomic(output_dir / GENERATION_CONFIG_NAME, run_info)
             for tmp in remove_stale_temp_files(output_dir):
                 logger.info(f"Removed {tmp}, left by an interrupted run.")
-            setup = {"pending": missing_shards(output_dir, run_info)}
+            setup = {}
         except (OutputDirLockedError, GenerationInputError) as err:
             lock.release()
             setup = {"error": err}
@@ -209,12 +220,15 @@ def generate_synthetic_dataset(
     if "error" in setup:
         raise setup["error"]
     plan = plan_shards(len(adapters.class_names), config.images_per_class, config.shard_size)
-    if len(setup["pending"]) < len(plan):
-        logger.info(f"Resuming: {len(plan) - len(setup['pending'])} finished shard(s) kept.")
-
     try:
+        unfinished = _gather_unfinished(output_dir, split_work(plan, state.num_processes, state.process_index),
+                                        run_info, state)  # fmt: skip
+        pending = [s for s in plan if s in unfinished]
+        if len(pending) < len(plan):
+            logger.info(f"Resuming: {len(plan) - len(pending)} finished shard(s) kept.")
+
         # 3. Generate this process's share.
-        mine = split_work(setup["pending"], state.num_processes, state.process_index)
+        mine = split_work(pending, state.num_processes, state.process_index)
         logger.info(
             f"Process {state.process_index + 1}/{state.num_processes}: {len(mine)} shard(s), "
             f"{sum(s.num_images for s in mine)} images to generate."
@@ -228,13 +242,14 @@ def generate_synthetic_dataset(
             on_shard_written=on_shard_written,
         )
         sampler.reset()
-        state.wait_for_everyone()
 
-        # 4. The main process checks the union and writes the run manifest, a sample grid and the dataset card.
+        # 4. Every process checks its own shards (the last collective: it waits for the slowest process); then the
+        #    main process writes the run manifest, a sample grid and the dataset card, the others gone.
+        missing = _gather_unfinished(output_dir, mine, run_info, state)
+        still_missing = [s for s in pending if s in missing]
+        if still_missing:
+            raise RuntimeError(f"{len(still_missing)} shard(s) missing after generation, e.g. {still_missing[0]}.")
         if state.is_main_process:
-            still_missing = missing_shards(output_dir, run_info)
-            if still_missing:
-                raise RuntimeError(f"{len(still_missing)} shard(s) missing after generation, e.g. {still_missing[0]}.")
             write_sample_grid(output_dir)
             manifest = {
                 "fingerprint": run_info["fingerprint"],
@@ -248,7 +263,6 @@ def generate_synthetic_dataset(
             write_json_atomic(output_dir / GENERATION_MANIFEST_NAME, manifest)
             # The card last: its YAML makes the folder loadable with `datasets.load_dataset(output_dir)`.
             write_dataset_card(output_dir, license=args.dataset_license, repo_id=args.hub_dataset_id)
-        state.wait_for_everyone()
     finally:
         lock.release()
     return run_info
