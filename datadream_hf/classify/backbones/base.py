@@ -122,7 +122,9 @@ def save_adapter(peft_model: PeftModel, save_directory: Path) -> None:
         peft_model.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=False)
 
 
-def load_adapter(peft_model: PeftModel, adapter_directory: str | os.PathLike, base_model_name_or_path: str) -> None:
+def load_adapter_safetensors(
+    peft_model: PeftModel, adapter_directory: str | os.PathLike, base_model_name_or_path: str
+) -> None:
     """Loads adapter weights saved by `save_adapter` into `peft_model`, refusing one of another shape or placement."""
     state_dict = load_safetensors(Path(adapter_directory) / ADAPTER_WEIGHTS_NAME)
     expected = get_peft_model_state_dict(peft_model)

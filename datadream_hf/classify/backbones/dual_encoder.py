@@ -23,7 +23,7 @@ from .base import (
     ClassifierBackbone,
     ClassifierOutput,
     exclude_unreachable_targets,
-    load_adapter,
+    load_adapter_safetensors,
     read_classifier_config,
     save_adapter,
     saved_lora_config,
@@ -186,7 +186,7 @@ class DualEncoderClassifier(ClassifierBackbone):
 
     def load_trained_weights(self, directory: str | os.PathLike) -> None:
         """Loads LoRA weights saved by `save_pretrained` into this model (e.g. the best checkpoint)."""
-        load_adapter(self.encoder, directory, self.base_model_name_or_path)
+        load_adapter_safetensors(self.encoder, directory, self.base_model_name_or_path)
         self._cached_head = None
 
     @classmethod

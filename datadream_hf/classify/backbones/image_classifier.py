@@ -22,7 +22,7 @@ from .base import (
     ClassifierBackbone,
     ClassifierOutput,
     exclude_unreachable_targets,
-    load_adapter,
+    load_adapter_safetensors,
     read_classifier_config,
     save_adapter,
     saved_lora_config,
@@ -222,7 +222,7 @@ class ImageClassifier(ClassifierBackbone):
     def load_trained_weights(self, directory: str | os.PathLike) -> None:
         """Loads the weights `save_pretrained` wrote into this model (e.g. the best checkpoint)."""
         if self.uses_lora:
-            load_adapter(self.model, directory, self.base_model_name_or_path)
+            load_adapter_safetensors(self.model, directory, self.base_model_name_or_path)
             return
         if not (Path(directory) / FULL_WEIGHTS_NAME).is_file():
             raise FileNotFoundError(f"No {FULL_WEIGHTS_NAME} in {str(directory)!r}: no fully fine-tuned model there.")
