@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install test quality style demo benchmark benchmark-gpu
+.PHONY: install test quality style demo demo-k4 benchmark benchmark-gpu
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -27,8 +27,13 @@ style:
 demo:
 	$(PY) training_scripts/run_demo.py --output_dir demo_output
 
+# The scarcer setting: 4 real images per class (the README's K=4 column).
+demo-k4:
+	$(PY) training_scripts/run_demo.py --output_dir demo_output_k4 --k 4
+
 benchmark:
 	$(PY) benchmarks/bench_stage1_cls.py
+	$(PY) benchmarks/bench_stage1_loft.py
 	$(PY) benchmarks/bench_generation.py
 
 # On one GPU (>= 80 GB): both benchmarks at SD 2.1-base size with random weights, nothing downloaded.

@@ -6,6 +6,9 @@ In one process, on the same model, prompts and per-image seeds, N classes x M im
              LoRA cost; the switch is timed apart and reported as a fraction of the class's sampling time;
   ours+write the same through `generate_shards` (PNG encoding + Parquet shards on disk);
   unfused    one pipeline, each class's adapter loaded but not fused (peft LoRA layers active while sampling);
+  fusion     LoFT (`--fusion pairs`): `--fusion_k` image adapters per class (rank 2, UNet attention, LoFT's placement)
+             stacked in grouped LoRA layers, each image of a batch with its own weighted pair, one pipeline call per
+             batch (target >= 0.8x base's images/s); loading a class's stacks is timed apart as its switch;
   reference  the reference's `generate.py`: the full pipeline loaded again for every class, adapter unfused.
 The adapters are stand-ins (random A, small random B): sampling cost does not depend on what they learned.
 
@@ -29,6 +32,7 @@ made 1.80 img/s against ours' 3.78 (2.1x).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import logging
@@ -54,6 +58,7 @@ from datadream_hf.tiny_world.benchmarking import (
     measure,
     synchronize,
     write_random_class_adapters,
+    write_random_image_adapters,
 )
 from datadream_hf.tiny_world.digits import DIGIT_NAMES
 
@@ -70,6 +75,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--guidance_scale", type=float, default=2.0)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--dtype", type=str, default="auto", help="'auto': float16 on GPU, float32 on CPU.")
+    parser.add_argument("--fusion_k", type=int, default=4, help="Image adapters per class of the fusion case.")
     parser.add_argument("--skip_reference", action="store_true", help="Skip the reload-per-class baseline.")
     parser.add_argument("--num_threads", type=int, default=None, help="CPU threads (default: torch's).")
     parser.add_argument("--output_dir", type=str, default=None, help="Work folder (default: a temp folder).")
@@ -177,9 +183,25 @@ def main(args: argparse.Namespace) -> dict:
     record("unfused", "one pipeline, adapter loaded unfused per class", m_unfused, unfused_run)
     pipeline.unload_lora_weights()
 
-    # 4. Reference-style: a fresh pipeline per class, adapter unfused.
+    # 4. LoFT fusion: image adapters stacked per class, a weighted pair per image, several pairs per pipeline call.
+    image_dir = work / "image_adapters"
+    image_models = load_generator_models(
+        GeneratorTrainingConfig(pretrained_model_name_or_path=model, rank=2, train_text_encoder=False)
+    )
+    write_random_image_adapters(image_models, image_dir, names, args.fusion_k)
+    del image_models
+    image_adapters = resolve_adapters(str(image_dir))
+    fused = SyntheticImageSampler(pipeline, image_adapters, template, dataclasses.replace(config, fusion="pairs"))
+    with measure(device) as m_fusion:
+        fusion_run = sample_classes(
+            fused, n, m, switch=lambda c: fused.fusion.load(image_adapters.image_weight_files(c))
+        )
+    record("fusion", f"LoFT fusion: {args.fusion_k} image adapters/class, pairs batched", m_fusion, fusion_run)
+    fused.reset()
+
+    # 5. Reference-style: a fresh pipeline per class, adapter unfused.
     if not args.skip_reference:
-        del base, ours, unfused, pipeline
+        del base, ours, unfused, fused, pipeline
         gc.collect()
         reference = {"sampling_s": [], "switch_s": [], "images": []}
         with measure(device) as m_reference:
@@ -222,6 +244,10 @@ def main(args: argparse.Namespace) -> dict:
           f"here, {ours_r['switch_fraction_500x50']:.2%} for a class of 500 images x 50 steps (target < 5%); "
           f"writing (PNG + Parquet, on a writer thread) adds "
           f"{results['ours+write']['seconds'] / ours_r['seconds'] - 1:+.1%} to ours.")  # fmt: skip
+    fusion_r = results["fusion"]
+    print(f"fusion: {fusion_r['images_per_s'] / base_ips:.2f}x the base pipeline's images/s with class loads "
+          f"({n * m / fusion_r['sampling_s'] / base_ips:.2f}x sampling only; target >= 0.80); loading a class's "
+          f"{args.fusion_k} image adapters {fusion_r['mean_switch_s']:.3f} s.")  # fmt: skip
     if "reference" in results:
         print(f"ours vs reference-style: {ours_r['images_per_s'] / results['reference']['images_per_s']:.2f}x the "
               f"images/s; largest pixel difference (uint8) fused vs unfused: "

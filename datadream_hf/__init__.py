@@ -8,7 +8,14 @@ from __future__ import annotations
 
 import importlib
 
+from .console import silence_harmless_log_messages
+
 __version__ = "0.1.0"
+
+# Before any library logs: transformers' "`CLIPImageProcessor` requires torchvision (not installed); falling back to
+# `CLIPImageProcessorPil`" lines (torchvision cannot be imported beside the CPU torch; the PIL processors are the ones
+# every stage uses) would otherwise open every command's output.
+silence_harmless_log_messages()
 
 # Public name -> the module (under datadream_hf) that defines it.
 _PUBLIC_API = {
@@ -30,6 +37,7 @@ _PUBLIC_API = {
     "ClassifierArguments": "classify.config",
     "DataDreamTrainingArguments": "classify.config",
     "CLIPLoRAClassifier": "classify.modeling",
+    "load_trained_classifier": "classify.backbones",
     "MixedRealSyntheticTrainer": "classify.trainer",
     "train_classifier": "classify.train",
 }

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
+from .console import setup_script_console
 from .errors import DEBUG_HELP, run_script
+from .files import check_output_path
 from .validation import K_SHOTS, SEED, check_ranges
 
 # What each command's numeric options may be (`datadream_hf.validation`), checked before any work.
@@ -25,6 +28,8 @@ def _few_shot(args: argparse.Namespace) -> None:
 
     if args.dataset_preset:
         domain_for_preset(args.dataset_preset)  # an unknown preset fails here, naming the known ones
+    check_output_path(args.output, "--output", folder=False)
+    setup_script_console(libraries=("datasets",))  # a piped output gets lines, not progress-bar redraws
     # The preset's columns, split and K, unless given.
     settings = {"split": "train", "image_column": "image", "label_column": "label", "k": 16}
     settings.update({k: v for k, v in preset_flag_defaults(args.dataset_preset).items() if k in settings})
@@ -48,7 +53,8 @@ def _few_shot(args: argparse.Namespace) -> None:
         source_class_names=source_names,
     )
     manifest.select(dataset)  # decode the chosen images now: a corrupt file fails here, not in stage 1
-    manifest.save(args.output)
+    Path(args.output).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    manifest.save(Path(args.output).expanduser())
     summary = {"manifest": args.output, "k": manifest.k, "seed": args.seed, "classes": len(manifest.class_names)}
     summary["names"] = dict(list(zip(source_names, manifest.class_names))[:3])  # e.g. {"n01440764": "tench"}
     print(json.dumps(summary))
@@ -78,6 +84,8 @@ def _presets(args: argparse.Namespace) -> None:
 def _tiny_models(args: argparse.Namespace) -> None:
     from .testing import save_tiny_clip, save_tiny_stable_diffusion
 
+    check_output_path(args.output_dir, "--output_dir")
+    setup_script_console(libraries=("diffusers", "huggingface_hub", "transformers"))
     print(save_tiny_stable_diffusion(f"{args.output_dir}/tiny-sd"))
     print(save_tiny_clip(f"{args.output_dir}/tiny-clip"))
 
@@ -90,13 +98,18 @@ def _tiny_world(args: argparse.Namespace) -> None:
     print(json.dumps({"generator": str(paths.generator), "clip": str(paths.clip)}))
     if args.recipe:
         recipe = TinyWorldRecipe(k=args.k)
-        print("# DataDream on your images with the tiny world's models and the demo's settings:")
+        print(
+            "# DataDream on your images with the tiny world's models and the demo's settings, one process each "
+            "(`accelerate launch --num_processes N` in place of `python` splits stages 1 and 2 over N processes):"
+        )
         print("\n".join(recipe.commands(str(paths.generator), str(paths.clip), args.dataset, args.class_names)))
 
 
 def _digits(args: argparse.Namespace) -> None:
     from .tiny_world.digits import load_digits_dataset
 
+    check_output_path(args.output_dir, "--output_dir")
+    setup_script_console(libraries=("datasets",))
     load_digits_dataset().save_to_disk(args.output_dir)
     print(args.output_dir)
 
@@ -147,8 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     world.add_argument(
         "--dataset",
         default="my_digits",
-        help="The dataset the printed commands read: a save_to_disk folder with train and test splits (stage 3 carves "
-        "its validation images from train); 32 px images, the tiny world knows digit-like images only.",
+        help="The dataset the printed commands read: a save_to_disk folder with train and test splits, an image "
+        "folder with train/ and test/ split folders of class folders, or a folder of class folders (stage 3 then "
+        "carves its test images too); the K shots and stage 3's validation images come from train. 32 px images: the "
+        "tiny world knows digit-like images only.",
     )
     world.add_argument("--class_names", default=None, help="Comma-separated classes to keep, in this order.")
     world.add_argument("--k", type=int, default=16, help="Real images per class of the printed recipe.")

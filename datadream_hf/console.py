@@ -33,6 +33,7 @@ PROGRESS_BAR_SWITCHES = {
     "transformers": "utils.logging.disable_progress_bar",
 }
 _configured = False
+_filtered = False
 
 
 class _DropMessage(logging.Filter):
@@ -42,6 +43,18 @@ class _DropMessage(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not self.pattern.match(record.getMessage())
+
+
+def silence_harmless_log_messages() -> None:
+    """Drops the `HARMLESS_LOG_MESSAGES` at their loggers, once per process. Cheap (no library is imported), so the
+    package does it when it is imported: diffusers and transformers log the torchvision fallback when a module first
+    names an image processor class, which for the scripts happens while their imports run, before `main`."""
+    global _filtered
+    if _filtered:
+        return
+    _filtered = True
+    for name, pattern in HARMLESS_LOG_MESSAGES.items():
+        logging.getLogger(name).addFilter(_DropMessage(pattern))
 
 
 def on_terminal() -> bool:
@@ -60,8 +73,7 @@ def setup_script_console(libraries: tuple[str, ...] = ("datasets", "huggingface_
     logging.basicConfig(format=LOG_FORMAT, level=logging.INFO)
     for category, message in HARMLESS_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
-    for name, pattern in HARMLESS_LOG_MESSAGES.items():
-        logging.getLogger(name).addFilter(_DropMessage(pattern))
+    silence_harmless_log_messages()
     if not on_terminal():
         for library in libraries:
             attrgetter(PROGRESS_BAR_SWITCHES[library])(importlib.import_module(library))()

@@ -12,6 +12,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
+from datasets.data_files import SPLIT_KEYWORDS
 from PIL import Image as PILImage
 from PIL import ImageOps
 
@@ -22,14 +23,59 @@ logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 ORIENTATION_TAG = 0x0112  # EXIF Orientation: 1 is upright, 2-8 a flip and/or rotation to undo
+# Split folder name -> split, as `datasets`' imagefolder reads `root/<split>/<class>/<image>` (`train`, `test`,
+# `validation`/`valid`/`val`/`dev`, ...).
+SPLIT_FOLDER_NAMES = {name: str(split) for split, names in SPLIT_KEYWORDS.items() for name in names}
 
 
 class DatasetInputError(InputError):
     """Bad dataset input; the message names the culprit and what to do."""
 
 
-def load_image_folder(path: str | os.PathLike, class_names: list[str] | None = None) -> Dataset:
+def image_folder_splits(path: str | os.PathLike) -> dict[str, Path]:
+    """The split folders of an image folder laid out as `datasets`' imagefolder reads splits,
+    `root/<split>/<class>/<image>` ({"train": root/train, "test": root/test, ...}); {} for a folder of class folders
+    (`root/<class>/<image>`, one split).
+
+    A folder is split when every visible sub-folder has a split name (`SPLIT_FOLDER_NAMES`) and holds folders (classes
+    named `train` and `test` that hold images stay classes); split folders beside class folders, or two folders of one
+    split (`val` and `validation`), are an error naming them.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        return {}
+    folders = [p for p in _entries(root) if p.is_dir()]
+    named = [p for p in folders if p.name in SPLIT_FOLDER_NAMES]
+    holding_folders = [p for p in named if any(q.is_dir() for q in _entries(p))]
+    if not holding_folders:
+        return {}  # no split name, or classes that happen to have one
+    others = [p.name for p in folders if p not in holding_folders]
+    if others:
+        raise DatasetInputError(
+            f"Image folder {str(root)!r} mixes split folders ({', '.join(p.name for p in holding_folders)}) with "
+            f"folders that hold no class folder ({', '.join(others[:5])}). Use `<root>/<split>/<class>/<image>` "
+            f"(splits {'/'.join(sorted(SPLIT_FOLDER_NAMES))}) or `<root>/<class>/<image>`, not both."
+        )
+    splits: dict[str, Path] = {}
+    for folder in named:
+        split = SPLIT_FOLDER_NAMES[folder.name]
+        if split in splits:
+            raise DatasetInputError(
+                f"Image folder {str(root)!r} has two folders of split {split!r}: {splits[split].name!r} and "
+                f"{folder.name!r}. Merge them or rename one."
+            )
+        splits[split] = folder
+    return splits
+
+
+def load_image_folder(
+    path: str | os.PathLike, class_names: list[str] | None = None, split: str | None = None
+) -> Dataset:
     """Loads `path/<class name>/<image>` into a dataset; with `class_names`, in that order (else alphabetical).
+
+    A folder with split sub-folders (`path/<split>/<class name>/<image>`, see `image_folder_splits`) loads its `split`
+    (default "train") with the classes of all splits, alphabetical as `datasets`' imagefolder orders them, so every
+    split has the same labels; a class may lack a folder in one split but not in all.
 
     A link to a missing file or an unreadable entry (in the root or in a class folder) is an error naming it, as a
     corrupt image is: skipping it would silently drop images, or a whole class. Hidden entries are ignored; other
@@ -38,6 +84,36 @@ def load_image_folder(path: str | os.PathLike, class_names: list[str] | None = N
     root = Path(path)
     if not root.is_dir():
         raise DatasetInputError(f"Image folder {str(root)!r} does not exist or is not a directory.")
+    splits = image_folder_splits(root)
+    if splits:
+        return _load_split(root, splits, class_names, split or "train")
+    return _load_classes(root, class_names)
+
+
+def _load_split(root: Path, splits: dict[str, Path], class_names: list[str] | None, split: str) -> Dataset:
+    """`split` of an image folder with split folders, with the classes of every split."""
+    if split not in splits:
+        split = SPLIT_FOLDER_NAMES.get(split, split)  # `--split val` means the validation folder
+    if split not in splits:
+        found = ", ".join(f"{name} ({folder.name}/)" for name, folder in splits.items())
+        raise DatasetInputError(f"Split {split!r} has no folder in image folder {str(root)!r}; its splits: {found}.")
+    folders = {name: sorted(p.name for p in _entries(folder) if p.is_dir()) for name, folder in splits.items()}
+    everywhere = sorted({name for names in folders.values() for name in names})
+    if class_names is None:
+        class_names = everywhere
+    _check_class_names(class_names, where=str(root))
+    missing = [name for name in class_names if name not in everywhere]
+    if missing:
+        raise DatasetInputError(
+            f"Class name(s) {missing} have no sub-folder in any split of {str(root)!r}; found {everywhere}. Fix "
+            "`class_names` or the folder layout."
+        )
+    present = [name for name in class_names if name in folders[split]]
+    return _load_classes(splits[split], class_names, present)
+
+
+def _load_classes(root: Path, class_names: list[str] | None, present: list[str] | None = None) -> Dataset:
+    """`root/<class>/<image>` with `class_names` as labels; only the classes in `present` (default: all) are read."""
     folders = sorted(p.name for p in _entries(root) if p.is_dir())
     if class_names is None:
         class_names = folders
@@ -47,13 +123,15 @@ def load_image_folder(path: str | os.PathLike, class_names: list[str] | None = N
             f"Image folder {str(root)!r} has no class sub-folders (expected `<root>/<class>/*.png`)."
         )
     missing = [name for name in class_names if name not in folders]
-    if missing:
+    if missing and present is None:
         raise DatasetInputError(
             f"Class name(s) {missing} have no sub-folder in {str(root)!r}; found {folders}. Fix `class_names` or "
             "the folder layout."
         )
     paths, labels = [], []
     for label, name in enumerate(class_names):
+        if present is not None and name not in present:
+            continue
         entries = _entries(root / name)
         files = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
         skipped = [p.name for p in entries if p not in files]
@@ -64,8 +142,15 @@ def load_image_folder(path: str | os.PathLike, class_names: list[str] | None = N
                 ", ".join(IMAGE_EXTENSIONS), skipped[:10],
             )  # fmt: skip
         if not files:
+            inner = [p.name for p in entries if p.is_dir()]
+            hint = (
+                f"; it holds folders ({', '.join(inner[:5])}): a split folder is named "
+                f"{'/'.join(sorted(SPLIT_FOLDER_NAMES))}, as `datasets`' imagefolder reads them"
+                if inner
+                else ""
+            )
             raise DatasetInputError(
-                f"Class folder {str(root / name)!r} holds no image file ({', '.join(IMAGE_EXTENSIONS)})."
+                f"Class folder {str(root / name)!r} holds no image file ({', '.join(IMAGE_EXTENSIONS)}){hint}."
             )
         paths += [str(p) for p in files]
         labels += [label] * len(files)
@@ -98,9 +183,10 @@ def load_labelled_dataset(
     """Loads a labelled image dataset and returns it with exactly the columns `image` (Image) and `label` (ClassLabel).
 
     Args:
-        source: a `Dataset`/`DatasetDict`, a `save_to_disk` folder, an image folder (one sub-folder per class), or a
-            Hub dataset id.
-        split: the split to take from a `DatasetDict` or Hub dataset.
+        source: a `Dataset`/`DatasetDict`, a `save_to_disk` folder, an image folder (one sub-folder per class, or
+            split folders of them: `train/<class>/`, `test/<class>/`, as `datasets`' imagefolder reads), or a Hub
+            dataset id.
+        split: the split to take from a `DatasetDict`, a Hub dataset or an image folder with split folders.
         image_column / label_column: column names in the source.
         class_names: classes to keep, in this order (labels are renumbered to it). Needed for integer labels
             without a ClassLabel feature.
@@ -113,7 +199,7 @@ def load_labelled_dataset(
         if any((root / name).exists() for name in ("dataset_info.json", "state.json", "dataset_dict.json")):
             dataset = datasets.load_from_disk(str(root))
         else:
-            return load_image_folder(root, class_names)
+            return load_image_folder(root, class_names, split)
     elif Path(source).exists():
         raise DatasetInputError(f"Dataset source {str(source)!r} is a file; pass a folder, a Dataset or a Hub id.")
     else:
@@ -190,18 +276,52 @@ def _check_class_names(names: list[str], where: str) -> None:
 
 
 def is_single_table(source) -> bool:
-    """True when `source` has no splits (an image folder, a `Dataset` or its `save_to_disk` folder): every `split`
-    name loads the same rows. A `DatasetDict`, its folder and a Hub id have splits."""
+    """True when `source` has no splits (a folder of class folders, a `Dataset` or its `save_to_disk` folder): every
+    `split` name loads the same rows. A `DatasetDict`, its folder, an image folder with split folders and a Hub id have
+    splits."""
     if isinstance(source, (Dataset, DatasetDict)):
         return isinstance(source, Dataset)
     root = Path(source)
-    return root.is_dir() and not (root / "dataset_dict.json").exists()
+    return root.is_dir() and not (root / "dataset_dict.json").exists() and not image_folder_splits(root)
+
+
+def local_split_names(source: str | os.PathLike) -> list[str] | None:
+    """The splits of a local dataset folder without loading it: a `save_to_disk` DatasetDict's, an image folder's split
+    folders', [] for a folder without splits (class folders, a `Dataset`); None for anything else (a Hub id, a missing
+    path: unknown here)."""
+    root = Path(source)
+    if not root.is_dir():
+        return None
+    if (root / "dataset_dict.json").is_file():
+        try:
+            return list(json.loads((root / "dataset_dict.json").read_text())["splits"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+    return [] if is_single_table(root) else list(image_folder_splits(root))
 
 
 def dataset_fingerprint(dataset: Dataset) -> str:
     """A content fingerprint of a normalized dataset's labels and class names (image bytes are not read)."""
     payload = json.dumps({"class_names": class_names_of(dataset), "labels": labels_of(dataset).tolist()})
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def image_digests(dataset: Dataset) -> list[str]:
+    """The sha256 of each row's encoded image (its bytes, or its file's), without decoding it; a file that cannot be
+    read is an error naming it."""
+    digests = []
+    for item in dataset.cast_column("image", Image(decode=False))["image"]:
+        if item.get("bytes") is not None:
+            payload = item["bytes"]
+        else:
+            try:
+                payload = Path(item["path"]).read_bytes()
+            except OSError as err:
+                raise DatasetInputError(
+                    f"Image {item['path']!r} cannot be read ({err.strerror or err}). Restore it or remove it."
+                ) from None
+        digests.append(hashlib.sha256(payload).hexdigest())
+    return digests
 
 
 def labels_of(dataset: Dataset) -> np.ndarray:

@@ -3,26 +3,39 @@
 from __future__ import annotations
 
 import json
+import logging
 import numbers
 import os
+import re
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-from datasets import Dataset
+from datasets import Dataset, DatasetDict, Image
 
 from .class_names import rename_classes
 from .data import (
+    SPLIT_FOLDER_NAMES,
     DatasetInputError,
     class_names_of,
     dataset_fingerprint,
     decode_images,
+    image_digests,
+    image_folder_splits,
+    is_single_table,
     labels_of,
     load_labelled_dataset,
 )
 from .files import write_json_atomic
 from .validation import K_SHOTS, SEED, check_value
 
-MANIFEST_FORMAT_VERSION = 1
+logger = logging.getLogger(__name__)
+
+# 2: `image_sha256`, what each K-shot image is (format 1 manifests still load, their images unchecked, with a warning).
+MANIFEST_FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2)
+_WARNED_UNHASHED: set[str] = set()  # manifests warned about (once per process)
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+REDRAW = "Draw it again with `datadream-hf few-shot` (the same --k and --seed on the same data give the same rows)"
 
 
 @dataclass
@@ -33,8 +46,9 @@ class FewShotManifest:
     classes, in which order) and gives them `class_names` (the names prompts, folders and reports use).
 
     Checked when made or loaded (K distinct non-negative integer rows per class) and against the dataset it is used
-    with (`check_matches`: same classes, same fingerprint, every row inside it and of the class it is listed under);
-    errors name the manifest file, the class and the row.
+    with (`check_matches`: same classes, same fingerprint, every row inside it, of the class it is listed under and
+    holding the very image the manifest was drawn with, by its sha256); errors name the manifest file, the class and
+    the row.
     """
 
     k: int
@@ -46,6 +60,13 @@ class FewShotManifest:
     source_class_names: list[str] | None = field(
         default=None,
         metadata={"help": "The dataset's own names of the classes, in label order, when renamed (None: class_names)."},
+    )
+    image_sha256: list[list[str]] | None = field(
+        default=None,
+        metadata={
+            "help": "image_sha256[c][i] = the sha256 of row indices[c][i]'s encoded image (its stored bytes or its "
+            "file's). None: not recorded (a format-1 manifest), so the images are not checked."
+        },
     )
     path: str | None = field(
         default=None, compare=False, metadata={"help": "The file it was loaded from, for error messages; not saved."}
@@ -88,6 +109,15 @@ class FewShotManifest:
                 if int(row) in first_seen:
                     return f"row {row} is listed twice (class {first_seen[int(row)]!r} and class {name!r})."
                 first_seen[int(row)] = name
+        if self.image_sha256 is not None:
+            if not isinstance(self.image_sha256, list) or len(self.image_sha256) != len(self.indices):
+                return "field 'image_sha256' must list one list of hashes per class."
+            for name, rows, digests in zip(self.class_names, self.indices, self.image_sha256):
+                if not isinstance(digests, list) or len(digests) != len(rows):
+                    return f"class {name!r} lists {len(rows)} rows but not as many image hashes."
+                bad = next((d for d in digests if not isinstance(d, str) or not _SHA256.fullmatch(d)), None)
+                if bad is not None:
+                    return f"class {name!r}: image hash {bad!r} is not a sha256 (64 hex digits)."
         return None
 
     @property
@@ -115,11 +145,13 @@ class FewShotManifest:
             raise DatasetInputError(f"Few-shot manifest {str(path)!r} cannot be read: {err}.") from err
         if not isinstance(payload, dict):
             raise DatasetInputError(f"Few-shot manifest {str(path)!r} must hold a JSON object, got {type(payload)}.")
-        if payload.get("format_version") != MANIFEST_FORMAT_VERSION:
+        if payload.get("format_version") not in READABLE_FORMAT_VERSIONS:
             raise DatasetInputError(
-                f"Few-shot manifest {str(path)!r} has format_version {payload.get('format_version')!r}, expected "
-                f"{MANIFEST_FORMAT_VERSION}. Draw it again with `datadream-hf few-shot`."
+                f"Few-shot manifest {str(path)!r} has format_version {payload.get('format_version')!r}; this version "
+                f"reads {' and '.join(map(str, READABLE_FORMAT_VERSIONS))}. {REDRAW}."
             )
+        if payload["format_version"] == 1 and "image_sha256" in payload:
+            raise DatasetInputError(f"Few-shot manifest {str(path)!r} of format 1 holds 'image_sha256'. {REDRAW}.")
         try:
             return cls(**{**payload, "path": str(path)})
         except TypeError as err:
@@ -154,6 +186,45 @@ class FewShotManifest:
                         f"{self.where}, class {name!r}: row {row} is labelled {names[labels[row]]!r}, not {name!r}. "
                         "The manifest was drawn from another dataset or edited; draw it again."
                     )
+        self._check_images(dataset)
+
+    def _check_images(self, dataset: Dataset) -> None:
+        """Raises unless each K-shot row holds the image the manifest was drawn with (same sha256), naming the class,
+        the row and its file; a manifest without hashes (format 1) is let through with a warning."""
+        if self.image_sha256 is None:
+            if self.where in _WARNED_UNHASHED:
+                return
+            _WARNED_UNHASHED.add(self.where)
+            logger.warning(
+                "%s records no image hashes (format 1): an image replaced under the same file name would not be "
+                "noticed. %s.", self.where, REDRAW,
+            )  # fmt: skip
+            return
+        digests = image_digests(dataset.select(self.flat_indices))
+        expected = [digest for per_class in self.image_sha256 for digest in per_class]
+        classes = [name for name, rows in zip(self.class_names, self.indices) for _ in rows]
+        for position, (row, found, wanted) in enumerate(zip(self.flat_indices, digests, expected)):
+            if found != wanted:
+                item = dataset.cast_column("image", Image(decode=False))[row]["image"]
+                where = f" ({item['path']!r})" if item.get("path") else ""
+                raise DatasetInputError(
+                    f"{self.where}, class {classes[position]!r}: row {row}{where} is not the image the manifest was "
+                    f"drawn with (its sha256 is {found[:12]}..., the manifest's {wanted[:12]}...): the data changed "
+                    f"since. {REDRAW}, and re-run the stages that used the old one."
+                )
+
+    def check_split(self, source, split: str, flag: str) -> None:
+        """Raises if `split` (given by `flag`) of `source` is not the split the manifest was drawn from, when the
+        source has splits (a source without, such as a folder of class folders, loads the same rows for any name)."""
+        drawn = self.source.get("split")
+        if not drawn or split == drawn or is_single_table(source):
+            return
+        aliases = SPLIT_FOLDER_NAMES if not isinstance(source, DatasetDict) and image_folder_splits(source) else {}
+        if aliases.get(split, split) != aliases.get(drawn, drawn):
+            raise DatasetInputError(
+                f"{self.where} was drawn from split {drawn!r}, but {flag} {split!r} is loaded: its rows are other "
+                f"images. Pass {flag} {drawn}, or draw a manifest from {split!r}."
+            )
 
     def select(self, dataset: Dataset) -> Dataset:
         """The K-shot rows of `dataset`, class by class, each image checked to decode."""
@@ -178,7 +249,12 @@ class FewShotManifest:
             for c, rows in enumerate(self.indices)
         ]
         source = {**self.source, "subset_of": {"k": self.k, "seed": self.seed}}
-        return FewShotManifest(k=k, seed=seed, class_names=list(self.class_names), indices=indices, source=source)
+        digests = None
+        if self.image_sha256 is not None:
+            by_row = {row: d for rows, ds in zip(self.indices, self.image_sha256) for row, d in zip(rows, ds)}
+            digests = [[by_row[row] for row in rows] for rows in indices]
+        return FewShotManifest(k=k, seed=seed, class_names=list(self.class_names), indices=indices, source=source,
+                               source_class_names=self.source_class_names, image_sha256=digests)  # fmt: skip
 
 
 def load_manifest_dataset(
@@ -238,6 +314,7 @@ def draw_few_shot(
     }
     if source_class_names is not None and list(source_class_names) == names:
         source_class_names = None
+    digests = iter(image_digests(dataset.select([row for rows in indices for row in rows])))
     return FewShotManifest(
         k=k,
         seed=seed,
@@ -245,4 +322,5 @@ def draw_few_shot(
         indices=indices,
         source=source,
         source_class_names=None if source_class_names is None else list(source_class_names),
+        image_sha256=[[next(digests) for _ in rows] for rows in indices],
     )

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from .errors import InputError
+
 
 @contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None = None):
@@ -97,3 +99,50 @@ def file_sha256(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+class OutputPathError(InputError):
+    """An output path that cannot be written: a file where a folder goes (or the reverse), or no write permission."""
+
+
+def check_output_path(path: str | os.PathLike, flag: str, folder: bool = True) -> Path:
+    """Checks, before any work, that the output `path` (a folder, or with `folder=False` a file) can be written:
+    nothing of the other kind is in the way, at `path` or above it, and its nearest existing folder takes a new entry
+    (probed by creating and removing a hidden temp folder: permissions, a read-only disk). Raises `OutputPathError`
+    naming `flag` and the path; returns `path`. Nothing is left behind."""
+    path = Path(path).expanduser()
+    text = str(path)
+    if path.exists() and path.is_dir() != folder:
+        kind, wanted = ("a folder", "a file path") if path.is_dir() else ("a file", "a folder")
+        raise OutputPathError(f"{flag} {text!r} is {kind}; pass {wanted}.")
+    existing = path if folder and path.is_dir() else path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputPathError(
+            f"{flag} {text!r} cannot be made: {str(existing)!r} is a file, not a folder. Pass a path under a folder."
+        )
+    try:
+        tempfile.TemporaryDirectory(dir=existing, prefix=".datadream-write-check-").cleanup()
+    except OSError as err:
+        raise OutputPathError(
+            f"{flag} {text!r} cannot be written: {str(existing)!r} refuses new entries ({err.strerror or err}). "
+            "Pass a folder you can write to, or fix its permissions."
+        ) from None
+    return path
+
+
+def check_safetensors(path: str | os.PathLike, what: str, fix: str) -> None:
+    """Raises `InputError` ("`what` (path) cannot be read as safetensors (why): ... `fix`") unless safetensors can open
+    `path` and read its header (a truncated, overwritten or non-safetensors file fails here; its tensors are not
+    read)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            f.keys()
+    except (SafetensorError, OSError) as err:
+        raise InputError(
+            f"{what} ({str(path)!r}) cannot be read as safetensors ({' '.join(str(err).split())}): the file is "
+            f"damaged, or holds no safetensors weights. {fix}"
+        ) from None

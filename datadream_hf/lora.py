@@ -11,6 +11,8 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
 
+from .files import check_safetensors
+
 # Paper Sec. 3.2 / reference `datadream.py`: self- and cross-attention projections of the UNet, and every
 # attention projection of the CLIP text encoder.
 UNET_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -23,12 +25,19 @@ LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # weights formats that unpickle, i.e. can run code
 
 
-def generator_lora_configs(rank: int = 16, alpha: int | None = None, init: str | bool = "gaussian"):
-    """The (UNet, text encoder) `LoraConfig`s of stage 1. `alpha` defaults to `rank`, as in the reference."""
+def generator_lora_configs(
+    rank: int = 16,
+    alpha: int | None = None,
+    init: str | bool = "gaussian",
+    unet_target_modules: list[str] | None = None,
+):
+    """The (UNet, text encoder) `LoraConfig`s of stage 1. `alpha` defaults to `rank`, as in the reference;
+    `unet_target_modules` to DataDream's (`UNET_TARGET_MODULES`)."""
     if rank < 1:
         raise ValueError(f"`rank` must be >= 1, got {rank}.")
     alpha = rank if alpha is None else alpha
-    unet = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=init, target_modules=UNET_TARGET_MODULES)
+    targets = list(unet_target_modules or UNET_TARGET_MODULES)
+    unet = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=init, target_modules=targets)
     text = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=init, target_modules=TEXT_ENCODER_TARGET_MODULES)
     return unet, text
 
@@ -109,6 +118,7 @@ def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                 f"and {path.name} (safetensors) is missing. Convert the weights with `safetensors.torch.save_file`."
             )
         raise FileNotFoundError(f"Weights file {str(path)!r} does not exist.")
+    check_safetensors(path, "Weights file", "Restore it, or remove it and re-run the stage that wrote it.")
     return load_file(str(path))
 
 

@@ -75,6 +75,30 @@ PRESETS: dict[str, DatasetPreset] = {
 }
 
 
+# Stage-3 recipes (`train_classifier.py --recipe`): the flag defaults each sets over the reference's (DataDream's, the
+# stage-3 defaults). LoFT (ExplainableML/LoFT, arXiv 2505.11703; its classifier is DISEF's): trained on its synthetic
+# images only, batch 256, 60 epochs with 6 warm-up epochs; the rest (AdamW lr 1e-4, wd 1e-4, cosine to 1e-8, fp16 on a
+# GPU, MixUp/CutMix on 20% of the batches, CLIP q/v LoRA r16/alpha32/dropout .1) is DataDream's.
+CLASSIFIER_RECIPES: dict[str, dict] = {
+    "datadream": {},
+    "loft": {
+        "train_mode": "synthetic",
+        "per_device_train_batch_size": 256,
+        "num_train_epochs": 60,
+        "warmup_epochs": 6,
+    },
+}
+
+
+def recipe_flag_defaults(name: str | None) -> dict:
+    """The stage-3 flag defaults of recipe `name` (None: DataDream's, i.e. none); an unknown name is an error."""
+    if name is None:
+        return {}
+    if name not in CLASSIFIER_RECIPES:
+        raise ValueError(f"`recipe` = {name!r} is invalid: use one of {list(CLASSIFIER_RECIPES)}.")
+    return dict(CLASSIFIER_RECIPES[name])
+
+
 def preset_flag_defaults(name: str | None) -> dict:
     """The flag defaults of preset `name`; none for a domain-only preset (e.g. `digits`), an unknown name (the
     stage's own check names it) or None."""

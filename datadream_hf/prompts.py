@@ -50,8 +50,21 @@ class PromptTemplate:
     def __post_init__(self):
         if "{classname}" not in self.template:
             raise ValueError(f"`template` must contain '{{classname}}', got {self.template!r}.")
+        try:
+            self.template.format(domain="", classname="")
+        except (KeyError, IndexError, ValueError) as err:
+            raise InputError(
+                f"`template` {self.template!r} has a field other than {{domain}} and {{classname}} ({err!r}), which "
+                "no prompt can fill; write a literal brace as {{ or }}."
+            ) from None
         if self.domain and not self.domain.endswith(" "):
             raise ValueError(f"`domain` must end with a space (it precedes 'photo'), got {self.domain!r}.")
+        if self.domain and "{domain}" not in self.template:
+            raise InputError(
+                f"`template` {self.template!r} has no {{domain}} field, so the domain word {self.domain!r} (from "
+                "--domain or --dataset_preset) would be left out of every prompt. Add {domain} (as in "
+                f"{DEFAULT_TEMPLATE!r}) or leave the domain unset."
+            )
 
     @classmethod
     def from_preset(cls, preset: str, **kwargs) -> PromptTemplate:

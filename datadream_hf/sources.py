@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .adapter_index import ADAPTER_INDEX_NAME
 from .errors import InputError
+from .files import OutputPathError
 from .run_folder import CLASSIFIER_CONFIG_NAME, TRAINING_CONFIG_NAME
 from .synthetic import GENERATION_CONFIG_NAME
 
@@ -122,3 +123,26 @@ def check_source(
             "Pass a local folder (e.g. a `save_pretrained` copy), or download it once with the Hub reachable."
         )
     return "hub"
+
+
+def check_output_apart(output_dir: str | os.PathLike, kind: str, inputs: dict[str, object]) -> None:
+    """Refuses an `--output_dir` that is another stage's folder (`kind` is the one this stage writes, e.g.
+    `STAGE2_FOLDER`), or one of the run's input folders or inside one (`inputs`: flag -> value; only existing local
+    folders count): the run would write its files among them, e.g. stage 1's adapter folders would become new class
+    folders of the image folder it trains on, or stage 2's card would replace the adapters' card."""
+    out = Path(output_dir).expanduser().resolve()
+    found = output_folder_kind(out)
+    if found is not None and found != kind:
+        raise OutputPathError(
+            f"--output_dir {str(output_dir)!r} is {found}; its files would be mixed with this run's. Pass a new "
+            "folder."
+        )
+    for flag, value in inputs.items():
+        if not isinstance(value, (str, os.PathLike)) or not Path(value).expanduser().is_dir():
+            continue
+        source = Path(value).expanduser().resolve()
+        if out == source or out.is_relative_to(source):
+            raise OutputPathError(
+                f"--output_dir {str(output_dir)!r} is {'' if out == source else 'inside '}{flag} {str(value)!r}: the "
+                "run would write its files among that input's. Pass a folder outside it."
+            )

@@ -38,6 +38,25 @@ SHARD_SCHEMA = pa.schema(
         ("image", pa.binary()),  # PNG bytes: lossless, so the dataset holds exactly what the pipeline made
     ]
 )
+# A fusion run's shards (LoFT, `--fusion pairs`) also record each image's pair, between the prompt and the image.
+FUSION_FIELDS = [
+    ("fusion_adapters", pa.list_(pa.string())),  # the pair's keys in the stage-1 adapter_index.json
+    ("fusion_rows", pa.list_(pa.int64())),  # the dataset rows of the K-shot images those adapters were trained on
+    ("fusion_weights", pa.list_(pa.float64())),
+]
+
+
+def shard_schema(fusion: bool = False) -> pa.Schema:
+    """The shard files' columns: `SHARD_SCHEMA`, with a fusion run's `FUSION_FIELDS` before the image."""
+    if not fusion:
+        return SHARD_SCHEMA
+    fields = list(SHARD_SCHEMA)
+    return pa.schema(fields[:-1] + [pa.field(name, kind) for name, kind in FUSION_FIELDS] + fields[-1:])
+
+
+def is_fusion_run(generation_config: dict) -> bool:
+    """Whether a run's `generation_config.json` describes a fusion run (its shards carry the fusion columns)."""
+    return generation_config["generation"].get("fusion") is not None
 
 
 class SyntheticDatasetError(InputError):
@@ -80,7 +99,7 @@ def write_shard(
     """
     path = Path(output_dir) / shard.relative_path(class_names)
     path.parent.mkdir(parents=True, exist_ok=True)
-    table = pa.table(rows, schema=SHARD_SCHEMA)
+    table = pa.table(rows, schema=shard_schema(fusion=FUSION_FIELDS[0][0] in rows))
     if table.num_rows != shard.num_images:
         raise ValueError(f"Shard {path.name} needs {shard.num_images} rows, got {table.num_rows}.")
     with atomic_write(path, "wb") as f:
@@ -131,8 +150,8 @@ def remove_stale_temp_files(output_dir: str | os.PathLike) -> list[Path]:
     return removed
 
 
-def read_shard(output_dir: str | os.PathLike, shard: Shard, class_names: list[str]) -> pa.Table:
-    return pq.read_table(Path(output_dir) / shard.relative_path(class_names), schema=SHARD_SCHEMA)
+def read_shard(output_dir: str | os.PathLike, shard: Shard, class_names: list[str], fusion: bool = False) -> pa.Table:
+    return pq.read_table(Path(output_dir) / shard.relative_path(class_names), schema=shard_schema(fusion))
 
 
 def read_generation_config(output_dir: str | os.PathLike) -> dict:
@@ -175,7 +194,9 @@ class SyntheticDataDreamBuilder(datasets.GeneratorBasedBuilder):
     dataset = builder.as_dataset(split="train")
     ```
     Features: `image` (PNG bytes embedded in the Arrow files), `label` (ClassLabel with the class names), and
-    provenance: `image_index`, `seed` (per-image seed), `prompt`, `adapter`, `base_model`, `generation_params` (JSON).
+    provenance: `image_index`, `seed` (per-image seed), `prompt`, `adapter`, `base_model`, `generation_params` (JSON);
+    a fusion run adds `fusion_adapters`, `fusion_rows` and `fusion_weights` (each image's pair), and its `adapter` is
+    the pair's weighted sum, e.g. `0.5 * <source>/<class>/image_000003 + 0.5 * <source>/<class>/image_000011`.
     """
 
     VERSION = datasets.Version("1.0.0")
@@ -201,7 +222,7 @@ class SyntheticDataDreamBuilder(datasets.GeneratorBasedBuilder):
         config = self.generation_config
         return datasets.DatasetInfo(
             description="Synthetic images generated with DataDream (few-shot LoRA-adapted Stable Diffusion).",
-            features=synthetic_features(config["class_names"]),
+            features=synthetic_features(config["class_names"], fusion=is_fusion_run(config)),
             citation=DATADREAM_CITATION,
         )
 
@@ -211,26 +232,39 @@ class SyntheticDataDreamBuilder(datasets.GeneratorBasedBuilder):
     def _generate_examples(self):
         config = self.generation_config
         names, params = config["class_names"], config["generation"]
-        provenance = _provenance(config)
+        provenance, fusion = _provenance(config), is_fusion_run(config)
         for shard in plan_shards(len(names), params["images_per_class"], params["shard_size"]):
-            adapter = config["adapters"]["per_class"][shard.class_index]["id"]
-            rows = read_shard(self.generation_dir, shard, names).to_pylist()
+            per_class = config["adapters"]["per_class"][shard.class_index]
+            image_ids = {image["key"]: image["id"] for image in per_class.get("images", [])}
+            rows = read_shard(self.generation_dir, shard, names, fusion=fusion).to_pylist()
             for row in rows:
-                yield (
-                    f"{row['label']}-{row['image_index']}",
-                    {
-                        "image": {"bytes": row["image"], "path": None},
-                        "label": row["label"],
-                        "image_index": row["image_index"],
-                        "seed": row["seed"],
-                        "prompt": row["prompt"],
-                        "adapter": adapter,
-                        **provenance,
-                    },
-                )
+                example = {
+                    "image": {"bytes": row["image"], "path": None},
+                    "label": row["label"],
+                    "image_index": row["image_index"],
+                    "seed": row["seed"],
+                    "prompt": row["prompt"],
+                    "adapter": per_class["id"],
+                    **provenance,
+                }
+                if fusion:
+                    example.update({name: row[name] for name, _ in FUSION_FIELDS})
+                    example["adapter"] = " + ".join(
+                        f"{weight:g} * {image_ids[key]}"
+                        for key, weight in zip(row["fusion_adapters"], row["fusion_weights"])
+                    )
+                yield f"{row['label']}-{row['image_index']}", example
 
 
-def synthetic_features(class_names: list[str]) -> datasets.Features:
+# A fusion run's per-image pair as `datasets` features (the `FUSION_FIELDS` columns).
+FUSION_FEATURES = {
+    "fusion_adapters": datasets.List(datasets.Value("string")),
+    "fusion_rows": datasets.List(datasets.Value("int64")),
+    "fusion_weights": datasets.List(datasets.Value("float64")),
+}
+
+
+def synthetic_features(class_names: list[str], fusion: bool = False) -> datasets.Features:
     return datasets.Features(
         {
             "image": datasets.Image(),
@@ -241,11 +275,12 @@ def synthetic_features(class_names: list[str]) -> datasets.Features:
             "adapter": datasets.Value("string"),
             "base_model": datasets.Value("string"),
             "generation_params": datasets.Value("string"),
+            **(FUSION_FEATURES if fusion else {}),
         }
     )
 
 
-def shard_features(class_names: list[str]) -> datasets.Features:
+def shard_features(class_names: list[str], fusion: bool = False) -> datasets.Features:
     """The shard files' columns as `datasets` features, in file order: what `datasets.load_dataset(<generation
     folder>)` gives through the dataset card's YAML (PNG bytes as `Image`, the label as `ClassLabel`)."""
     features = {
@@ -254,8 +289,9 @@ def shard_features(class_names: list[str]) -> datasets.Features:
         "seed": datasets.Value("int64"),
         "prompt": datasets.Value("string"),
         "image": datasets.Image(),
+        **FUSION_FEATURES,
     }
-    return datasets.Features({name: features[name] for name in SHARD_SCHEMA.names})
+    return datasets.Features({name: features[name] for name in shard_schema(fusion).names})
 
 
 def load_synthetic_dataset(generation_dir: str | os.PathLike, cache_dir: str | None = None) -> datasets.Dataset:

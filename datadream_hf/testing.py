@@ -319,40 +319,66 @@ def accelerate_launch_command(script: str | os.PathLike, num_processes: int = 2)
 
 
 def write_fake_stage1_output(
-    path: str | os.PathLike, base_model_path: str, class_names: list[str], mode: str = "cls", seed: int = 0
+    path: str | os.PathLike,
+    base_model_path: str,
+    class_names: list[str],
+    mode: str = "cls",
+    seed: int = 0,
+    images_per_class: int | Sequence[int] = 3,
+    image_text_encoder: bool = False,
 ) -> str:
     """Writes a stage-1-style output folder (see the stage-1/stage-2 contract) with random, non-zero LoRA adapters.
 
     Lets stage-2 tests run without stage 1: adapters use `init=False` (B != 0) so they really change the outputs,
     and each class gets its own torch seed (`seed * 1000 + class index`) so class adapters differ. The `dset` adapter
     uses the seed of class 0, so it equals class 0's `cls` adapter under the same `seed` (tests rely on it).
+
+    `mode="image"` writes LoFT's layout (`adapter_index.image_adapter_index`): `images_per_class` adapters per class
+    (one count for all, or one per class), rank 2 (alpha 4), UNet only unless `image_text_encoder`, as if trained on
+    the made-up dataset rows `100 * class + j`; adapter j of class c has torch seed `seed * 1000 + 100 * (c + 1) + j`.
     """
     import json
 
-    from .adapter_index import adapter_index
+    from .adapter_index import adapter_index, image_adapter_index
     from .files import write_json_atomic
     from .lora import generator_lora_configs, save_generator_lora
     from .prompts import PromptTemplate
-    from .run_folder import TRAINING_CONFIG_NAME, class_folder_name
+    from .run_folder import TRAINING_CONFIG_NAME
     from .versions import library_versions
 
-    if mode not in ("dset", "cls"):
-        raise ValueError(f"`mode` must be 'dset' or 'cls', got {mode!r}.")
+    if mode not in ("dset", "cls", "image"):
+        raise ValueError(f"`mode` must be 'dset', 'cls' or 'image', got {mode!r}.")
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     pipe = StableDiffusionPipeline.from_pretrained(base_model_path, safety_checker=None, use_safetensors=True)
-    unet_config, text_config = generator_lora_configs(rank=4, init=False)
-    folders = {"all": "."} if mode == "dset" else {i: class_folder_name(i, n) for i, n in enumerate(class_names)}
-    for key, folder in folders.items():
+    # Image mode: LoFT's rank 2, with alpha 4 so that a scale alpha / r != 1 is exercised.
+    unet_config, text_config = generator_lora_configs(
+        **({"rank": 2, "alpha": 4} if mode == "image" else {"rank": 4}), init=False
+    )
+    with_text = mode != "image" or image_text_encoder
+    if mode == "image":
+        counts = [images_per_class] * len(class_names) if isinstance(images_per_class, int) else images_per_class
+        index = image_adapter_index(class_names, [[100 * c + j for j in range(n)] for c, n in enumerate(counts)])
+        seeds = {
+            key: seed * 1000 + 100 * (image["class"] + 1) + image["row"] % 100
+            for key, image in index["images"].items()
+        }
+    else:
+        index = adapter_index(mode, class_names)
+        seeds = {key: seed * 1000 + (0 if key == "all" else int(key)) for key in index["adapters"]}
+    for key, folder in index["adapters"].items():
         adapter_name = f"fake_{key}"
-        torch.manual_seed(seed * 1000 + (0 if key == "all" else key))
+        torch.manual_seed(seeds[key])
         pipe.unet.add_adapter(unet_config, adapter_name=adapter_name)
-        pipe.text_encoder.add_adapter(text_config, adapter_name=adapter_name)
+        if with_text:
+            pipe.text_encoder.add_adapter(text_config, adapter_name=adapter_name)
         os.makedirs(os.path.join(path, folder), exist_ok=True)
-        save_generator_lora(os.path.join(path, folder), pipe.unet, pipe.text_encoder, adapter_name=adapter_name)
+        text_encoder = pipe.text_encoder if with_text else None
+        save_generator_lora(os.path.join(path, folder), pipe.unet, text_encoder, adapter_name=adapter_name)
         pipe.unet.delete_adapters(adapter_name)
-        pipe.text_encoder.delete_adapter(adapter_name)
-    write_json_atomic(os.path.join(path, "adapter_index.json"), adapter_index(mode, class_names))
+        if with_text:
+            pipe.text_encoder.delete_adapter(adapter_name)
+    write_json_atomic(os.path.join(path, "adapter_index.json"), index)
     template = PromptTemplate(domain="")
     # The layout stage 1 writes (`adapt.outputs.run_record`), reduced to what stage 2 reads.
     config = {
@@ -371,3 +397,81 @@ def write_fake_stage1_output(
     with open(os.path.join(path, "README.md"), "w") as f:
         f.write(f"# Fake stage-1 output for tests\n\n```json\n{json.dumps(config['lora'])}\n```\n")
     return path
+
+
+def _metaspace_words(words: Sequence[str]) -> list[str]:
+    return [f"\u2581{word}" for word in dict.fromkeys(words)]
+
+
+def build_tiny_siglip_tokenizer(
+    words: Sequence[str] = TINY_VOCAB_WORDS, model_max_length: int = 16, gemma: bool = False
+):
+    """A real `tokenizers`-backed tokenizer of SigLIP's kind, no download and no sentencepiece: a T5-style Unigram
+    (SigLIP's tokenizer is T5's SentencePiece; like it, it gives the model `input_ids` only), or with `gemma` a
+    byte-fallback BPE `GemmaTokenizer` (what the fixed-resolution SigLIP 2 checkpoints ship). `words` become whole
+    tokens; anything else is spelled letter by letter."""
+    from transformers import GemmaTokenizer, T5Tokenizer
+
+    letters = sorted({c for word in words for c in word} | set("abcdefghijklmnopqrstuvwxyz"))
+    if not gemma:
+        vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+        vocab += [(word, -1.0) for word in _metaspace_words(words)] + [(c, -5.0) for c in letters]
+        return T5Tokenizer(
+            vocab=vocab, extra_ids=0, model_max_length=model_max_length, model_input_names=["input_ids"]
+        )
+    tokens = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "\u2581", *letters]
+    merges = []
+    for word in _metaspace_words(words):
+        merged = word[0]
+        for piece in word[1:]:
+            if merged + piece not in tokens:
+                tokens.append(merged + piece)
+                merges.append((merged, piece))
+            merged = merged + piece
+    vocab = {token: i for i, token in enumerate(tokens)}
+    return GemmaTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+
+
+def build_tiny_siglip(seed: int = 0, gemma_tokenizer: bool = False, full_size: bool = False):
+    """A `SiglipModel` with random weights and its processor: tiny (ViT, 32 px, patch 8, 16-token prompts), or with
+    `full_size` shaped as google/siglip-base-patch16-224 (ViT-B/16, 224 px, 64-token prompts). `gemma_tokenizer`
+    builds it as the fixed-resolution SigLIP 2 checkpoints are (a SiglipModel read with a Gemma tokenizer)."""
+    from transformers import SiglipConfig, SiglipImageProcessorPil, SiglipModel, SiglipProcessor
+
+    max_length = 64 if full_size else 16
+    tokenizer = build_tiny_siglip_tokenizer(model_max_length=max_length, gemma=gemma_tokenizer)
+    tiny = {"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4, "num_hidden_layers": 2}
+    text_config = {"vocab_size": len(tokenizer), "max_position_embeddings": max_length, **({} if full_size else tiny)}
+    eos = tokenizer.eos_token_id
+    text_config.update(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id or eos)
+    text_config["eos_token_id"] = eos
+    vision_config = {"image_size": 224, "patch_size": 16} if full_size else {
+        "image_size": TINY_IMAGE_SIZE, "patch_size": 8, **tiny}  # fmt: skip
+    torch.manual_seed(seed)
+    model = SiglipModel(SiglipConfig(text_config=text_config, vision_config=vision_config))
+    with torch.no_grad():  # the SigLIP paper's initial scale and bias (transformers' random init zeroes both)
+        model.logit_scale.fill_(2.302585)  # log 10
+        model.logit_bias.fill_(-10.0)
+    side = vision_config["image_size"]
+    image_processor = SiglipImageProcessorPil(size={"height": side, "width": side})
+    return model, SiglipProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def build_tiny_vit_classifier(seed: int = 0, num_labels: int = 3):
+    """A tiny `ViTForImageClassification` (32 px, patch 8) with random weights and its image processor."""
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessorPil
+
+    config = ViTConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+        image_size=TINY_IMAGE_SIZE, patch_size=8, num_labels=num_labels,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = ViTForImageClassification(config)
+    return model, ViTImageProcessorPil(size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE})
+
+
+def save_model_and_processor(path: str | os.PathLike, model, processor) -> str:
+    """Writes a model (safetensors) and its processor to `path`, as a Hub checkpoint holds them; returns the path."""
+    model.save_pretrained(path, safe_serialization=True)
+    processor.save_pretrained(path)
+    return str(path)

@@ -49,3 +49,37 @@ def digits_manifest_path(digits, tmp_path_factory):
     path = tmp_path_factory.mktemp("manifest") / "few_shot.json"
     draw_few_shot(digits["train"], k=4, seed=0, source_name="digits", split="train").save(path)
     return str(path)
+
+
+@pytest.fixture
+def reachable_hub(monkeypatch):
+    """The Hub as `datadream_hf.hub.check_push_access` sees it when it is reachable and the token may write (user
+    `user`, member of `u` and `someone`): online mode, and the Hub calls themselves (the reachability probe,
+    `HfApi.whoami`, `HfApi.create_repo`) replaced; `calls` records them in order, `user` is what whoami answers."""
+    from types import SimpleNamespace
+
+    import huggingface_hub
+
+    import datadream_hf.hub
+
+    calls = []
+    user = {"name": "user", "orgs": [{"name": "u"}, {"name": "someone"}], "auth": {"accessToken": {"role": "write"}}}
+
+    class Session:
+        def head(self, url, timeout=None):
+            calls.append(("head", url))
+
+    def whoami(self, *args, **kwargs):
+        calls.append(("whoami", self.token))
+        return user
+
+    def create_repo(self, repo_id, repo_type=None, private=False, exist_ok=False, **kwargs):
+        calls.append(("create_repo", repo_id, repo_type, private))
+        return f"https://huggingface.co/{'datasets/' if repo_type == 'dataset' else ''}{repo_id}"
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_TOKEN", "hf_logged_in_token_of_the_fake_hub")
+    monkeypatch.setattr(datadream_hf.hub, "get_session", Session)
+    monkeypatch.setattr(huggingface_hub.HfApi, "whoami", whoami)
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+    return SimpleNamespace(calls=calls, user=user)

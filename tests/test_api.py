@@ -15,7 +15,7 @@ PUBLIC_API = {
     "GeneratorTrainingConfig", "load_few_shot_data", "train_generator",
     "GenerationArguments", "GenerationConfig", "generate_synthetic_dataset", "load_synthetic_dataset",
     "ClassifierArguments", "DataDreamTrainingArguments", "CLIPLoRAClassifier", "MixedRealSyntheticTrainer",
-    "train_classifier",
+    "train_classifier", "load_trained_classifier",
 }  # fmt: skip
 
 

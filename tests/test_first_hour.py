@@ -467,3 +467,17 @@ def test_piped_logs_hold_lines_not_bars_or_step_dicts(
         assert len(log) < 3000, (script, log)
     stage1_log = json.loads((tmp_path / "s1" / "0000_zero" / "training_log.json").read_text())["log_history"]
     assert len(stage1_log) == 2  # the per-step losses are kept, in the files
+
+
+def test_no_library_warning_opens_a_command():
+    """transformers logs two torchvision-fallback lines when diffusers' pipelines first name the image processors
+    (torchvision cannot be imported beside the CPU torch); importing datadream_hf first drops exactly those lines."""
+    code = "from diffusers import StableDiffusionPipeline; from transformers import CLIPProcessor; print('imported')"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    bare = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    if "requires torchvision (not installed)" not in bare.stderr:
+        pytest.skip("this transformers/torchvision pair logs no fallback line")
+    ours = subprocess.run([sys.executable, "-c", "import datadream_hf; " + code], capture_output=True, text=True,
+                          env=env, timeout=300)  # fmt: skip
+    assert ours.returncode == 0 and ours.stdout == "imported\n"
+    assert ours.stderr == "", ours.stderr

@@ -35,8 +35,10 @@ from datadream_hf.cli import main as cli_main
 from datadream_hf.data import DatasetInputError, decode_images, load_image_folder, load_labelled_dataset
 from datadream_hf.faults import FAIL_AT_ENV, KILL_AT_ENV, KILL_POINTS, STOP_AT_ENV, fault_point, parse_kill_spec
 from datadream_hf.few_shot import FewShotManifest, draw_few_shot
+from datadream_hf.files import OutputPathError
 from datadream_hf.generate.config import GenerationArguments, GenerationConfig, GenerationInputError
 from datadream_hf.generate.run import generate_synthetic_dataset
+from datadream_hf.hub import HubAccessError
 from datadream_hf.lora import LORA_WEIGHT_NAME
 from datadream_hf.run_folder import LOCK_NAME, OutputDirLockedError, class_folder_name
 from datadream_hf.synthetic import SyntheticDataDreamBuilder, SyntheticDatasetError, missing_shards
@@ -544,7 +546,8 @@ def _manifest_naming_a_missing_class(folder_and_manifest: tuple[Path, Path]) -> 
     folder, manifest = folder_and_manifest
     payload = json.loads(manifest.read_text())
     bird = [1000 + i for i in range(payload["k"])]  # rows of no other class, so only the folder is missing
-    _edit_json(manifest, class_names=[*payload["class_names"], "bird"], indices=[*payload["indices"], bird])
+    _edit_json(manifest, class_names=[*payload["class_names"], "bird"], indices=[*payload["indices"], bird],
+               image_sha256=[*payload["image_sha256"], ["0" * 64] * payload["k"]])  # fmt: skip
     return folder, manifest
 
 
@@ -620,6 +623,81 @@ def _cli_few_shot(ctx: Ctx, k: int):
 
     root, _ = folder_with(ctx.tmp, png_bytes(noise_image(seed=3)))
     main(["few-shot", "--dataset", str(root), "--k", str(k), "--output", str(ctx.out / "manifest.json")])
+
+
+def _truncate_adapter(folder: Path):
+    path = folder / class_folder_name(1, "one") / LORA_WEIGHT_NAME
+    path.write_bytes(path.read_bytes()[:100])  # as a disk that filled up, or a copy that was cut short, leaves it
+
+
+def _a_file(ctx: Ctx) -> Path:
+    path = ctx.tmp / "a_file"
+    path.write_text("not a folder")
+    return path
+
+
+def _unwritable(ctx: Ctx) -> Path:
+    """An output folder that cannot be made: in a read-only folder (root ignores permissions: then under /sys)."""
+    if os.geteuid() == 0:
+        return Path("/sys/datadream-test-output")
+    folder = ctx.tmp / "read-only"
+    folder.mkdir(mode=0o555)
+    return folder / "out"
+
+
+def _damaged_classifier(ctx: Ctx):
+    from datadream_hf.classify.modeling import CLIPLoRAClassifier
+
+    folder = ctx.tmp / "classifier"
+    CLIPLoRAClassifier.from_clip_pretrained(ctx.tiny_clip, CLASSES).save_pretrained(folder)
+    weights = folder / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:50])
+    CLIPLoRAClassifier.from_pretrained(folder)
+
+
+def _malformed_config_file(ctx: Ctx):
+    path = ctx.tmp / "stage3.yaml"
+    path.write_text("model_name_or_path: [models/tiny-clip,\n")
+    run_main("stage3", [path])
+
+
+def _synthetic_of_another_draw(ctx: Ctx):
+    """Stage 3 with a stage-2 folder whose adapters learned from another K-shot draw than its manifest."""
+    synthetic = ctx.tmp / "synthetic"
+    ctx.stage2(None, "--output_dir", synthetic)
+    other = [[row + 1 for row in rows] for rows in FewShotManifest.load(ctx.digits_manifest).indices]
+    _edit_json(synthetic / "generation_config.json", few_shot={"k": 4, "seed": 1, "indices": other})
+    ctx.stage3("--synthetic_dataset", synthetic, mode="real+synthetic")
+
+
+def _stage2_clean_names(ctx: Ctx) -> list[str]:
+    """Stage 2's --clean_class_names alone (no template asked for): stage 1's template, with '_' as ' '."""
+    adapters = write_fake_stage1_output(ctx.tmp / "underscored", ctx.tiny_sd, ["big_cat", "small_dog"])
+    ctx.stage2(adapters, "--clean_class_names")
+    return json.loads((ctx.out / "generation_config.json").read_text())["prompts"]
+
+
+def _replaced_image(ctx: Ctx):
+    """A K-shot image replaced under the same file name after the manifest was drawn."""
+    root, manifest = folder_with(ctx.tmp, png_bytes(noise_image(seed=3)))
+    (root / "dog" / "1.png").write_bytes(png_bytes(noise_image(seed=4)))
+    ctx.stage1(str(root), str(manifest))
+
+
+def _format_1_manifest(ctx: Ctx):
+    """A manifest written before image hashes (format 1) still loads: its images are checked by label only."""
+    path = _edited_manifest(ctx, lambda m: m.update(format_version=1) or m.pop("image_sha256"))
+    return FewShotManifest.load(path)
+
+
+def _split_folders_manifest(ctx: Ctx, split: str):
+    """Stage 1 on an image folder with train/ and test/ split folders, with a manifest drawn from train."""
+    root = ctx.tmp / "splits"
+    for name in ("train", "test"):
+        write_image_folder(root / name, {"cat": [noise_image(seed=i) for i in range(3)],
+                                         "dog": [noise_image(seed=5 + i) for i in range(3)]})  # fmt: skip
+    draw_few_shot(load_labelled_dataset(str(root)), k=2, seed=0, split="train").save(ctx.tmp / "splits.json")
+    ctx.stage1(str(root), str(ctx.tmp / "splits.json"), "--split", split)
 
 
 @dataclass
@@ -780,6 +858,71 @@ CASES = {
         ValueError, r"Classes 'café' and 'cafe' get prompts that differ only in case, accents or spacing"),
     "classes differing only in case (stage 3)": Case(lambda c: _stage3_case_twins(c), ValueError,
                                                      r"Classes 'Cat' and 'cat' get prompts that differ only in case"),
+    # Damaged and mistyped outputs and adapters (raw library errors before: SafetensorError, Errno)
+    "damaged adapter file (stage 2)": Case(
+        lambda c: c.stage2(c.adapters(_truncate_adapter)), GenerationInputError,
+        r"Adapter of class 'one' \(index 1\) \('.*0001_one/pytorch_lora_weights\.safetensors'\) cannot be read as "
+        r"safetensors "
+        r"\(.*\): the file is damaged"),
+    "damaged classifier adapter": Case(
+        _damaged_classifier, ValueError, r"Weights file \('.*classifier/adapter_model\.safetensors'\) cannot be read "
+                                         r"as safetensors", loads_model=True),
+    "malformed YAML config file (stage 3)": Case(_malformed_config_file, ValueError,
+                                                 r"Config file '.*stage3\.yaml' cannot be read: while parsing"),
+    "output dir that is a file (stage 1)": Case(lambda c: c.stage1_digits("--output_dir", _a_file(c)),
+                                                OutputPathError, r"--output_dir '.*a_file' is a file; pass a folder"),
+    "output dir inside a file (stage 3)": Case(
+        lambda c: c.stage3("--output_dir", _a_file(c) / "run"), OutputPathError,
+        r"--output_dir '.*a_file/run' cannot be made: '.*a_file' is a file, not a folder"),
+    "unwritable output dir (stage 2)": Case(lambda c: c.stage2(None, "--output_dir", _unwritable(c)),
+                                            OutputPathError, r"--output_dir '.*' cannot be written: .* refuses new "
+                                                             r"entries"),
+    "unwritable output dir (stage 1)": Case(lambda c: c.stage1_digits("--output_dir", _unwritable(c)),
+                                            OutputPathError, r"--output_dir '.*' cannot be written"),
+    "output dir inside the image folder it trains on (stage 1)": Case(
+        lambda c: c.stage1(*map(str, folder_with(c.tmp, png_bytes(noise_image(seed=3)))), "--output_dir",
+                           c.tmp / "images" / "adapters"), OutputPathError,
+        r"--output_dir '.*images/adapters' is inside --dataset '.*images': the run would write its files among"),
+    "output dir that is the stage-1 folder (stage 2)": Case(
+        lambda c: c.stage2(None, "--output_dir", c.adapters()), OutputPathError,
+        r"--output_dir '.*adapters' is a stage-1 adapter folder .*would be mixed with this run's"),
+    "--save_to_disk that is a file (stage 2)": Case(lambda c: c.stage2(None, "--save_to_disk", _a_file(c)),
+                                                    OutputPathError, r"--save_to_disk '.*a_file' is a file"),
+    "manifest --output that is a folder (datadream-hf few-shot)": Case(
+        lambda c: cli_main(["few-shot", "--dataset", c.digits_path, "--k", "1", "--output", str(c.tmp)]),
+        OutputPathError, r"--output '.*' is a folder; pass a file path"),
+    "tiny-world --dataset that is a file": Case(
+        lambda c: cli_main(["tiny-world", "--recipe", "--dataset", str(_a_file(c))]), DatasetInputError,
+        r"--dataset '.*a_file' is a file; pass a save_to_disk folder, an image folder or a Hub dataset id"),
+    # --push_to_hub with the Hub offline: refused before any work (tests/test_hub.py: every other reason)
+    "push_to_hub offline (stage 1)": Case(lambda c: c.stage1_digits("--push_to_hub"), HubAccessError,
+                                          r"--push_to_hub: the Hub is offline \(HF_HUB_OFFLINE=1\)"),
+    "push_to_hub offline (stage 2)": Case(lambda c: c.stage2(None, "--push_to_hub", "--hub_dataset_id", "u/x"),
+                                          HubAccessError, r"--push_to_hub: the Hub is offline"),
+    "push_to_hub offline (stage 3)": Case(lambda c: c.stage3("--push_to_hub"), HubAccessError,
+                                          r"--push_to_hub: the Hub is offline"),
+    # Inputs accepted but quietly not what was meant
+    "K-shot image replaced under the same name": Case(
+        _replaced_image, DatasetInputError,
+        r"class 'dog': row 3 \('.*dog/1\.png'\) is not the image the manifest was drawn with.*the data changed"),
+    "synthetic images from adapters of another K-shot draw": Case(
+        _synthetic_of_another_draw, DatasetInputError,
+        r"synthetic'? was generated with adapters trained on another K-shot draw \(K=4, seed 1\) than "
+        r"--few_shot_manifest '.*few_shot\.json' \(K=4, seed 0\)", loads_model=True),
+    "--clean_class_names alone (stage 2)": Case(
+        _stage2_clean_names, check=lambda prompts: prompts == ["a photo of a big cat", "a photo of a small dog"],
+        loads_model=True),
+    "manifest of format 1 (no image hashes)": Case(
+        _format_1_manifest, check=lambda m: m.image_sha256 is None and m.k == 2 and m.format_version == 1),
+    "manifest used with another split": Case(
+        lambda c: _split_folders_manifest(c, "test"), DatasetInputError,
+        r"was drawn from split 'train', but --split 'test' is loaded: its rows are other images. Pass --split train"),
+    "prompt template without {domain} while a domain is set": Case(
+        lambda c: c.stage3("--domain", "aircraft ", "--prompt_template", "a photo of a {classname}"),
+        ValueError, r"has no \{domain\} field, so the domain word 'aircraft ' .* would be left out of every prompt"),
+    "prompt template with an unknown field": Case(
+        lambda c: c.stage2(None, "--prompt_template", "a {style} photo of a {classname}"), ValueError,
+        r"has a field other than \{domain\} and \{classname\} \(KeyError\('style'\)\)"),
     "cls index with two classes on one adapter": Case(
         lambda c: c.stage2(c.adapters(lambda d: _edit_json(d / ADAPTER_INDEX_NAME,
                                                            **{"adapters.1": class_folder_name(0, "zero")}))),
@@ -809,7 +952,7 @@ def _stage3_batches(batch_size: int):
 def no_model_loading(monkeypatch):
     """Makes every base-model load fail loudly: a bad input must be refused before it."""
     import datadream_hf.adapt.train
-    import datadream_hf.classify.modeling
+    import datadream_hf.classify.train
     import datadream_hf.generate.run
 
     def expensive(*args, **kwargs):
@@ -817,9 +960,7 @@ def no_model_loading(monkeypatch):
 
     monkeypatch.setattr(datadream_hf.adapt.train, "load_generator_models", expensive)
     monkeypatch.setattr(datadream_hf.generate.run, "load_generation_pipeline", expensive)
-    monkeypatch.setattr(
-        datadream_hf.classify.modeling.CLIPLoRAClassifier, "from_clip_pretrained", classmethod(expensive)
-    )
+    monkeypatch.setattr(datadream_hf.classify.train, "load_classifier", expensive)
 
 
 def assert_nothing_written(folder: Path):
@@ -974,6 +1115,7 @@ def test_pickled_weights_are_refused_by_stage2_and_the_classifier(
         CLIPLoRAClassifier.from_clip_pretrained(str(clip), CLASSES)
 
 
+@pytest.mark.usefixtures("reachable_hub")  # the upload is checked before the run
 def test_hub_token_is_never_written_by_any_stage(
     tiny_sd_path, tiny_clip_path, digits_path, digits_manifest_path, stage1_data, tmp_path, monkeypatch, capsys, caplog
 ):
@@ -1090,3 +1232,18 @@ def test_every_stage_refuses_an_output_folder_another_run_holds(
         holder.wait()
     for folder in folders.values():
         assert_nothing_written(folder)
+
+
+def test_a_format_1_manifest_loads_and_warns_once_that_its_images_are_unchecked(digits, digits_manifest_path,
+                                                                                tmp_path, caplog):  # fmt: skip
+    payload = json.loads(Path(digits_manifest_path).read_text())
+    assert payload["format_version"] == 2 and len(payload["image_sha256"][0]) == payload["k"]
+    del payload["image_sha256"]
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps({**payload, "format_version": 1}))
+    old = FewShotManifest.load(path)
+    with caplog.at_level("WARNING"):
+        old.select(digits["train"])
+        old.complement(digits["train"])
+    warnings = [r.getMessage() for r in caplog.records if "records no image hashes" in r.getMessage()]
+    assert len(warnings) == 1 and "old.json" in warnings[0] and "datadream-hf few-shot" in warnings[0]

@@ -691,10 +691,10 @@ def test_benchmarks_run_and_report_ratios(tiny_sd_path, tmp_path, monkeypatch, c
         "--pretrained_model_name_or_path", tiny_sd_path, "--num_classes", "2", "--images_per_class", "1",
         "--num_inference_steps", "2", "--output_dir", str(tmp_path / "g"),
     ]))  # fmt: skip
-    assert {"base", "ours", "ours+write", "unfused", "reference"} <= set(generation)
+    assert {"base", "ours", "ours+write", "unfused", "fusion", "reference"} <= set(generation)
     assert generation["reference"]["max_pixel_diff_vs_ours"] <= 2
     printed = capsys.readouterr().out
-    assert "target >= 3x" in printed and "target < 5%" in printed
+    assert "target >= 3x" in printed and "target < 5%" in printed and "target >= 0.80" in printed
     stage1_lines = printed[printed.index("Stage 1, cls mode") :].splitlines()
     assert stage1_lines[1].startswith("default path (auto, 2 classes per group) vs reference-style: ")
     for name in ("auto", "ours"):

@@ -19,13 +19,13 @@ from datadream_hf.adapt.config import GeneratorTrainingConfig
 from datadream_hf.adapt.data import (
     FewShotData,
     build_units,
-    class_seed,
     make_step_batch,
     make_unit,
     resize_shorter_side,
     tokenize_prompts,
 )
 from datadream_hf.adapt.modeling import init_lora_weights_, load_generator_models
+from datadream_hf.adapt.modes.cls import class_seed
 from datadream_hf.adapt.outputs import TRAINING_LOG_NAME, push_adapters_to_hub
 from datadream_hf.adapt.sequential import train_unit
 from datadream_hf.adapt.train import train_generator
@@ -508,6 +508,7 @@ def uploaded_files(folder, ignore_patterns):
     return set(filter_repo_objects(files, ignore_patterns=patterns))
 
 
+@pytest.mark.usefixtures("reachable_hub")  # the upload is checked before the run
 def test_script_pushes_card_and_weights_without_the_token(few_shot, tiny_sd_path, tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(SCRIPT.parent))
     import train_datadream_lora

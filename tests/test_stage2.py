@@ -331,6 +331,7 @@ def test_a_second_run_into_a_busy_output_dir_is_refused(stage1, tiny_sd_path, tm
     assert not (tmp_path / "busy" / "shards").exists()
 
 
+@pytest.mark.usefixtures("reachable_hub")  # the upload is checked before the run
 def test_script_pushes_parquet_and_card_to_hub(reference, stage1, tiny_sd_path, tmp_path, monkeypatch):
     import datasets
 

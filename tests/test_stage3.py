@@ -448,6 +448,7 @@ def _script_args(tiny_clip_path, digits_path, manifest, synthetic, output_dir, *
     ]  # fmt: skip
 
 
+@pytest.mark.usefixtures("reachable_hub")  # the upload is checked before the run
 def test_script_report_card_and_mocked_push(
     tiny_clip_path, digits_path, digits_manifest_path, fake_synthetic, tmp_path, monkeypatch
 ):
@@ -497,16 +498,22 @@ def test_script_refuses_bad_input_before_training(tiny_clip_path, digits_path, d
         )  # fmt: skip
 
 
-def test_script_two_processes(tiny_clip_path, digits_path, digits_manifest_path, fake_synthetic, tmp_path):
+def test_script_two_processes(tiny_clip_path, digits, digits_path, digits_manifest_path, fake_synthetic, tmp_path):
     out = tmp_path / "ddp"
+    # 30 validation images: 15 per process, evaluated in batches of 8 (the last one padded by accelerate).
     command = accelerate_launch_command(SCRIPT, 2) + _script_args(
-        tiny_clip_path, digits_path, digits_manifest_path, fake_synthetic, out
+        tiny_clip_path, digits_path, digits_manifest_path, fake_synthetic, out, "--validation_per_class", "3"
     )
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "adapter_model.safetensors").is_file() and not list(out.glob("*.bin"))
     report = json.loads((out / "report.json").read_text())
     assert report["selection"]["split"] == "validation" and set(report["evaluations"]) == {"validation", "test"}
+    # Every evaluated sample counted once across the processes: no padding duplicate, none dropped.
+    validation, test = report["evaluations"]["validation"], report["evaluations"]["test"]
+    assert validation["num_examples"] == 30 and set(validation["per_class_count"].values()) == {3}
+    test_counts = np.bincount(digits["test"]["label"], minlength=len(DIGIT_NAMES)).tolist()
+    assert test["num_examples"] == len(digits["test"]) and list(test["per_class_count"].values()) == test_counts
     config = json.loads((out / "datadream_config.json").read_text())
     assert config["world_size"] == 2
     state = json.loads(next(out.glob("checkpoint-*/trainer_state.json")).read_text())

@@ -73,6 +73,33 @@ def test_reference_recipe_defaults(tmp_path):
     assert (training_args.fp16, training_args.mix_augmentation) == (False, "none")
 
 
+# LoFT's stage-3 recipe (ExplainableML/LoFT; its classifier is DISEF's): synthetic images only, batch 256, 60 epochs,
+# 6 warm-up epochs; everything else as DataDream's.
+LOFT_RECIPE = {**REFERENCE_RECIPE, "per_device_train_batch_size": 256, "num_train_epochs": 60, "warmup_epochs": 6.0}
+
+
+def test_loft_recipe(tmp_path):
+    """`--recipe loft` sets LoFT's values as defaults (over a dataset preset's epochs); real+synthetic and every other
+    flag given explicitly still win."""
+    flags = ["--real_dataset", "x", "--synthetic_dataset", "s", "--recipe", "loft", "--output_dir"]
+    _, training_args = _load_script().parse_args([*flags, str(tmp_path / "a")])
+    assert _recipe(training_args) == LOFT_RECIPE
+    assert (training_args.recipe, training_args.train_mode) == ("loft", "synthetic")
+    _, training_args = _load_script().parse_args([*flags, str(tmp_path / "b"), "--dataset_preset", "fgvc_aircraft"])
+    assert training_args.num_train_epochs == 60  # LoFT's, not the preset's 50 (DataDream's for Aircraft)
+    explicit = ["--train_mode", "real+synthetic", "--few_shot_manifest", "m.json", "--num_train_epochs", "5",
+                "--per_device_train_batch_size", "32"]  # fmt: skip
+    _, training_args = _load_script().parse_args([*flags, str(tmp_path / "c"), *explicit])
+    assert (training_args.train_mode, training_args.num_train_epochs) == ("real+synthetic", 5)
+    assert (training_args.per_device_train_batch_size, training_args.warmup_epochs) == (32, 6.0)
+    config = tmp_path / "loft.yaml"  # a config file takes the recipe too
+    config.write_text(f"real_dataset: x\nsynthetic_dataset: s\nrecipe: loft\noutput_dir: {tmp_path / 'd'}\n")
+    _, training_args = _load_script().parse_args([str(config)])
+    assert _recipe(training_args) == LOFT_RECIPE and training_args.train_mode == "synthetic"
+    with pytest.raises(ValueError, match="recipe"):
+        DataDreamTrainingArguments(output_dir=str(tmp_path / "e"), recipe="disef")
+
+
 def test_fp16_defaults_on_with_a_gpu_only(monkeypatch, tmp_path):
     assert DataDreamTrainingArguments(output_dir=str(tmp_path)).fp16 is False  # this machine: CPU
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # (the arguments themselves would set up the GPU)

@@ -3,11 +3,15 @@
 Runs, in one process and on a CPU, every stage through the same entry points a user runs:
 
     data: the digits with a fixed validation split, the K-shot manifest (shots the tiny world never saw), the oracle
-    -> stage 1 (train_datadream_lora.py) in cls and dset modes: the paper's schedule and LoRA placement
-    -> stage 2 (generate_synthetic.py) with the cls adapters, the dset adapter and the frozen generator
-    -> stage 3 (train_classifier.py) over 3 seeds: real only, and synthetic only / real + synthetic for each generator
-       and for the oracle control (held-out real train images, as many per class as the synthetic sets)
-    -> report: accuracy on the held-out real test split, class fidelity, alignment, image grids, and the targets.
+    -> stage 1 (train_datadream_lora.py) in cls and dset modes (DataDream: the paper's schedule and LoRA placement)
+       and in image mode (LoFT: one LoRA per real image)
+    -> stage 2 (generate_synthetic.py) with the cls adapters, the dset adapter, LoFT's fused pairs of image adapters
+       and the frozen generator
+    -> stage 3 (train_classifier.py) over 10 seeds: real only, and synthetic only / real + synthetic for each
+       generator and for the oracle control (held-out real train images, as many per class as the synthetic sets),
+       `--workers` runs at a time (one thread each)
+    -> report: accuracy on the held-out real test split, every "A beats B" as the paired difference over seeds with
+       its 95% interval, class fidelity, alignment, image grids, and the targets.
 
     python training_scripts/run_demo.py --output_dir demo_output            # `make demo`; minutes on 2 CPU cores
     python training_scripts/run_demo.py --output_dir demo_output_k4 --k 4   # the scarcer setting (README's K=4)
@@ -22,7 +26,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import multiprocessing
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
@@ -38,14 +45,16 @@ from datadream_hf.files import write_json_atomic
 from datadream_hf.synthetic import load_synthetic_dataset
 from datadream_hf.tiny_world.demo_data import DemoData, prepare_demo_data
 from datadream_hf.tiny_world.recipe import TinyWorldRecipe
-from datadream_hf.tiny_world.report import summary_markdown, write_report
+from datadream_hf.tiny_world.report import ORACLE, evaluate_claims, summary_markdown, write_report
 from datadream_hf.tiny_world.world import tiny_world_paths
 from datadream_hf.versions import library_versions
 
 logger = logging.getLogger("datadream_hf.demo")
 
-GENERATORS = ("datadream_cls", "datadream_dset", "frozen")
-ORACLE = "oracle"  # held-out real train images in place of synthetic ones: the ceiling every generator is read against
+# Each trained generator and its stage-1 mode; the frozen generator has no adapter. The oracle (held-out real train
+# images in place of synthetic ones) is the ceiling every generator is read against.
+STAGE1_MODES = {"datadream_cls": "cls", "datadream_dset": "dset", "loft": "image"}
+GENERATORS = (*STAGE1_MODES, "frozen")
 
 
 def run_stage(out: Path, name: str, done_marker: Path, run) -> None:
@@ -56,29 +65,33 @@ def run_stage(out: Path, name: str, done_marker: Path, run) -> None:
         return
     start = time.perf_counter()
     run()
-    elapsed = time.perf_counter() - start
-    logger.info("%s: %.1f s", name, elapsed)
+    record_time(out, name, time.perf_counter() - start)
+
+
+def record_time(out: Path, name: str, seconds: float) -> None:
+    logger.info("%s: %.1f s", name, seconds)
     timings_path = out / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
-    write_json_atomic(timings_path, timings | {name: round(elapsed, 1)})
+    write_json_atomic(timings_path, timings | {name: round(seconds, 1)})
 
 
 def stage1(out: Path, data: DemoData, generator: str, settings: TinyWorldRecipe) -> dict[str, Path]:
     adapters = {}
-    for mode in ("cls", "dset"):
+    for name, mode in STAGE1_MODES.items():
         output_dir = out / f"stage1_{mode}"
+        flags = settings.stage1_image_flags() if mode == "image" else settings.stage1_flags()
         # dset trains one adapter on all N*K images for the same number of epochs: N times the steps of one class,
-        # the same compute as cls in all (the paper's equal-compute comparison).
+        # the same compute as cls in all (the paper's equal-compute comparison); image trains one per K-shot image.
         argv = [
             "--pretrained_model_name_or_path", generator, "--dataset", str(data.dataset),
             "--few_shot_manifest", str(data.manifest), "--dataset_preset", "digits", "--mode", mode,
-            *settings.stage1_flags(), "--output_dir", str(output_dir), "--seed", "0", "--report_to", "none",
+            *flags, "--output_dir", str(output_dir), "--seed", "0", "--report_to", "none",
             "--resume_from_checkpoint", "latest",  # a killed demo continues
         ]  # fmt: skip
         run_stage(
             out, f"stage 1 ({mode})", output_dir / "adapter_index.json", lambda argv=argv: lora_main(lora_args(argv))
         )
-        adapters[f"datadream_{mode}"] = output_dir
+        adapters[name] = output_dir
     return adapters
 
 
@@ -88,8 +101,9 @@ def stage2(out: Path, generator: str, adapters: dict, data: DemoData, settings: 
         output_dir = out / f"stage2_{name}"
         source = ["--no_adapter", "--few_shot_manifest", str(data.manifest)] if name == "frozen" else [
             "--adapter_path", str(adapters[name])]  # fmt: skip
+        fusion = ["--fusion", "pairs"] if STAGE1_MODES.get(name) == "image" else []  # LoFT: pairs of image adapters
         argv = [
-            "--pretrained_model_name_or_path", generator, *source, "--dataset_preset", "digits",
+            "--pretrained_model_name_or_path", generator, *source, *fusion, "--dataset_preset", "digits",
             *settings.stage2_flags(), "--batch_size", str(settings.images_per_class), "--seed", "0",
             "--output_dir", str(output_dir),
         ]  # fmt: skip
@@ -100,12 +114,29 @@ def stage2(out: Path, generator: str, adapters: dict, data: DemoData, settings: 
     return outputs
 
 
-def stage3(out: Path, clip: str, data: DemoData, training_sets: dict, settings: TinyWorldRecipe) -> list[dict]:
-    """Every classifier run of the table, for every seed; returns one row per run and seed."""
+def train_classifier_run(argv: list[str]) -> float:
+    """One stage-3 run through the script's own entry point; returns its wall time (a worker of `stage3`)."""
+    start = time.perf_counter()
+    classifier_main(classifier_args(argv))
+    return time.perf_counter() - start
+
+
+def _one_thread_worker() -> None:
+    # Several torch processes on few cores oversubscribe OpenMP and crawl; the tiny classifier gains nothing from
+    # intra-op threads, so each worker runs one thread and the workers run side by side.
+    import torch
+
+    torch.set_num_threads(1)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+
+def stage3(out: Path, clip: str, data: DemoData, training_sets: dict, settings: TinyWorldRecipe,
+           workers: int = 1) -> list[dict]:  # fmt: skip
+    """Every classifier run of the table, for every seed, `workers` at a time; returns one row per run and seed."""
     runs = [("real", "real", None)]
     runs += [(f"{name}/{mode}", mode, folder) for name, folder in training_sets.items()
              for mode in ("synthetic", "real+synthetic")]  # fmt: skip
-    results = []
+    jobs = {}  # (run name, seed) -> (output dir, argv)
     for seed in settings.seeds:
         for run_name, mode, folder in runs:
             output_dir = out / "stage3" / run_name.replace("/", "__").replace("+", "_") / f"seed{seed}"
@@ -118,12 +149,24 @@ def stage3(out: Path, clip: str, data: DemoData, training_sets: dict, settings: 
             ]  # fmt: skip
             if folder is not None:
                 argv += ["--synthetic_dataset", str(folder)]
-            run_stage(out, f"stage 3 ({run_name}, seed {seed})", output_dir / "report.json",
-                      lambda argv=argv: classifier_main(classifier_args(argv)))  # fmt: skip
-            report = json.loads((output_dir / "report.json").read_text())
-            evaluations = report["evaluations"]
-            results.append({"run": run_name, "seed": seed, "test": evaluations["test"]["accuracy"],
-                            "validation": evaluations["validation"]["accuracy"]})  # fmt: skip
+            jobs[(run_name, seed)] = (output_dir, argv)
+    todo = {key: job for key, job in jobs.items() if not (job[0] / "report.json").exists()}
+    logger.info("stage 3: %d classifier runs (%d already done), %d at a time", len(jobs), len(jobs) - len(todo),
+                workers)  # fmt: skip
+    if workers > 1 and len(todo) > 1:
+        context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch thread pools
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_one_thread_worker) as pool:
+            futures = {key: pool.submit(train_classifier_run, argv) for key, (_, argv) in todo.items()}
+            for (run_name, seed), future in futures.items():
+                record_time(out, f"stage 3 ({run_name}, seed {seed})", future.result())
+    else:
+        for (run_name, seed), (_, argv) in todo.items():
+            record_time(out, f"stage 3 ({run_name}, seed {seed})", train_classifier_run(argv))
+    results = []
+    for (run_name, seed), (output_dir, _) in jobs.items():
+        evaluations = json.loads((output_dir / "report.json").read_text())["evaluations"]
+        results.append({"run": run_name, "seed": seed, "test": evaluations["test"]["accuracy"],
+                        "validation": evaluations["validation"]["accuracy"]})  # fmt: skip
     return results
 
 
@@ -165,12 +208,13 @@ def main(args: argparse.Namespace) -> dict:
     data = prepare_demo_data(out / "data", settings.k, settings.validation_per_class, settings.images_per_class)
     adapters = stage1(out, data, generator, settings)
     synthetic = stage2(out, generator, adapters, data, settings)
-    accuracy = stage3(out, clip, data, synthetic | {ORACLE: data.oracle}, settings)
+    accuracy = stage3(out, clip, data, synthetic | {ORACLE: data.oracle}, settings, args.workers)
     aligned, fidelity = measure_images(clip, data, synthetic)
     summary = {
         "settings": asdict(settings) | {"seeds": list(settings.seeds)},
         "class_names": load_labelled_dataset(str(data.dataset), split="train").features["label"].names,
         "accuracy": accuracy,
+        "claims": evaluate_claims(accuracy),
         "alignment": aligned,
         "class_fidelity": fidelity,
         "stage_times_s": json.loads((out / "timings.json").read_text()),
@@ -192,11 +236,19 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output_dir", default="demo_output")
     parser.add_argument("--k", type=int, default=16, help="Real images per class: 16 (default) or fewer, e.g. 4.")
     parser.add_argument("--quick", action="store_true", help="A smoke run: every stage with a handful of steps.")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=min(os.cpu_count() or 1, 8),
+        help="Stage-3 classifier runs at a time, one thread each (default: one per CPU core, <= 8).",
+    )
     parser.add_argument("--generator", help="Text-to-image pipeline folder or id (default: the tiny world's).")
     parser.add_argument("--clip", help="CLIP model folder or id (default: the tiny world's).")
     args = parser.parse_args(input_args)
     if not 1 <= args.k <= 16:
         parser.error(f"--k must be in 1..16 (the tiny world's held-out shots), got {args.k}.")
+    if args.workers < 1:
+        parser.error(f"--workers must be >= 1, got {args.workers}.")
     return args
 
 

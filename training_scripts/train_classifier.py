@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Stage 3 of DataDream: fine-tune CLIP with LoRA on real K-shot + synthetic images (lambda-weighted CE).
+"""Stage 3 of DataDream: fine-tune CLIP (or SigLIP, ViT, ...) with LoRA on real K-shot + synthetic images (lambda CE).
 
 Real images are the K-shot subset of the manifest drawn before stage 1 (which also gives the classes, their order and
 names); the validation split that picks the best epoch is carved from the real training data outside that subset
@@ -21,6 +21,12 @@ column and the train/test splits):
       --few_shot_manifest out/aircraft_16shot.json --dataset_preset fgvc_aircraft \
       --synthetic_dataset out/aircraft_synthetic --train_mode real+synthetic \
       --output_dir out/aircraft_classifier
+
+Other backbones (the kind is read from the model's config; same loss, batches and recipe): SigLIP
+`--model_name_or_path google/siglip-base-patch16-224`, SigLIP 2 `google/siglip2-base-patch16-224` (fixed resolution),
+an image-classification model such as `google/vit-base-patch16-224-in21k` (LoRA; `--use_peft false` fine-tunes every
+weight), or a dual encoder's image tower under a head initialised from its text tower (`--classifier_type
+image_classifier`).
 
 Real-only baseline (same K images): `--train_mode real` without `--synthetic_dataset`. Synthetic-only:
 `--train_mode synthetic`. Several GPUs: `accelerate launch --num_processes 4 ...` or `torchrun --nproc_per_node 4`.

@@ -17,7 +17,7 @@ from PIL import Image
 
 from ..data import DatasetInputError, decode_images, labels_of
 from ..few_shot import FewShotManifest, load_manifest_dataset
-from ..run_folder import class_folder_name
+from .modes import get_mode
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -53,6 +53,7 @@ def load_few_shot_data(config: GeneratorTrainingConfig) -> FewShotData:
                 "(draw it with `datadream-hf few-shot`)."
             )
     manifest = FewShotManifest.load(config.few_shot_manifest)
+    manifest.check_split(config.dataset, config.split, "--split")
     dataset = load_manifest_dataset(
         manifest, config.dataset, config.split, config.image_column, config.label_column, config.class_names
     )
@@ -67,15 +68,6 @@ def seeded_generator(*keys: int) -> torch.Generator:
     """A CPU generator seeded from a tuple of non-negative ints (numpy SeedSequence mixes them, no collisions)."""
     seed = int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, dtype=np.uint64)[0] >> 1)
     return torch.Generator(device="cpu").manual_seed(seed)
-
-
-def class_seed(seed: int, class_index: int) -> int:
-    """The seed of class `class_index`'s adapter in cls mode.
-
-    Class i's adapter equals a dset-mode run on class i's images alone with `--seed class_seed(seed, i)`, whichever
-    process trained it and in whatever order.
-    """
-    return int(np.random.SeedSequence([seed, class_index]).generate_state(1)[0])
 
 
 def init_generator(unit_seed: int) -> torch.Generator:
@@ -94,6 +86,13 @@ def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
     return image.resize(new_size, resample=Image.BILINEAR)
 
 
+def center_crop(image: Image.Image, size: int) -> Image.Image:
+    """torchvision `CenterCrop(size)` of an image at least `size` on each side (LoFT's crop)."""
+    width, height = image.size
+    top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
+    return image.crop((left, top, left + size, top + size))
+
+
 def image_to_tensor(image: Image.Image) -> torch.Tensor:
     """RGB PIL image -> float tensor (3, H, W) in [-1, 1]."""
     array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0  # (H, W, 3)
@@ -102,13 +101,14 @@ def image_to_tensor(image: Image.Image) -> torch.Tensor:
 
 @dataclass
 class TrainingUnit:
-    """The data of one adapter: all N*K images in dset mode, or one class's K images in cls mode.
+    """The data of one adapter: all N*K images in dset mode, one class's K images in cls mode, one image in image mode.
 
     Attributes:
-        name: `"all"` (dset) or the class name (cls).
+        name: `"all"` (dset), the class name (cls) or `"<class folder>/image_<row>"` (image).
         folder: where its adapter goes, relative to the output dir (`"."` for dset).
         seed: the unit seed every random draw derives from.
-        images: resized (shorter side = resolution), uncropped tensors (3, H, W) in [-1, 1].
+        images: resized (shorter side = resolution) tensors (3, H, W) in [-1, 1]; uncropped (each step crops at
+            random), or already center-cropped to (3, resolution, resolution) with `center_crop`.
         prompt_ids: (num_images, seq_len) token ids of each image's class prompt.
         class_indices: the class index of each image.
     """
@@ -132,11 +132,19 @@ def make_unit(
     class_indices: list[int],
     class_prompt_ids: torch.Tensor,
     resolution: int,
+    center_crop_images: bool = False,
 ) -> TrainingUnit:
-    """Resizes the images once (the resize is deterministic; only the crop is random) and gathers their prompt ids."""
+    """Resizes the images once (the resize is deterministic; only the crop is random) and gathers their prompt ids.
+
+    With `center_crop_images` (LoFT's CenterCrop) the crop is made here too: the steps' random crop of an image of
+    exactly the resolution then always takes all of it.
+    """
     if not images:
         raise ValueError(f"Training unit {name!r} has no images; check the few-shot manifest.")
-    tensors = [image_to_tensor(resize_shorter_side(image.convert("RGB"), resolution)) for image in images]
+    resized = [resize_shorter_side(image.convert("RGB"), resolution) for image in images]
+    if center_crop_images:
+        resized = [center_crop(image, resolution) for image in resized]
+    tensors = [image_to_tensor(image) for image in resized]
     prompt_ids = class_prompt_ids[torch.tensor(class_indices)]  # (num_images, seq_len)
     return TrainingUnit(name, folder, seed, tensors, prompt_ids, list(class_indices))
 
@@ -144,21 +152,19 @@ def make_unit(
 def build_units(
     config: GeneratorTrainingConfig, data: FewShotData, tokenizer, process_index: int = 0, num_processes: int = 1
 ) -> list[TrainingUnit]:
-    """The adapters this process trains: dset -> the one over all images; cls -> classes i with i % P == rank."""
+    """The adapters this process trains (`adapt.modes`): dset -> the one over all images; cls and image -> adapters
+    i (classes, images) with i % P == rank."""
     template = config.prompt_template()
     class_prompt_ids = tokenize_prompts(tokenizer, [template(name) for name in data.class_names])
-    if config.mode == "dset":
-        return [make_unit("all", ".", config.seed, data.images, data.labels, class_prompt_ids, config.resolution)]
-    units = []
-    for index, name in enumerate(data.class_names):
-        if index % num_processes != process_index:
-            continue
-        rows = [row for row, label in enumerate(data.labels) if label == index]
-        images = [data.images[row] for row in rows]
-        folder = class_folder_name(index, name)
-        seed = class_seed(config.seed, index)
-        units.append(make_unit(name, folder, seed, images, [index] * len(rows), class_prompt_ids, config.resolution))
-    return units
+    mode = get_mode(config.mode)
+    specs = mode.units(config.seed, data.class_names, data.labels, data.manifest.indices)
+    if mode.splits_adapters:
+        specs = [spec for i, spec in enumerate(specs) if i % num_processes == process_index]
+    return [
+        make_unit(spec.name, spec.folder, spec.seed, [data.images[p] for p in spec.positions],
+                  [data.labels[p] for p in spec.positions], class_prompt_ids, config.resolution, config.center_crop)
+        for spec in specs
+    ]  # fmt: skip
 
 
 def tokenize_prompts(tokenizer, prompts: list[str]) -> torch.Tensor:

@@ -34,7 +34,9 @@ def load_generator_models(config: GeneratorTrainingConfig, device: torch.device 
         model.requires_grad_(False)
         model.to(device)
     components = models.lora_components()
-    for name, lora in family.lora_configs(config.rank, config.lora_alpha, _peft_init(config.lora_init)).items():
+    targets = family.denoiser_targets(config.unet_target_modules)
+    configs = family.lora_configs(config.rank, config.lora_alpha, _peft_init(config.lora_init), targets)
+    for name, lora in configs.items():
         if name == family.denoiser_name or config.train_text_encoder:
             components[name].add_adapter(lora, adapter_name=ADAPTER_NAME)
     for model in components.values():

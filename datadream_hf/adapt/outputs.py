@@ -3,8 +3,9 @@ another run's folder, each adapter's training log, the index and model card writ
 push.
 
 `adapter_index.json`, `datadream_config.json`, `README.md`, and `pytorch_lora_weights.safetensors` (+ its
-`training_log.json`, and `samples.png` with validation) at the top (dset) or in one `class_folder_name(i, name)`
-folder per class (cls).
+`training_log.json`, and `samples.png` with validation) at the top (dset), in one `class_folder_name(i, name)`
+folder per class (cls) or in one `<class folder>/image_<row>` folder per K-shot image (image); `adapt.modes` says
+which.
 """
 
 from __future__ import annotations
@@ -15,14 +16,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .. import hub
-from ..adapter_index import ADAPTER_INDEX_NAME, adapter_folders, adapter_index
+from ..adapter_index import ADAPTER_INDEX_NAME
 from ..cards import render_card
 from ..families import read_family
 from ..files import write_json_atomic, write_text_atomic
 from ..lora import LORA_WEIGHT_NAME
 from ..run_folder import TRAINING_CONFIG_NAME, refuse_new_run, settings_diff
 from ..versions import library_versions
-from .data import class_seed, total_steps
+from .data import total_steps
+from .modes import get_mode
+from .modes.cls import class_seed
+from .modes.image import image_seed
 
 if TYPE_CHECKING:
     from .config import GeneratorTrainingConfig
@@ -37,7 +41,7 @@ RUN_ONLY_FIELDS = frozenset(
     {
         "output_dir", "dataset", "few_shot_manifest", "checkpointing_steps", "checkpoints_total_limit",
         "resume_from_checkpoint", "report_to", "logging_dir", "validation_prompt", "num_validation_images",
-        "validation_num_inference_steps", "license", "gradient_checkpointing",
+        "validation_num_inference_steps", "license", "gradient_checkpointing", "ddp_timeout",
         # How cls classes are grouped changes the adapters by float rounding only: a run may resume with another
         # strategy or group size (`adapt.grouped.plan` continues every class from its own checkpoints).
         "cls_strategy", "classes_per_group", "memory_safety_margin",
@@ -74,10 +78,10 @@ def run_record(config: GeneratorTrainingConfig, data: FewShotData) -> dict:
             "rank": config.rank,
             "alpha": config.lora_alpha or config.rank,
             "init": config.lora_init,
-            **family.lora_record(config.train_text_encoder),
+            **family.lora_record(config.train_text_encoder, family.denoiser_targets(config.unet_target_modules)),
         },
         "steps_per_adapter": total_steps(
-            len(data.images) if config.mode == "dset" else data.manifest.k,
+            {"dset": len(data.images), "cls": data.manifest.k, "image": 1}[config.mode],
             config.train_batch_size,
             config.num_train_epochs,
             config.max_train_steps,
@@ -87,7 +91,16 @@ def run_record(config: GeneratorTrainingConfig, data: FewShotData) -> dict:
     }
     if config.mode == "cls":
         record["class_seeds"] = {str(i): class_seed(config.seed, i) for i in range(len(data.class_names))}
+    if config.mode == "image":  # by adapter key of the index: (seed, class, row) -> seed
+        images = run_adapter_index("image", data.class_names, data.manifest.indices)["images"]
+        record["image_seeds"] = {key: image_seed(config.seed, image["class"], image["row"])
+                                 for key, image in images.items()}  # fmt: skip
     return record
+
+
+def run_adapter_index(mode: str, class_names: list[str], indices: list[list[int]]) -> dict:
+    """The `adapter_index.json` of a run (`adapt.modes`); `indices`: the manifest's rows per class."""
+    return get_mode(mode).index(class_names, indices)
 
 
 def _result_signature(record: dict) -> dict:
@@ -161,17 +174,15 @@ def training_log_trained_with(folder: Path) -> tuple[str, ...]:
     return tuple(trained_with) if trained_with else (Path(folder).name,)
 
 
-def missing_adapters(output_dir: Path, mode: str, class_names: list[str]) -> list[str]:
-    return [
-        name
-        for name, folder in adapter_folders(mode, class_names).items()
-        if not (output_dir / folder / LORA_WEIGHT_NAME).is_file()
-    ]
+def missing_adapters(output_dir: Path, mode: str, class_names: list[str], indices: list[list[int]]) -> list[str]:
+    """The folders of the run's adapters whose file is not written (yet)."""
+    folders = run_adapter_index(mode, class_names, indices)["adapters"].values()
+    return [folder for folder in folders if not (output_dir / folder / LORA_WEIGHT_NAME).is_file()]
 
 
-def write_outputs(output_dir: Path, mode: str, class_names: list[str]) -> None:
+def write_outputs(output_dir: Path, mode: str, class_names: list[str], indices: list[list[int]]) -> None:
     """Writes `adapter_index.json` and the model card; call once every adapter file exists."""
-    write_json_atomic(output_dir / ADAPTER_INDEX_NAME, adapter_index(mode, class_names))
+    write_json_atomic(output_dir / ADAPTER_INDEX_NAME, run_adapter_index(mode, class_names, indices))
     write_text_atomic(output_dir / "README.md", render_adapter_card(output_dir))
 
 
@@ -182,19 +193,21 @@ def render_adapter_card(output_dir: str | os.PathLike) -> str:
         record = json.load(f)
     base = record["base_model"]["pretrained_model_name_or_path"]
     adapters = []
-    for index, (name, folder) in enumerate(adapter_folders(record["mode"], record["class_names"]).items()):
+    rows = get_mode(record["mode"]).card_rows(record["class_names"], record["few_shot"]["indices"], record["prompts"])
+    for name, folder, prompt in rows:
         sample = Path(folder) / SAMPLES_NAME
         adapters.append(
             {
                 "name": name,
                 "folder": folder,
-                "prompt": record["prompts"][index] if record["mode"] == "cls" else None,
+                "prompt": prompt,
                 "sample": sample.as_posix() if (output_dir / sample).is_file() else None,
             }
         )
     hparams = record["hparams"]
-    shown = ("resolution", "train_batch_size", "num_train_epochs", "max_train_steps", "learning_rate", "lr_scheduler",
-             "lr_warmup_steps", "adam_weight_decay", "max_grad_norm", "mixed_precision", "seed")  # fmt: skip
+    shown = ("resolution", "center_crop", "train_batch_size", "num_train_epochs", "max_train_steps", "learning_rate",
+             "lr_scheduler", "lr_warmup_steps", "adam_weight_decay", "max_grad_norm", "mixed_precision",
+             "seed")  # fmt: skip
     return render_card(
         CARD_TEMPLATE,
         # A local folder is not a valid `base_model` for the Hub's metadata: only Hub ids go in the YAML.

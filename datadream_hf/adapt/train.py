@@ -1,6 +1,6 @@
-"""Stage 1 of DataDream, whole: `train_generator` trains every adapter of a run (dset or cls mode, split across
-processes, grouped or sequential) into a finished output folder; it resumes a killed run and refuses another's
-folder."""
+"""Stage 1 of DataDream, whole: `train_generator` trains every adapter of a run (dset, cls or image mode, see
+`adapt.modes`; split across processes, grouped or sequential) into a finished output folder; it resumes a killed run
+and refuses another's folder."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 
 from ..guardrails import fp16_on_cpu, fp16_on_cpu_message, native_resolution, warn_far_resolution, warn_long_warmup
 from ..lora import LORA_WEIGHT_NAME
-from ..run_folder import class_folder_name, output_dir_lock
+from ..run_folder import output_dir_lock
 from .checkpoints import CheckpointError
 from .config import GeneratorTrainingConfig
 from .data import FewShotData, TrainingUnit, build_units
@@ -20,6 +20,7 @@ from .grouped.loop import train_groups
 from .grouped.plan import run_groups
 from .grouped.sizing import choose_group_size, probe_group_memory
 from .modeling import GeneratorModels, load_generator_models
+from .modes import get_mode
 from .outputs import (
     CLS_GROUPING_KEY,
     check_output_dir,
@@ -43,12 +44,12 @@ def train_generator(
     models: GeneratorModels | None = None,
     step_callback: StepCallback | None = None,
 ) -> Path:
-    """Runs stage 1 into `config.output_dir` (dset or cls mode) and writes the index, run config and card.
+    """Runs stage 1 into `config.output_dir` (dset, cls or image mode) and writes the index, run config and card.
 
     Args:
         data: the few-shot images (`data.load_few_shot_data`).
-        accelerator: an `accelerate.Accelerator`; in cls mode each process trains its own classes, in dset mode the
-            processes split each batch.
+        accelerator: an `accelerate.Accelerator`; in cls and image modes each process trains its own adapters
+            (classes, images), in dset mode the processes split each batch.
         models: already loaded models (`load_generator_models(config)`) to reuse; loaded here when None.
         step_callback: called as `step_callback(unit, steps_done)` after every step.
 
@@ -93,18 +94,19 @@ def _train_generator(config, data, accelerator, models, step_callback) -> Path:
         warn_far_resolution(config.resolution, native_resolution(models.denoiser, models.vae_scale_factor))
         write_run_record(output_dir, record)
     units = build_units(config, data, models.tokenizers, accelerator.process_index, accelerator.num_processes)
-    logger.info(
-        "Process %d of %d trains adapter(s) %s.",
-        accelerator.process_index, accelerator.num_processes, [unit.name for unit in units],
-    )  # fmt: skip
-    shard = (accelerator.process_index, accelerator.num_processes) if config.mode == "dset" else (0, 1)
+    names = [unit.name for unit in units]
+    shown = names if len(names) <= 8 else f"{names[:3]} ... {names[-2:]} ({len(names)})"  # image mode: hundreds
+    logger.info("Process %d of %d trains adapter(s) %s.", accelerator.process_index, accelerator.num_processes,
+                shown)  # fmt: skip
+    mode = get_mode(config.mode)
+    shard = (0, 1) if mode.splits_adapters else (accelerator.process_index, accelerator.num_processes)
 
-    # 3. Train each adapter; a finished one (its file exists, written atomically) is skipped on resume. Grouped cls
-    #    mode trains several classes per forward pass (grouped.loop): the same computation up to float rounding.
-    if config.mode == "cls" and config.cls_strategy != "sequential":
+    # 3. Train each adapter; a finished one (its file exists, written atomically) is skipped on resume. Grouped cls and
+    #    image modes train several adapters per forward pass (grouped.loop): the same computation up to float rounding.
+    if mode.splits_adapters and config.cls_strategy != "sequential":
         _train_grouped(models, units, config, data, accelerator, previous_grouping, step_callback)
     else:
-        if config.mode == "cls" and accelerator.is_main_process:
+        if mode.splits_adapters and accelerator.is_main_process:
             record_cls_grouping(output_dir, {"strategy": "sequential", "num_processes": accelerator.num_processes})
         for unit in units:
             adapter = output_dir / unit.folder / LORA_WEIGHT_NAME
@@ -115,19 +117,21 @@ def _train_generator(config, data, accelerator, models, step_callback) -> Path:
             if config.num_validation_images > 0 and shard[0] == 0:
                 log_validation(models, unit, config, data.class_names, accelerator)
 
-    # 4. Once every process is done: the index (which marks the output complete) and the card; the curves of the
+    # 4. Once every process is done (this barrier waits for the busiest process: `--ddp_timeout` bounds it): the index
+    #    (which marks the output complete) and the card; then, with no process waiting on it, the curves of the
     #    classes other processes trained go to the trackers, which live on the main process.
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        missing = missing_adapters(output_dir, config.mode, data.class_names)
+        missing = missing_adapters(output_dir, config.mode, data.class_names, data.manifest.indices)
         if missing:
             raise CheckpointError(f"Adapters missing after training: {missing}; re-run with --resume_from_checkpoint.")
-        write_outputs(output_dir, config.mode, data.class_names)
-        if config.mode == "cls" and config.report_to and accelerator.num_processes > 1:
-            others = [class_folder_name(i, name) for i, name in enumerate(data.class_names)
-                      if i % accelerator.num_processes != accelerator.process_index]  # fmt: skip
-            replay_to_trackers(output_dir, others, accelerator)
+        write_outputs(output_dir, config.mode, data.class_names, data.manifest.indices)
     accelerator.wait_for_everyone()
+    if accelerator.is_main_process and mode.splits_adapters and config.report_to and accelerator.num_processes > 1:
+        specs = mode.units(config.seed, data.class_names, data.labels, data.manifest.indices)
+        others = [spec.folder for i, spec in enumerate(specs)
+                  if i % accelerator.num_processes != accelerator.process_index]  # fmt: skip
+        replay_to_trackers(output_dir, others, accelerator)
     return output_dir
 
 
@@ -140,10 +144,12 @@ def _train_grouped(
     previous_grouping: dict | None,
     step_callback: StepCallback | None,
 ) -> None:
-    """Grouped cls mode: chooses the group size (`grouped.sizing`, agreed by all processes), logs and records it, and
-    trains this process's groups; a group halved after running out of memory is recorded too (main process)."""
+    """Grouped cls or image mode: chooses the group size (`grouped.sizing`, agreed by all processes), logs and records
+    it, and trains this process's groups; a group halved after running out of memory is recorded too (main process).
+    A "class" of the engine is one adapter of the run (a class in cls mode, an image in image mode)."""
     num_processes = accelerator.num_processes
-    class_counts = [data.labels.count(i) for i in range(len(data.class_names))]
+    specs = get_mode(config.mode).units(config.seed, data.class_names, data.labels, data.manifest.indices)
+    unit_sizes = [len(spec.positions) for spec in specs]
 
     def measure():
         return probe_group_memory(models, units[0], config) if units else None
@@ -152,14 +158,16 @@ def _train_grouped(
         return int(accelerator.gather(torch.tensor([size], device=accelerator.device)).min())
 
     def record(size: int, reason: str) -> None:
-        groups = run_groups(class_counts, config, num_processes, size)
+        groups = run_groups(unit_sizes, config, num_processes, size)
         record_cls_grouping(Path(config.output_dir), {
             "strategy": config.cls_strategy, "classes_per_group": size, "reason": reason,
-            "num_processes": num_processes, "groups": [[data.class_names[i] for i in group] for group in groups],
+            "num_processes": num_processes, "groups": [[specs[i].name for i in group] for group in groups],
         })  # fmt: skip
 
-    sizing = choose_group_size(config, len(data.class_names), num_processes, previous_grouping, measure, agree)
-    logger.info("Grouped cls training: %d classes per group (%s).", sizing.classes_per_group, sizing.reason)
+    sizing = choose_group_size(config, len(specs), num_processes, previous_grouping, measure, agree)
+    what = {"cls": "classes", "image": "images"}.get(config.mode, "adapters")
+    logger.info("Grouped %s training: %d %s per group (%s).", config.mode, sizing.classes_per_group, what,
+                sizing.reason)  # fmt: skip
     if accelerator.is_main_process:
         record(sizing.classes_per_group, sizing.reason)
 

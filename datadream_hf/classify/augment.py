@@ -108,7 +108,7 @@ def color_jitter(image: Image.Image, rng: random.Random, brightness=0.4, contras
 
 
 class ImageNormalizer:
-    """The CLIP image processor's rescale + normalize, on an image already at the model's resolution."""
+    """The image processor's rescale + normalize, on an image already at the model's resolution."""
 
     def __init__(self, image_processor):
         self.rescale_factor = image_processor.rescale_factor if image_processor.do_rescale else 1.0
@@ -123,11 +123,14 @@ class ImageNormalizer:
 
 
 def processor_image_size(image_processor) -> int:
-    """The square side the model sees (the processor's center-crop size)."""
-    crop = image_processor.crop_size
+    """The square side the model sees: the processor's center-crop size (CLIP), else its resize size (SigLIP, ViT:
+    `height` x `width`; ConvNeXt: `shortest_edge`)."""
+    crop = image_processor.crop_size if getattr(image_processor, "do_center_crop", False) else image_processor.size
     crop = crop if isinstance(crop, dict) else crop.__dict__
+    if crop.get("height") is None and crop.get("shortest_edge") is not None:
+        return int(crop["shortest_edge"])
     if crop.get("height") != crop.get("width"):
-        raise ValueError(f"Only square crop sizes are supported; the image processor has crop_size={crop}.")
+        raise ValueError(f"Only square image sizes are supported; the image processor has {crop}.")
     return int(crop["height"])
 
 
@@ -179,7 +182,7 @@ class DataDreamAugmentation:
 
 
 class EvalTransform:
-    """The CLIP processor itself: resize the shorter side, center crop, rescale and normalize."""
+    """The model's image processor itself (CLIP: resize the shorter side, center crop, rescale and normalize)."""
 
     deterministic = True  # the same image always gives the same tensor: `ImageClassificationDataset` may cache it
 

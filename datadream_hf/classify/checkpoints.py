@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 from ..run_folder import checkpoint_folders, checkpoint_step, refuse_new_run
-from .modeling import ADAPTER_WEIGHTS_NAME
+from .backbones.base import WEIGHTS_NAMES
 
 TRAINER_STATE_NAME = "trainer_state.json"
 
@@ -17,8 +17,8 @@ TRAINER_STATE_NAME = "trainer_state.json"
 def is_complete_checkpoint(path: str | os.PathLike) -> bool:
     """Whether a Trainer checkpoint was fully written.
 
-    The Trainer writes `trainer_state.json` last (after the adapter, optimizer, scheduler and RNG states), without a
-    rename: a checkpoint counts as complete only when that file parses and names the checkpoint's own step.
+    The Trainer writes `trainer_state.json` last (after the adapter or model, optimizer, scheduler and RNG states),
+    without a rename: a checkpoint counts as complete only when that file parses and names the checkpoint's own step.
     """
     path = Path(path)
     try:
@@ -26,7 +26,7 @@ def is_complete_checkpoint(path: str | os.PathLike) -> bool:
     except (OSError, ValueError):
         return False
     step = checkpoint_step(path)
-    return (step is None or state.get("global_step") == step) and (path / ADAPTER_WEIGHTS_NAME).is_file()
+    return (step is None or state.get("global_step") == step) and any((path / n).is_file() for n in WEIGHTS_NAMES)
 
 
 def latest_complete_checkpoint(output_dir: str | os.PathLike) -> Path | None:
@@ -49,5 +49,5 @@ def check_fresh_output_dir(output_dir: str | os.PathLike, resume_from_checkpoint
     output_dir = Path(output_dir)
     if resume_from_checkpoint is not None or not output_dir.is_dir():
         return
-    found = checkpoint_folders(output_dir) + [p for p in (output_dir / ADAPTER_WEIGHTS_NAME,) if p.is_file()]
+    found = checkpoint_folders(output_dir) + [output_dir / n for n in WEIGHTS_NAMES if (output_dir / n).is_file()]
     refuse_new_run(output_dir, found, "a classifier run")

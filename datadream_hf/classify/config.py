@@ -1,4 +1,4 @@
-"""Settings of stage 3 (`train_classifier.py`): `ClassifierArguments` (the CLIP model, its LoRA, the real and
+"""Settings of stage 3 (`train_classifier.py`): `ClassifierArguments` (the model, its LoRA, the real and
 synthetic data, the prompts) and `DataDreamTrainingArguments` (`TrainingArguments` plus the real/synthetic mixing)."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import torch
 from transformers import TrainingArguments
 
 from ..guardrails import refuse_fp16_on_cpu
+from ..presets import CLASSIFIER_RECIPES
 from ..prompts import DEFAULT_TEMPLATE, PromptTemplate, domain_for_preset
 from ..validation import (
     BETA,
@@ -27,6 +28,7 @@ from ..validation import (
     integer,
 )
 from .augment import AUGMENTATIONS, MIX_AUGMENTATIONS
+from .backbones import CLASSIFIER_TYPES
 from .modeling import DEFAULT_CLASSIFIER_BASE
 
 TRAIN_MODES = ("real+synthetic", "synthetic", "real")
@@ -79,10 +81,24 @@ TRAINING_ARGUMENT_RANGES = {
 
 @dataclass
 class ClassifierArguments:
-    """What stage 3 trains on and with: the CLIP model and its LoRA, the real and synthetic data, the class prompts."""
+    """What stage 3 trains on and with: the model and its LoRA, the real and synthetic data, the class prompts."""
 
-    model_name_or_path: str = field(default=DEFAULT_CLASSIFIER_BASE, metadata={"help": "CLIP model id or path."})
-    revision: str | None = field(default=None, metadata={"help": "Hub revision of the CLIP model."})
+    model_name_or_path: str = field(
+        default=DEFAULT_CLASSIFIER_BASE,
+        metadata={
+            "help": "Model id or path: a dual encoder (CLIP, SigLIP, SigLIP 2 fixed-resolution, ...) or an "
+            "image-classification model (ViT, ConvNeXt, ...); the kind is read from its config."
+        },
+    )
+    revision: str | None = field(default=None, metadata={"help": "Hub revision of the model."})
+    classifier_type: str = field(
+        default="auto",
+        metadata={
+            "help": "'auto' (default): from the model's config. 'image_classifier' on a dual encoder fine-tunes its "
+            "image tower under a head initialised from the class-prompt text embeddings.",
+            "choices": list(CLASSIFIER_TYPES),
+        },
+    )
     real_dataset: str | None = field(
         default=None, metadata={"help": "Real labelled data: Hub id, save_to_disk folder or image folder."}
     )
@@ -148,8 +164,16 @@ class ClassifierArguments:
     lora_rank: int = field(default=16, metadata={"help": "LoRA rank (reference: 16)."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (reference: 32)."})
     lora_dropout: float = field(default=0.1, metadata={"help": "LoRA dropout (reference: 0.1)."})
-    lora_target_modules: str = field(
-        default="q_proj,v_proj", metadata={"help": "Comma-separated modules of both towers (reference: Q and V)."}
+    lora_target_modules: str | None = field(
+        default=None,
+        metadata={
+            "help": "Comma-separated module names for the LoRA. Default: the attention Q and V projections "
+            "(reference: q_proj,v_proj; of both towers for dual encoders); a convolutional model's linear layers."
+        },
+    )
+    use_peft: bool = field(
+        default=True,
+        metadata={"help": "Train a LoRA (default); false: fine-tune every weight (image-classification models)."},
     )
     license: str = field(default="mit", metadata={"help": "License in the model card (OpenAI CLIP weights: MIT)."})
 
@@ -178,6 +202,8 @@ class ClassifierArguments:
                 f"`--validation_split` and `--test_split` are both {self.test_split!r}: selecting the model on the "
                 "test split inflates its accuracy. Use another split or leave `--validation_split` unset."
             )
+        if self.classifier_type not in CLASSIFIER_TYPES:
+            raise ValueError(f"`classifier_type` must be one of {CLASSIFIER_TYPES}, got {self.classifier_type!r}.")
         if self.dataset_preset is not None:
             domain_for_preset(self.dataset_preset)  # an unknown preset fails here, before any data is read
 
@@ -199,6 +225,16 @@ class DataDreamTrainingArguments(TrainingArguments):
     `is_real`; `label_names=["labels"]`).
     """
 
+    recipe: str = field(
+        default="datadream",
+        metadata={
+            "help": "The classifier recipe whose defaults the script uses: 'datadream' (the reference's, below) or "
+            "'loft' (LoFT's: synthetic images only, batch 256, 60 epochs, 6 warm-up epochs; the rest DataDream's). "
+            "A flag given explicitly wins, e.g. `--recipe loft --train_mode real+synthetic`; it wins over "
+            "`--dataset_preset`'s epochs. In Python, pass `**datadream_hf.presets.recipe_flag_defaults('loft')`.",
+            "choices": list(CLASSIFIER_RECIPES),
+        },
+    )
     real_loss_weight: float = field(
         default=0.8,
         metadata={"help": "lambda: weight of the real-image CE; the synthetic CE gets 1 - lambda (reference: 0.8)."},
@@ -269,9 +305,14 @@ class DataDreamTrainingArguments(TrainingArguments):
     fp16: bool | None = field(
         default=None,
         metadata={
-            "help": "fp16 autocast with loss scaling. Default: on when a CUDA GPU trains (the reference's "
-            "`--use_fp16 True`), off on CPU."
+            "help": "fp16 autocast with loss scaling. Default (neither --fp16 nor --bf16 given): Accelerate's setting "
+            "(`accelerate launch --mixed_precision`, its config file), else on when a CUDA GPU trains (the "
+            "reference's `--use_fp16 True`), off on CPU."
         },
+    )
+    bf16: bool | None = field(
+        default=None,
+        metadata={"help": "bf16 autocast (Ampere or newer GPUs, or a CPU). Default: as --fp16 says."},
     )
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Kept False: the model's forward does not take `is_real`, the loss does."}
@@ -297,6 +338,8 @@ class DataDreamTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         check_ranges(self, self.NUMERIC_RANGES)
+        if self.recipe not in CLASSIFIER_RECIPES:
+            raise ValueError(f"`recipe` must be one of {list(CLASSIFIER_RECIPES)}, got {self.recipe!r}.")
         if self.train_mode not in TRAIN_MODES:
             raise ValueError(f"`train_mode` must be one of {TRAIN_MODES}, got {self.train_mode!r}.")
         if self.augmentation not in AUGMENTATIONS:
@@ -307,9 +350,11 @@ class DataDreamTrainingArguments(TrainingArguments):
             # Several CPU processes (accelerate launch / torchrun without a GPU) only form a DDP group when
             # `use_cpu` is set before the devices are set up, i.e. here; otherwise each process trains alone.
             self.use_cpu = True
-        if self.fp16 is None:
-            self.fp16 = default_fp16(self.use_cpu)
+        precision_given = self.fp16 is not None or self.bf16 is not None
+        self.fp16, self.bf16 = mixed_precision_flags(self.fp16, self.bf16, self.use_cpu)
         super().__post_init__()
+        if precision_given and not (self.fp16 or self.bf16):
+            self.mixed_precision = "no"  # TrainingArguments would take ACCELERATE_MIXED_PRECISION: the flags win
         if isinstance(self.lr_scheduler_kwargs, dict) and "min_lr" in self.lr_scheduler_kwargs:  # parsed by now
             check_value("lr_scheduler_kwargs.min_lr", self.lr_scheduler_kwargs["min_lr"], PROBABILITY.with_hint(
                 "the cosine's floor; reference: 1e-8"))  # fmt: skip
@@ -337,6 +382,19 @@ def default_fp16(use_cpu: bool) -> bool:
     return torch.cuda.is_available() and not use_cpu
 
 
+def mixed_precision_flags(fp16: bool | None, bf16: bool | None, use_cpu: bool) -> tuple[bool, bool]:
+    """(fp16, bf16): the flags when either is given; else Accelerate's setting (`ACCELERATE_MIXED_PRECISION`, which
+    `accelerate launch` sets from its `--mixed_precision` or config file, as stage 1 follows it); else fp16 on a GPU
+    (`default_fp16`). Resolving fp16 on a GPU regardless would refuse `--bf16 true` (both on) and silently replace
+    `accelerate launch --mixed_precision bf16` (or `no`) by fp16."""
+    if fp16 is not None or bf16 is not None:
+        return bool(fp16), bool(bf16)
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if launcher is not None:  # "no", "fp16", "bf16" (another, e.g. fp8, is left to Accelerate: both flags off)
+        return launcher == "fp16", launcher == "bf16"
+    return default_fp16(use_cpu), False
+
+
 def _has_accelerator() -> bool:
     accelerator = getattr(torch, "accelerator", None)
     return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
@@ -346,7 +404,8 @@ def check_arguments(args: ClassifierArguments, training_args: DataDreamTrainingA
     """The checks that need both dataclasses (the data `train_mode` trains on must be given) or the machine (no fp16
     on a CPU)."""
     if training_args.fp16:
-        refuse_fp16_on_cpu("fp16", training_args.device, "--fp16", "Drop it (fp32), or pass --bf16 true.")
+        refuse_fp16_on_cpu("fp16", training_args.device, "--fp16 (flag or accelerate launch --mixed_precision)",
+                           "Drop it (fp32), or pass --bf16 true.")  # fmt: skip
     if training_args.train_mode != "real" and not args.synthetic_dataset:
         raise ValueError(f"`--train_mode {training_args.train_mode}` needs `--synthetic_dataset`.")
     if training_args.train_mode != "synthetic" and not args.few_shot_manifest:

@@ -3,7 +3,7 @@ that fixes each batch's real/synthetic counts and each draw's augmentation seed,
 
 from __future__ import annotations
 
-import hashlib
+import json
 import math
 from inspect import signature
 from pathlib import Path
@@ -16,10 +16,17 @@ from PIL import Image as PILImage
 from torch.utils.data import Sampler
 
 from ..class_names import display_class_names, rename_classes
-from ..data import DatasetInputError, class_names_of, is_single_table, labels_of, load_labelled_dataset
+from ..data import (
+    DatasetInputError,
+    class_names_of,
+    image_digests,
+    is_single_table,
+    labels_of,
+    load_labelled_dataset,
+)
 from ..few_shot import FewShotManifest, load_manifest_dataset
 from ..sources import STAGE1_FOLDER, STAGE2_FOLDER, STAGE3_FOLDER, output_folder_kind
-from ..synthetic import load_synthetic_dataset
+from ..synthetic import GENERATION_CONFIG_NAME, load_synthetic_dataset
 
 if TYPE_CHECKING:
     from .config import ClassifierArguments, DataDreamTrainingArguments
@@ -100,6 +107,25 @@ class RealSyntheticBatchSampler(Sampler[list[SampleKey]]):
             g = step * self.num_replicas + self.rank  # this rank's global batch
             indices = real[g * r : (g + 1) * r].tolist() + synthetic[g * s : (g + 1) * s].tolist()
             yield [SampleKey(index, seed) for index, seed in zip(indices, seeds[g].tolist())]
+
+
+def find_batch_sampler(loader) -> RealSyntheticBatchSampler | None:
+    """The `RealSyntheticBatchSampler` under a dataloader's wrappers, however deep, or None.
+
+    accelerate wraps it in a `BatchSamplerShard` under several processes, and a resumed epoch adds a
+    `SkipBatchSampler` and a new `DataLoaderShard` over those: its `set_epoch` (and the Trainer's, one level deeper)
+    no longer reaches the sampler, which would replay epoch 0's order for the rest of the resumed epoch.
+    """
+    seen, todo = set(), [loader]
+    while todo:
+        current = todo.pop()
+        if isinstance(current, RealSyntheticBatchSampler):
+            return current
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        todo.extend(getattr(current, name, None) for name in ("batch_sampler", "sampler", "base_dataloader"))
+    return None
 
 
 # Outputs of a deterministic transform kept in memory per dataset, when they all fit (CLIP ViT-B/16: ~0.6 MB each).
@@ -242,6 +268,7 @@ def load_synthetic_training_set(
     seed: int = 0,
     real=None,
     real_source: str | None = None,
+    manifest: FewShotManifest | None = None,
 ):
     """Loads a stage-2 dataset (a `generate_synthetic.py` output folder, a `save_to_disk` folder or a Hub id) as
     `image` + `label`, dropping provenance columns, and checks that its classes are `class_names` in the same order.
@@ -258,6 +285,7 @@ def load_synthetic_training_set(
     if real_source is not None and _same_path(source, real_source):
         raise DatasetInputError(_REAL_AS_SYNTHETIC.format(source=source))
     if kind == STAGE2_FOLDER:
+        _refuse_other_draw(source, manifest)
         source = load_synthetic_dataset(source)
     synthetic = load_labelled_dataset(source, split=split, image_column=image_column, label_column=label_column)
     names = class_names_of(synthetic)
@@ -270,6 +298,30 @@ def load_synthetic_training_set(
     if real is not None and _same_rows(synthetic, real):
         raise DatasetInputError(_REAL_AS_SYNTHETIC.format(source=source))
     return per_class_subset(synthetic, images_per_class, seed)
+
+
+def _refuse_other_draw(folder: str, manifest: FewShotManifest | None) -> None:
+    """Refuses a stage-2 folder whose adapters learned from another K-shot draw than `manifest` (their images would
+    carry real images the classifier's K shots leave out). Folders that record no draw (the frozen generator, older
+    runs) pass."""
+    drawn = _read_json(Path(folder) / GENERATION_CONFIG_NAME).get("few_shot")
+    if manifest is None or not isinstance(drawn, dict) or drawn.get("indices") is None:
+        return
+    if [list(map(int, rows)) for rows in drawn["indices"]] != manifest.indices:
+        raise DatasetInputError(
+            f"--synthetic_dataset {folder!r} was generated with adapters trained on another K-shot draw "
+            f"(K={drawn.get('k')}, seed {drawn.get('seed')}) than --few_shot_manifest {manifest.path!r} "
+            f"(K={manifest.k}, seed {manifest.seed}): its images carry real images the classifier's K shots leave "
+            "out. Run stages 1 and 2 with this manifest, or pass the manifest stage 1 used."
+        )
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        payload = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return payload if isinstance(payload, dict) else {}
 
 
 _REAL_AS_SYNTHETIC = (
@@ -315,6 +367,8 @@ def load_classifier_data(args: ClassifierArguments, training_args: DataDreamTrai
     """
     manifest = FewShotManifest.load(args.few_shot_manifest) if args.few_shot_manifest else None
     load = _real_loader(args, manifest)
+    if manifest is not None:
+        manifest.check_split(args.real_dataset, args.real_split, "--real_split")
     real = load(args.real_dataset, args.real_split)
     names = class_names_of(real)
     data = {"class_names": names, "manifest": manifest, "real_train": None, "synthetic": None, "test": None}
@@ -372,6 +426,7 @@ def load_classifier_data(args: ClassifierArguments, training_args: DataDreamTrai
             seed=training_args.seed,
             real=real,
             real_source=args.real_dataset,
+            manifest=manifest,
         )
     if training_args.train_mode == "synthetic":
         data["real_train"] = None
@@ -412,18 +467,6 @@ def _same_source(a, b) -> bool:
     if isinstance(a, str) and isinstance(b, str) and Path(a).exists() and Path(b).exists():
         return Path(a).resolve() == Path(b).resolve()
     return a is b or (isinstance(a, str) and a == b)
-
-
-def image_digests(dataset) -> list[str]:
-    """The sha256 of each row's encoded image (its bytes, or its file's), without decoding it."""
-    digests = []
-    for item in dataset.cast_column("image", Image(decode=False))["image"]:
-        if item.get("bytes") is not None:
-            payload = item["bytes"]
-        else:
-            payload = Path(item["path"]).read_bytes()
-        digests.append(hashlib.sha256(payload).hexdigest())
-    return digests
 
 
 def _refuse_shared_images(test, trained_on: list, test_source: str) -> None:

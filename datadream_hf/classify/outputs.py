@@ -20,13 +20,15 @@ REPORT_NAME = "report.json"
 REPORT_MARKDOWN_NAME = "report.md"
 
 
-def run_record(args, training_args, data: dict, prompt_template: PromptTemplate, train_dataset) -> dict:
-    """`datadream_config.json`: the arguments (tokens left out), classes, prompts, K-shot origin, batch composition."""
+def run_record(args, training_args, data: dict, prompt_template: PromptTemplate, train_dataset, classifier) -> dict:
+    """`datadream_config.json`: the arguments (tokens left out), the classifier (backbone kind, fine-tuning, LoRA
+    targets), classes, prompts, K-shot origin, batch composition."""
     real_per_batch, synthetic_per_batch = training_args.samples_per_batch()
     manifest = data["manifest"]
     return {
         "script_args": asdict(args),
         "training_args": {k: v for k, v in training_args.to_dict().items() if not k.endswith("_token")},
+        "classifier": classifier.summary(),
         "class_names": data["class_names"],
         "prompt_template": prompt_template.to_dict(),
         "prompts": [prompt_template(name) for name in data["class_names"]],  # the classifier head's class prompts
@@ -74,6 +76,8 @@ def _is_hub_id(source: str | None) -> bool:
 def render_classifier_card(args, training_args, config: dict, results: dict) -> str:
     """The model card (`model_cards/classifier_card.md`) of a finished run, from its record and evaluations."""
     manifest = config["manifest"] or {}
+    backbone = config["classifier"]
+    targets = ",".join(backbone.get("lora_target_modules") or []) or args.lora_target_modules
     hparams = {
         "learning_rate": training_args.learning_rate,
         "weight_decay": training_args.weight_decay,
@@ -84,14 +88,17 @@ def render_classifier_card(args, training_args, config: dict, results: dict) -> 
         "max_steps": training_args.max_steps,
         "augmentation": training_args.augmentation,
         "mix_augmentation": training_args.mix_augmentation,
-        "lora": f"r={args.lora_rank}, alpha={args.lora_alpha}, dropout={args.lora_dropout}, "
-        f"targets={args.lora_target_modules}",
+        "backbone": f"{backbone['backbone']} ({backbone['model_class']})",
+        "lora": f"r={args.lora_rank}, alpha={args.lora_alpha}, dropout={args.lora_dropout}, targets={targets}"
+        if backbone["fine_tuning"] == "lora"
+        else "none (every weight trained)",
         "seed": training_args.seed,
     }
     hub_datasets = [s for s in (args.real_dataset, args.synthetic_dataset) if _is_hub_id(s)]
     return render_card(
         CARD_TEMPLATE,
         base_model=args.model_name_or_path,
+        backbone=backbone,
         license=args.license,
         hub_datasets=hub_datasets,
         class_names=config["class_names"],

@@ -31,7 +31,13 @@ from .checkpoints import (
     remove_incomplete_checkpoints,
 )
 from .config import REFERENCE_SCHEDULE, REFERENCE_SCHEDULE_KWARGS, DataDreamTrainingArguments
-from .data import ImageClassificationDataset, RealSyntheticBatchSampler, TransformedRows, collate_image_batch
+from .data import (
+    ImageClassificationDataset,
+    RealSyntheticBatchSampler,
+    TransformedRows,
+    collate_image_batch,
+    find_batch_sampler,
+)
 from .schedule import reference_lr_schedule
 
 logger = logging.getLogger(__name__)
@@ -111,9 +117,24 @@ def use_quiet_console(trainer: Trainer) -> None:
         trainer.add_callback(BarOnlyProgressCallback)
 
 
+class SamplerEpochCallback(TrainerCallback):
+    """Sets the training sampler's epoch at the start of every epoch, from the Trainer's state (`int(state.epoch)`:
+    the epochs done, a resumed epoch's fraction dropped), through however many wrappers hold it (`find_batch_sampler`).
+
+    The Trainer's own `set_epoch` reaches one wrapper deep; on a multi-process resume mid-epoch the resumed epoch's
+    loader holds the sampler two deep, so it would replay epoch 0's order instead of the uninterrupted run's.
+    """
+
+    def on_epoch_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        sampler = find_batch_sampler(train_dataloader)
+        if sampler is not None:
+            sampler.set_epoch(int(state.epoch or 0))
+
+
 class MixedRealSyntheticTrainer(Trainer):
-    """`Trainer` for `CLIPLoRAClassifier`; overrides the train sampler/loader, `compute_loss`, `log` and the checkpoint
-    I/O (LoRA adapter only, not the full CLIP).
+    """`Trainer` for the stage-3 classifiers (`backbones.ClassifierBackbone`: CLIP, SigLIP, image-classification
+    models); overrides the train sampler/loader, `compute_loss`, `log` and the checkpoint I/O (the classifier's own:
+    the LoRA adapter only, or the whole model when every weight trains).
 
     The training set is an `ImageClassificationDataset` (what `train_classifier` builds), or a plain
     `datasets.Dataset` whose items hold `pixel_values` and `label` through a transform (`dataset.with_transform(...)`),
@@ -138,6 +159,7 @@ class MixedRealSyntheticTrainer(Trainer):
             self.train_dataset = TransformedRows(self.train_dataset)
         self._partial_losses: dict[str, list[torch.Tensor]] = {}
         self._mix_rng = np.random.default_rng([self.args.seed, self.args.process_index, 1])
+        self.add_callback(SamplerEpochCallback)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         """`Trainer.train`, except that resuming never takes a checkpoint a killed run left half written.
@@ -322,7 +344,7 @@ class MixedRealSyntheticTrainer(Trainer):
             raise
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        self.accelerator.unwrap_model(model if model is not None else self.model).load_adapter_weights(
+        self.accelerator.unwrap_model(model if model is not None else self.model).load_trained_weights(
             resume_from_checkpoint
         )
 

@@ -152,9 +152,16 @@ class GeneratorFamily:
 
     # --- LoRA ---------------------------------------------------------------------------------------------------
 
-    def lora_configs(self, rank: int, alpha: int | None, init) -> dict[str, LoraConfig]:
-        """Component name -> its `LoraConfig` (the paper's placement: attention projections; `alpha` defaults to
-        `rank`, as in the reference)."""
+    def denoiser_targets(self, mode_targets: list[str] | tuple[str, ...] = ()) -> list[str]:
+        """The denoiser modules LoRA targets: a training mode's (e.g. LoFT's `add_k_proj`, `add_v_proj`), then the
+        family's own placement; peft skips the names a model does not have."""
+        return list(dict.fromkeys([*mode_targets, *self.denoiser_target_modules]))
+
+    def lora_configs(
+        self, rank: int, alpha: int | None, init, denoiser_targets: list[str] | None = None
+    ) -> dict[str, LoraConfig]:
+        """Component name -> its `LoraConfig` (the paper's placement: attention projections, or `denoiser_targets`
+        in the denoiser; `alpha` defaults to `rank`, as in the reference)."""
         if rank < 1:
             raise ValueError(f"`rank` must be >= 1, got {rank}.")
         alpha = rank if alpha is None else alpha
@@ -163,12 +170,12 @@ class GeneratorFamily:
             return LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=init, target_modules=list(targets))
 
         text = {name: config(self.text_encoder_target_modules) for name in self.text_encoder_classes}
-        return {self.denoiser_name: config(self.denoiser_target_modules), **text}
+        return {self.denoiser_name: config(denoiser_targets or self.denoiser_target_modules), **text}
 
-    def lora_record(self, train_text_encoder: bool) -> dict:
+    def lora_record(self, train_text_encoder: bool, denoiser_targets: list[str] | None = None) -> dict:
         """The target modules, as the run record lists them (`adapt.outputs.run_record`)."""
         return {
-            f"{self.denoiser_name}_target_modules": list(self.denoiser_target_modules),
+            f"{self.denoiser_name}_target_modules": list(denoiser_targets or self.denoiser_target_modules),
             "text_encoder_target_modules": list(self.text_encoder_target_modules) if train_text_encoder else None,
         }
 

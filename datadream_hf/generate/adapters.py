@@ -1,5 +1,6 @@
 """Stage-1 adapters as stage 2 sees them: found locally or on the Hub, checked against the base model before any
-image is made, and switched in a pipeline by fusing them into the base weights."""
+image is made, and switched in a pipeline by fusing them into the base weights (one per class; the per-image adapters
+of LoFT are mixed per sample instead, `generate.fusion`)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ import torch
 from safetensors import safe_open
 
 from ..adapter_index import read_adapter_index
+from ..errors import InputError
 from ..families import GeneratorFamily, family_of_pipeline
-from ..files import file_sha256
+from ..files import check_safetensors, file_sha256
 from ..lora import LORA_WEIGHT_NAME, pickled_weight_files
 from ..run_folder import TRAINING_CONFIG_NAME
 from ..sources import check_source
@@ -51,9 +53,20 @@ def _same_model(a: str, b: str) -> bool:
     return normalize(a) == normalize(b)
 
 
+@dataclass(frozen=True)
+class ImageAdapter:
+    """One adapter of an image-mode stage-1 output: its key in `adapter_index.json`, the dataset row of the K-shot
+    image it was trained on, and its folder under the output."""
+
+    key: str
+    row: int
+    folder: str
+
+
 @dataclass
 class AdapterSet:
-    """Which LoRA adapter each class uses: a stage-1 output (`dset`: one for all, `cls`: one per class) or none."""
+    """Which LoRA adapter each class uses: a stage-1 output (`dset`: one for all, `cls`: one per class, `image`: one
+    per K-shot image, LoFT) or none."""
 
     mode: str
     class_names: list[str]
@@ -62,37 +75,58 @@ class AdapterSet:
     revision: str | None = field(default=None, metadata={"help": "Hub commit the files came from."})
     folders: list[str] = field(default_factory=list, metadata={"help": "folders[c]: class c's folder under root."})
     training_config: dict = field(default_factory=dict)
+    images: list[list[ImageAdapter]] = field(
+        default_factory=list, metadata={"help": "images[c]: class c's per-image adapters (image mode only)."}
+    )
 
     @classmethod
     def none(cls, class_names: list[str]) -> AdapterSet:
         return cls(mode="none", class_names=list(class_names))
 
     def weight_file(self, class_index: int) -> Path | None:
-        if self.mode == "none":
+        """The adapter fused in for class `class_index`; None for none (the base model) and in image mode, where
+        the class's per-image adapters (`image_weight_files`) are mixed per sample instead."""
+        if self.mode in ("none", "image"):
             return None
         return self.root / self.folders[class_index] / LORA_WEIGHT_NAME
 
-    def adapter_id(self, class_index: int) -> str:
+    def image_weight_files(self, class_index: int) -> list[Path]:
+        """Image mode: class `class_index`'s per-image adapter files, in the index's order."""
+        return [self.root / image.folder / LORA_WEIGHT_NAME for image in self.images[class_index]]
+
+    def weight_files(self) -> list[Path]:
+        """Every adapter file of the set, once each."""
+        classes = range(len(self.class_names))
+        if self.mode == "image":
+            return [file for c in classes for file in self.image_weight_files(c)]
+        return list(dict.fromkeys(file for c in classes if (file := self.weight_file(c)) is not None))
+
+    def adapter_id(self, class_index: int, folder: str | None = None) -> str:
+        """Class `class_index`'s adapter (or its folder of per-image adapters), or the adapter in `folder`."""
         if self.mode == "none":
             return "none (frozen base model)"
-        folder = self.folders[class_index]
+        folder = self.folders[class_index] if folder is None else folder
         source = self.source + (f"@{self.revision}" if self.revision else "")
         return source if folder == "." else f"{source}/{folder}"
 
     def describe(self) -> dict:
-        hashes = {}
+        hashes = {file: file_sha256(file) for file in self.weight_files()}
         per_class = []
         for c in range(len(self.class_names)):
             file = self.weight_file(c)
-            if file is not None and file not in hashes:
-                hashes[file] = file_sha256(file)
-            per_class.append(
-                {
-                    "id": self.adapter_id(c),
-                    "folder": self.folders[c] if self.folders else None,
-                    "sha256": hashes.get(file),
-                }
-            )
+            entry = {
+                "id": self.adapter_id(c),
+                "folder": self.folders[c] if self.folders else None,
+                "sha256": hashes.get(file),
+            }
+            if self.mode == "image":
+                files = self.image_weight_files(c)
+                entry["sha256"] = [hashes[f] for f in files]
+                entry["images"] = [
+                    {"key": image.key, "row": image.row, "id": self.adapter_id(c, image.folder), "sha256": hashes[f]}
+                    for image, f in zip(self.images[c], files)
+                ]
+            per_class.append(entry)
         return {"mode": self.mode, "source": self.source, "revision": self.revision, "per_class": per_class}
 
 
@@ -132,22 +166,36 @@ def resolve_adapters(
         resolved_revision = root.name  # snapshot folders are named by commit hash
     index = read_adapter_index(root)
     names = index["class_names"]
+    images: list[list[ImageAdapter]] = []
     if index["mode"] == "dset":
         folders = [index["adapters"]["all"]] * len(names)
+    elif index["mode"] == "image":
+        images = [[] for _ in names]
+        for key, folder in index["adapters"].items():
+            image = index["images"][key]
+            images[image["class"]].append(ImageAdapter(key=key, row=image["row"], folder=folder))
+        folders = [str(Path(adapters[0].folder).parent) for adapters in images]
     else:
         folders = [index["adapters"][str(c)] for c in range(len(names))]
-    for c, folder in enumerate(folders):
+    expected = [(f"class {names[c]!r} (index {c})", folder) for c, folder in enumerate(folders) if not images]
+    expected += [
+        (f"class {names[c]!r}, image row {image.row} (adapter {image.key})", image.folder)
+        for c, class_images in enumerate(images)
+        for image in class_images
+    ]
+    for what, folder in expected:
         file = root / folder / LORA_WEIGHT_NAME
         if file.is_file():
+            _check_readable(file, what if index["mode"] != "dset" else "every class (dset mode)")
             continue
         pickles = pickled_weight_files(root / folder)
         if pickles:
             raise GenerationInputError(
-                f"Adapter of class {names[c]!r} in {str(root / folder)!r} is only available as {pickles}: pickled "
+                f"Adapter of {what} in {str(root / folder)!r} is only available as {pickles}: pickled "
                 f"weights can execute code and are not loaded. Convert it to {LORA_WEIGHT_NAME} (safetensors)."
             )
         raise GenerationInputError(
-            f"Missing adapter for class {names[c]!r} (index {c}): no {LORA_WEIGHT_NAME} in {str(root / folder)!r}. "
+            f"Missing adapter for {what}: no {LORA_WEIGHT_NAME} in {str(root / folder)!r}. "
             "Finish stage 1 for that class or fix adapter_index.json."
         )
     training_config = {}
@@ -167,7 +215,18 @@ def resolve_adapters(
         revision=resolved_revision,
         folders=folders,
         training_config=training_config,
+        images=images,
     )
+
+
+def _check_readable(file: Path, what: str) -> None:
+    """Refuses the adapter file of `what` (e.g. "class 'cat' (index 3)") that safetensors cannot open (truncated,
+    overwritten, not safetensors), before any model loads; its tensors' shapes and values are checked against the base
+    model later (`check_adapters_fit`)."""
+    try:
+        check_safetensors(file, f"Adapter of {what}", "Restore it, or train it again in stage 1.")
+    except InputError as err:
+        raise GenerationInputError(str(err)) from None
 
 
 def check_class_names(adapters: AdapterSet, class_names: list[str] | None) -> None:
@@ -191,7 +250,7 @@ def check_adapters_fit(
     """Refuses adapters made for another base model: by the id stage 1 recorded, and by every LoRA weight's shape."""
     check_base_model_id(adapters, pretrained_model_name_or_path, revision, allow_base_model_mismatch)
     components = family_of_pipeline(pipeline).pipeline_lora_components(pipeline)
-    for file in sorted({adapters.weight_file(c) for c in range(len(adapters.class_names))} - {None}):
+    for file in sorted(adapters.weight_files()):
         _check_lora_shapes(file, components)
 
 
@@ -271,6 +330,49 @@ def _check_lora_shapes(file: Path, components: dict[str, torch.nn.Module]) -> No
         raise GenerationInputError(f"Adapter {str(file)!r} holds no LoRA weights in diffusers format.")
 
 
+@dataclass
+class LoraFactor:
+    """One targeted linear layer's LoRA: down (r, in) and up (out, r) as the file holds them, and alpha / r."""
+
+    down: torch.Tensor
+    up: torch.Tensor
+    scaling: float
+
+
+def read_lora_factors(weight_file: Path, pipeline) -> dict[tuple[str, str], LoraFactor] | None:
+    """(component, module name in the pipeline) -> its `LoraFactor`, of a stage-1 adapter file (diffusers keys + r /
+    lora_alpha metadata); None for a layout this does not read exactly (no r/alpha metadata, rank or alpha patterns,
+    other keys: DoRA, alphas), which only diffusers' own `load_lora_weights` reads."""
+    with safe_open(str(weight_file), "pt") as f:
+        metadata = json.loads((f.metadata() or {}).get("lora_adapter_metadata") or "{}")
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    components = family_of_pipeline(pipeline).pipeline_lora_components(pipeline)  # name -> module
+    plain = {f"{c}.{k}" for c in components for k in ("r", "lora_alpha", "target_modules")}
+    if not tensors or any(value for key, value in metadata.items() if key not in plain):
+        return None
+    pairs: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        suffix = next((s for s in LORA_FACTOR_SUFFIXES if key.endswith(s)), None)
+        if suffix is None:
+            return None
+        component, _, path = key[: -len(suffix)].partition(".")
+        pairs.setdefault((component, path), {})[LORA_FACTOR_SUFFIXES[suffix]] = tensor
+    factors = {}
+    for (component, path), pair in pairs.items():
+        rank, alpha = metadata.get(f"{component}.r"), metadata.get(f"{component}.lora_alpha")
+        model = components.get(component)
+        if rank is None or alpha is None or model is None or set(pair) != {"down", "up"}:
+            return None
+        for name in (path, path.removeprefix("text_model.")):  # transformers < 5 wrapped `.text_model`
+            module = model.get_submodule(name) if _has_submodule(model, name) else None
+            if isinstance(module, torch.nn.Linear):
+                break
+        else:
+            return None
+        factors[(component, name)] = LoraFactor(down=pair["down"], up=pair["up"], scaling=alpha / rank)
+    return factors
+
+
 class FusedAdapterSwitcher:
     """Puts one LoRA adapter at a time into a pipeline, fused into the base weights (no LoRA cost per step).
 
@@ -338,36 +440,16 @@ class FusedAdapterSwitcher:
 
     def _read_deltas(self, weight_file: Path) -> dict[tuple[str, str], torch.Tensor] | None:
         """(component, module) -> (alpha / r) * up @ down, (out, in) in fp32, of a stage-1 adapter file; None for a
-        layout this does not read exactly (no r/alpha metadata, rank or alpha patterns, other keys: DoRA, alphas)."""
-        with safe_open(str(weight_file), "pt") as f:
-            metadata = json.loads((f.metadata() or {}).get("lora_adapter_metadata") or "{}")
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
-        plain = {f"{c}.{k}" for c in self.components for k in ("r", "lora_alpha", "target_modules")}
-        if not tensors or any(value for key, value in metadata.items() if key not in plain):
+        layout `read_lora_factors` does not read exactly."""
+        factors = read_lora_factors(weight_file, self.pipeline)
+        if factors is None:
             return None
-        factors: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
-        for key, tensor in tensors.items():
-            suffix = next((s for s in LORA_FACTOR_SUFFIXES if key.endswith(s)), None)
-            if suffix is None:
-                return None
-            component, _, path = key[: -len(suffix)].partition(".")
-            factors.setdefault((component, path), {})[LORA_FACTOR_SUFFIXES[suffix]] = tensor
         deltas = {}
-        for (component, path), pair in factors.items():
-            rank, alpha = metadata.get(f"{component}.r"), metadata.get(f"{component}.lora_alpha")
-            model = self.components.get(component)
-            if rank is None or alpha is None or model is None or set(pair) != {"down", "up"}:
-                return None
-            for name in (path, path.removeprefix("text_model.")):  # transformers < 5 wrapped `.text_model`
-                module = model.get_submodule(name) if _has_submodule(model, name) else None
-                if isinstance(module, torch.nn.Linear):
-                    break
-            else:
-                return None
+        for key, factor in factors.items():
             # On the weights' device: on a GPU, 200 CPU matmuls would make the switch ~10x slower.
-            up = pair["up"].to(module.weight.device, torch.float32)  # (out, r)
-            down = pair["down"].to(module.weight.device, torch.float32)  # (r, in)
-            deltas[(component, name)] = (up @ down) * (alpha / rank)  # peft's get_delta_weight, in fp32
+            device = getattr(self.pipeline, key[0]).get_submodule(key[1]).weight.device
+            up, down = factor.up.to(device, torch.float32), factor.down.to(device, torch.float32)  # (out, r), (r, in)
+            deltas[key] = (up @ down) * factor.scaling  # peft's get_delta_weight, in fp32
         return deltas
 
     def reset(self) -> None:

@@ -9,10 +9,11 @@ from typing import ClassVar, Literal
 
 import torch
 
+from ..distributed import DDP_TIMEOUT_RANGE, ddp_timeout_field
 from ..errors import InputError
 from ..few_shot import FewShotManifest
 from ..prompts import DEFAULT_TEMPLATE, PromptTemplate
-from ..validation import COUNT, NON_NEGATIVE, SEED, Range, check_ranges, integer
+from ..validation import COUNT, NON_NEGATIVE, SEED, Range, check_ranges, check_value, integer, number
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 MIXED_PRECISION_DTYPES = {"no": "float32", "fp16": "float16", "bf16": "bfloat16"}  # accelerate's names of the dtypes
@@ -73,6 +74,18 @@ class GenerationConfig:
     resolution: int | None = field(
         default=None, metadata={"help": "Image side in pixels; None = the model's default."}
     )
+    fusion: Literal["pairs"] | None = field(
+        default=None,
+        metadata={
+            "help": "'pairs' (LoFT): with an image-mode stage-1 output (one LoRA per K-shot image), each image mixes "
+            "two of its class's image adapters, every pair of the class in a seeded shuffle, cycled; needed (and "
+            "only valid) with image-mode adapters."
+        },
+    )
+    fusion_weights: list[float] = field(
+        default_factory=lambda: [0.5, 0.5],
+        metadata={"help": "The pair's adapter weights with --fusion pairs (LoFT: 0.5 0.5), each in [0, 1]."},
+    )
 
     # What every numeric flag may be (`datadream_hf.validation`), checked before any work.
     NUMERIC_RANGES: ClassVar[dict[str, Range]] = {
@@ -84,6 +97,7 @@ class GenerationConfig:
         "seed": SEED,
         "resolution": integer(8, 4096, multiple_of=8).or_none().with_hint("None: the model's default"),
     }
+    FUSION_WEIGHT: ClassVar[Range] = number(0, 1).with_hint("LoFT: 0.5 0.5")
 
     def __post_init__(self):
         check_ranges(self, self.NUMERIC_RANGES, GenerationInputError)
@@ -102,6 +116,18 @@ class GenerationConfig:
             raise GenerationInputError(f"`dtype` must be 'auto' or one of {list(DTYPES)}, got {self.dtype!r}.")
         if self.scheduler is not None:
             scheduler_class(self.scheduler)
+        if self.fusion not in (None, "pairs"):
+            raise GenerationInputError(f"`fusion` must be 'pairs' or unset, got {self.fusion!r}.")
+        weights = self.fusion_weights
+        if not isinstance(weights, (list, tuple)) or len(weights) != 2:
+            raise GenerationInputError(
+                f"`--fusion_weights` must be two numbers, one per adapter of a pair (e.g. 0.5 0.5), got {weights!r}."
+            )
+        for weight in weights:
+            check_value("fusion_weights", weight, self.FUSION_WEIGHT, GenerationInputError)
+        if not any(weights):
+            raise GenerationInputError("`--fusion_weights` are both 0: that is the base model; give a weight > 0.")
+        self.fusion_weights = [float(w) for w in weights]
 
     def resolved_dtype(self, device: torch.device | str) -> str:
         if self.dtype != "auto":
@@ -109,9 +135,12 @@ class GenerationConfig:
         return "float16" if torch.device(device).type == "cuda" else "float32"
 
     def to_dict(self) -> dict:
-        """The settings `generation_config.json` records (the `mixed_precision` alias is in `dtype`)."""
+        """The settings `generation_config.json` records (the `mixed_precision` alias is in `dtype`; the fusion
+        settings only when fusing, so a run without fusion keeps the fingerprint, and resumability, it always had)."""
         settings = asdict(self)
         del settings["mixed_precision"]
+        if self.fusion is None:
+            del settings["fusion"], settings["fusion_weights"]
         return settings
 
 
@@ -175,8 +204,12 @@ class GenerationArguments:
         default=None, metadata={"help": "Hub token (default: the logged-in one); never written anywhere."}
     )
     hub_private: bool = field(default=False, metadata={"help": "Create the dataset repo as private."})
+    ddp_timeout: int = ddp_timeout_field()
+
+    NUMERIC_RANGES: ClassVar[dict[str, Range]] = {"ddp_timeout": DDP_TIMEOUT_RANGE}
 
     def __post_init__(self):
+        check_ranges(self, self.NUMERIC_RANGES, GenerationInputError)
         if not self.pretrained_model_name_or_path:
             raise GenerationInputError("`pretrained_model_name_or_path` is required: the base model stage 1 used.")
         if self.no_adapter and self.adapter_path is not None:

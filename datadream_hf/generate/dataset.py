@@ -21,6 +21,7 @@ from ..synthetic import (
     DATADREAM_CITATION,
     SHARD_FILES,
     Shard,
+    is_fusion_run,
     load_synthetic_dataset,
     read_generation_config,
     read_shard,
@@ -50,7 +51,7 @@ def make_sample_grid(
     rows = []
     for c in range(min(len(names), max_classes)):
         shard = Shard(c, 0, min(params["shard_size"], params["images_per_class"]))  # the class's first shard
-        table = read_shard(generation_dir, shard, names).slice(0, images_per_class)
+        table = read_shard(generation_dir, shard, names, fusion=is_fusion_run(config)).slice(0, images_per_class)
         rows.append([PILImage.open(io.BytesIO(b)).convert("RGB") for b in table.column("image").to_pylist()])
     return image_grid(rows)
 
@@ -76,8 +77,11 @@ def render_dataset_card(
     """
     config = read_generation_config(generation_dir)
     names, params = config["class_names"], config["generation"]
+    fusion = is_fusion_run(config)
     files, features = (
-        ("data/train-*", synthetic_features(names)) if hub_layout else (SHARD_FILES, shard_features(names))
+        ("data/train-*", synthetic_features(names, fusion))
+        if hub_layout
+        else (SHARD_FILES, shard_features(names, fusion))
     )
     metadata = {
         "license": license,
@@ -90,7 +94,13 @@ def render_dataset_card(
     }
     per_class = config["adapters"]["per_class"]
     classes = [
-        {"label": i, "name": name, "prompt": config["prompts"][i], "adapter": per_class[i]["id"]}
+        {
+            "label": i,
+            "name": name,
+            "prompt": config["prompts"][i],
+            "adapter": per_class[i]["id"],
+            "image_adapters": len(per_class[i].get("images", [])),
+        }
         for i, name in enumerate(names)
     ]
     return render_card(

@@ -4,6 +4,7 @@ one with other settings."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -11,21 +12,19 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
+from ..distributed import process_state
 from ..families import read_family
-from ..files import write_json_atomic
+from ..files import check_output_path, write_json_atomic
 from ..guardrails import native_resolution, refuse_fp16_on_cpu, warn_far_resolution
 from ..prompts import PromptTemplate
 from ..run_folder import TRAINING_CONFIG_NAME, OutputDirLock, OutputDirLockedError, settings_diff
-from ..sources import check_source
+from ..sources import STAGE2_FOLDER, check_output_apart, check_source
 from ..synthetic import (
     GENERATION_CONFIG_NAME,
     GENERATION_MANIFEST_NAME,
     SHARDS_DIR,
     Shard,
     is_shard_finished,
-    missing_shards,
     plan_shards,
     remove_stale_temp_files,
 )
@@ -40,12 +39,17 @@ from .adapters import (
 )
 from .config import DTYPES, GenerationArguments, GenerationConfig, GenerationInputError
 from .dataset import write_dataset_card, write_sample_grid
+from .fusion import check_fusion
 from .sampling import SyntheticImageSampler, load_generation_pipeline
 from .shards import generate_shards, split_work
 
 logger = logging.getLogger(__name__)
 
 GENERATION_FORMAT_VERSION = 1
+FUSION_PAIRS_DERIVATION = (
+    "per class, itertools.combinations of its image adapters (adapter_index.json order), permuted by "
+    "numpy.random.default_rng([seed, class_index]); image k uses pair k % number of pairs"
+)
 
 
 def resolve_prompt_template(prompt_template: PromptTemplate | None, adapters: AdapterSet) -> PromptTemplate:
@@ -96,6 +100,9 @@ def describe_run(sampler: SyntheticImageSampler, base_model: dict, dtype: str, c
         "generation": generation,
         "scheduler_class": type(sampler.pipeline.scheduler).__name__,
         "seed_derivation": "numpy SeedSequence([seed, class_index, image_index]) -> 62-bit torch CPU generator seed",
+        # The K-shot draw the adapters learned from (stage 1's record): stage 3 refuses these images beside another.
+        "few_shot": sampler.adapters.training_config.get("few_shot"),
+        **({"fusion_pairs": FUSION_PAIRS_DERIVATION} if sampler.fusion is not None else {}),
         "library_versions": library_versions(),
         "command": command,
     }
@@ -131,6 +138,16 @@ def check_output_dir(output_dir: str | Path, run_info: dict) -> bool:
     )
 
 
+def _gather_unfinished(output_dir: Path, share: list[Shard], run_info: dict, state) -> set[Shard]:
+    """The unfinished shards of every process's `share`, each process hashing its own (a collective: every process
+    calls it and gets the union)."""
+    from accelerate.utils import gather_object
+
+    names, fingerprint = run_info["class_names"], run_info["fingerprint"]
+    unfinished = [s for s in share if not is_shard_finished(output_dir, s, names, fingerprint)]
+    return set(gather_object(unfinished) if state.num_processes > 1 else unfinished)
+
+
 def generate_synthetic_dataset(
     args: GenerationArguments,
     config: GenerationConfig,
@@ -146,13 +163,17 @@ def generate_synthetic_dataset(
         state: an `accelerate.PartialState`; the shards are split across its processes.
         command: the command line to record (the script's, its token masked).
         on_shard_written: called after each finished shard (tests use it to stop a run midway).
+
+    With several processes, the others return once every shard is written and checked; the main process then writes
+    the run manifest, sample grid and card (and the script uploads), with no process waiting on it at a collective.
     """
-    from accelerate import PartialState
     from accelerate.utils import broadcast_object_list
 
-    state = state or PartialState(cpu=not torch.cuda.is_available())
+    state = state or process_state(args.ddp_timeout)
     output_dir, model, revision = args.output_dir, args.pretrained_model_name_or_path, args.revision
     # 1. Validate everything before the first image (`args` checked adapter_path / no_adapter / classes).
+    check_output_path(output_dir, "--output_dir")  # a file in the way, no write permission
+    check_output_apart(output_dir, STAGE2_FOLDER, {"--adapter_path": args.adapter_path})
     check_source(
         model, "--pretrained_model_name_or_path", required="model_index.json", expected="a diffusers pipeline"
     )
@@ -166,7 +187,10 @@ def generate_synthetic_dataset(
     else:
         adapters = resolve_adapters(args.adapter_path, revision=args.adapter_revision, token=args.hub_token)
     check_class_names(adapters, class_names)
+    check_fusion(adapters, config)
     template = resolve_prompt_template(args.requested_prompt_template(), adapters)
+    if args.clean_class_names and not template.clean_class_names:  # alone, it asks for stage 1's template, cleaned
+        template = resolve_prompt_template(dataclasses.replace(template, clean_class_names=True), adapters)
     template.check_distinct(adapters.class_names)  # classes whose prompts are one cannot be told apart
     # The recorded base model id and family are checked before the (slow) pipeline load; the weight shapes after it.
     check_adapter_family(adapters, read_family(model, revision))
@@ -184,7 +208,8 @@ def generate_synthetic_dataset(
     check_output_dir(output_dir, run_info)
     state.wait_for_everyone()
 
-    # 2. The main process locks the folder, sets it up and lists the unfinished shards; every process gets the list.
+    # 2. The main process locks the folder and sets it up; then every process hashes its share of the finished
+    #    shards (15-20 GB of PNG in a full run: one process alone would keep the others waiting at a collective).
     lock, setup = OutputDirLock(output_dir), None
     if state.is_main_process:
         try:
@@ -196,7 +221,7 @@ def generate_synthetic_dataset(
             write_json_atomic(output_dir / GENERATION_CONFIG_NAME, run_info)
             for tmp in remove_stale_temp_files(output_dir):
                 logger.info(f"Removed {tmp}, left by an interrupted run.")
-            setup = {"pending": missing_shards(output_dir, run_info)}
+            setup = {}
         except (OutputDirLockedError, GenerationInputError) as err:
             lock.release()
             setup = {"error": err}
@@ -204,12 +229,15 @@ def generate_synthetic_dataset(
     if "error" in setup:
         raise setup["error"]
     plan = plan_shards(len(adapters.class_names), config.images_per_class, config.shard_size)
-    if len(setup["pending"]) < len(plan):
-        logger.info(f"Resuming: {len(plan) - len(setup['pending'])} finished shard(s) kept.")
-
     try:
+        unfinished = _gather_unfinished(output_dir, split_work(plan, state.num_processes, state.process_index),
+                                        run_info, state)  # fmt: skip
+        pending = [s for s in plan if s in unfinished]
+        if len(pending) < len(plan):
+            logger.info(f"Resuming: {len(plan) - len(pending)} finished shard(s) kept.")
+
         # 3. Generate this process's share.
-        mine = split_work(setup["pending"], state.num_processes, state.process_index)
+        mine = split_work(pending, state.num_processes, state.process_index)
         logger.info(
             f"Process {state.process_index + 1}/{state.num_processes}: {len(mine)} shard(s), "
             f"{sum(s.num_images for s in mine)} images to generate."
@@ -222,14 +250,15 @@ def generate_synthetic_dataset(
             show_progress=state.is_local_main_process,
             on_shard_written=on_shard_written,
         )
-        sampler.switcher.reset()
-        state.wait_for_everyone()
+        sampler.reset()
 
-        # 4. The main process checks the union and writes the run manifest, a sample grid and the dataset card.
+        # 4. Every process checks its own shards (the last collective: it waits for the slowest process); then the
+        #    main process writes the run manifest, a sample grid and the dataset card, the others gone.
+        missing = _gather_unfinished(output_dir, mine, run_info, state)
+        still_missing = [s for s in pending if s in missing]
+        if still_missing:
+            raise RuntimeError(f"{len(still_missing)} shard(s) missing after generation, e.g. {still_missing[0]}.")
         if state.is_main_process:
-            still_missing = missing_shards(output_dir, run_info)
-            if still_missing:
-                raise RuntimeError(f"{len(still_missing)} shard(s) missing after generation, e.g. {still_missing[0]}.")
             write_sample_grid(output_dir)
             manifest = {
                 "fingerprint": run_info["fingerprint"],
@@ -243,7 +272,6 @@ def generate_synthetic_dataset(
             write_json_atomic(output_dir / GENERATION_MANIFEST_NAME, manifest)
             # The card last: its YAML makes the folder loadable with `datasets.load_dataset(output_dir)`.
             write_dataset_card(output_dir, license=args.dataset_license, repo_id=args.hub_dataset_id)
-        state.wait_for_everyone()
     finally:
         lock.release()
     return run_info

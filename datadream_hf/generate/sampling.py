@@ -1,5 +1,6 @@
 """Stage-2 sampling: the base pipeline, loaded once per run, and `SyntheticImageSampler`, which makes image k of class
-c with that class's adapter fused in.
+c with that class's adapter fused in (or, with image-mode adapters and `--fusion pairs`, with the image's pair of the
+class's per-image adapters, `fusion`).
 
 Every image has its own seed derived from (seed, class index, image index), so an image does not depend on the batch
 size, on the process that made it or on the classes made before it.
@@ -18,6 +19,7 @@ from ..prompts import PromptTemplate
 from ..validation import NonFiniteError
 from .adapters import AdapterSet, FusedAdapterSwitcher
 from .config import GenerationConfig, GenerationInputError, scheduler_class
+from .fusion import PairFusion, check_fusion, class_pairs
 
 
 def image_seed(seed: int, class_index: int, image_index: int) -> int:
@@ -83,12 +85,44 @@ class SyntheticImageSampler:
                 f"`resolution` {self.resolution} must be a multiple of {multiple} for this model."
             )
         self.prompts = [prompt_template(name) for name in adapters.class_names]
+        check_fusion(adapters, config)
+        self.fusion = PairFusion.for_pipeline(pipeline) if config.fusion is not None else None
+        self._pairs: dict[int, list[tuple[int, int]]] = {}
+
+    def image_pair(self, class_index: int, image_index: int) -> tuple[int, int]:
+        """With fusion: the two adapters (places in `adapters.images[class_index]`) that make image `image_index`."""
+        if class_index not in self._pairs:
+            num_adapters = len(self.adapters.images[class_index])
+            self._pairs[class_index] = class_pairs(num_adapters, self.config.seed, class_index)
+        pairs = self._pairs[class_index]
+        return pairs[image_index % len(pairs)]
+
+    def fusion_provenance(self, class_index: int, image_indices: list[int]) -> dict[str, list]:
+        """The shard columns that record each image's pair: adapter keys (`adapter_index.json`), the dataset rows of
+        the K-shot images they were trained on, and their weights."""
+        images = self.adapters.images[class_index]
+        pairs = [self.image_pair(class_index, k) for k in image_indices]
+        return {
+            "fusion_adapters": [[images[a].key, images[b].key] for a, b in pairs],
+            "fusion_rows": [[images[a].row, images[b].row] for a, b in pairs],
+            "fusion_weights": [list(self.config.fusion_weights) for _ in pairs],
+        }
+
+    def reset(self) -> None:
+        """The plain base pipeline again (no adapter fused, no fusion layers)."""
+        self.switcher.reset()
+        if self.fusion is not None:
+            self.fusion.remove()
 
     def sample(
         self, class_index: int, image_indices: list[int], on_batch: Callable[[int], None] | None = None
     ) -> list[PILImage.Image]:
         """Images `image_indices` of class `class_index`, in batches of `config.batch_size`."""
-        self.switcher.use(self.adapters.weight_file(class_index))
+        if self.fusion is None:
+            PairFusion.for_pipeline(self.pipeline).remove()  # another sampler's fusion layers, if any
+        self.switcher.use(self.adapters.weight_file(class_index))  # None with fusion: the exact base weights
+        if self.fusion is not None:
+            self.fusion.load(self.adapters.image_weight_files(class_index))
         images = []
         for start in range(0, len(image_indices), self.config.batch_size):
             batch = image_indices[start : start + self.config.batch_size]
@@ -107,6 +141,13 @@ class SyntheticImageSampler:
         side = self.resolution // pipeline.vae_scale_factor
         shape = (1, self.denoiser.config.in_channels, side, side)
         latents = torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])  # (B, C, h, w)
+        if self.fusion is not None:
+            # The pipeline stacks [unconditional, conditional] for classifier-free guidance (its own condition).
+            guided = (
+                self.config.guidance_scale > 1 and getattr(self.denoiser.config, "time_cond_proj_dim", None) is None
+            )
+            pairs = [self.image_pair(class_index, k) for k in image_indices]
+            self.fusion.route(pairs, self.config.fusion_weights, unet_repeats=2 if guided else 1)
         output = pipeline(
             prompt=[self.prompts[class_index]] * len(image_indices),
             height=self.resolution,

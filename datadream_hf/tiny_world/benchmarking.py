@@ -132,24 +132,50 @@ def write_random_class_adapters(models, output_dir: str | os.PathLike, class_nam
     `models` is a `GeneratorModels` (its peft adapter is overwritten). Writes the index and each class's
     `pytorch_lora_weights.safetensors`; generation cost does not depend on what the weights learned.
     """
-    from ..adapt.modeling import init_lora_weights_, save_adapter_atomic
+    from ..adapt.modeling import save_adapter_atomic
     from ..adapter_index import ADAPTER_INDEX_NAME, adapter_index
     from ..files import write_json_atomic
-    from ..lora import ADAPTER_NAME
     from ..run_folder import class_folder_name
 
     output_dir = Path(output_dir)
     generator = torch.Generator().manual_seed(seed)
     for index, name in enumerate(class_names):
-        init_lora_weights_(models, "gaussian", seed + index)
-        for model in (models.unet, models.text_encoder):
-            for module in model.modules():
-                if hasattr(module, "lora_B") and ADAPTER_NAME in getattr(module, "lora_B", {}):
-                    weight = module.lora_B[ADAPTER_NAME].weight
-                    weight.copy_(torch.randn(weight.shape, generator=generator) * up_std)
+        _random_lora_(models, seed + index, generator, up_std)
         save_adapter_atomic(models, output_dir / class_folder_name(index, name))
     write_json_atomic(output_dir / ADAPTER_INDEX_NAME, adapter_index("cls", class_names))
     return output_dir
+
+
+def write_random_image_adapters(models, output_dir: str | os.PathLike, class_names: list[str], k: int, seed: int = 0,
+                                up_std: float = 0.02) -> Path:  # fmt: skip
+    """Writes an image-mode (LoFT) stage-1 folder of stand-in adapters, `k` per class, as if trained on made-up rows
+    `k * class + j`; `models` (a `GeneratorModels`) sets their placement and rank."""
+    from ..adapt.modeling import save_adapter_atomic
+    from ..adapter_index import ADAPTER_INDEX_NAME, image_adapter_index
+    from ..files import write_json_atomic
+
+    output_dir = Path(output_dir)
+    generator = torch.Generator().manual_seed(seed)
+    index = image_adapter_index(class_names, [[k * c + j for j in range(k)] for c in range(len(class_names))])
+    for number, folder in enumerate(index["adapters"].values()):
+        _random_lora_(models, seed + number, generator, up_std)
+        save_adapter_atomic(models, output_dir / folder)
+    write_json_atomic(output_dir / ADAPTER_INDEX_NAME, index)
+    return output_dir
+
+
+@torch.no_grad()
+def _random_lora_(models, unit_seed: int, generator: torch.Generator, up_std: float) -> None:
+    """Every LoRA layer of `models`: A from peft's init under `unit_seed`, B random with std `up_std` (non-zero)."""
+    from ..adapt.modeling import init_lora_weights_
+    from ..lora import ADAPTER_NAME
+
+    init_lora_weights_(models, "gaussian", unit_seed)
+    for model in (models.unet, models.text_encoder):
+        for module in model.modules():
+            if hasattr(module, "lora_B") and ADAPTER_NAME in getattr(module, "lora_B", {}):
+                weight = module.lora_B[ADAPTER_NAME].weight
+                weight.copy_(torch.randn(weight.shape, generator=generator) * up_std)
 
 
 RANDOM_SD21_BASE = "random-sd21-base"  # `--pretrained_model_name_or_path` value of the benchmarks: see below

@@ -1,6 +1,7 @@
 """Grouped LoRA: the adapters of several classes in one model, each sample of a batch routed to its class's factors.
 
-`GroupedLoraLinear` holds per-class stacks A (G, r, in) and B (G, out, r) over one frozen `nn.Linear`. `GroupedLora`
+`GroupedLoraLinear` (`datadream_hf.grouped_lora`, shared with stage 2's fusion) holds per-class stacks A (G, r, in)
+and B (G, out, r) over one frozen `nn.Linear`. `GroupedLora`
 swaps such layers into a stage-1 model in place of its peft LoRA layers (so the targeted modules are the same), draws
 each class's init with the sequential path's own code, and copies a class back into the peft layers to export it.
 """
@@ -16,56 +17,11 @@ import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
+from ...grouped_lora import GroupedLoraLinear, contiguous_block_size
 from ...lora import ADAPTER_NAME
 
 if TYPE_CHECKING:
     from ..modeling import GeneratorModels
-
-
-class GroupedLoraLinear(nn.Module):
-    """`base(x) + scaling * B_g(A_g(x))` with g = `group_index[sample]`: peft's vanilla LoRA forward, per sample.
-
-    When the samples come in equal contiguous blocks, one per group in order (as grouped training builds its batches;
-    `GroupedLora.route` detects it), each group's block is multiplied by its factors as one matrix: the same matmul
-    shapes as peft's layer on that class's batch, and no per-sample copies of the factors (nor their scatter-add in
-    the backward). Other layouts gather each sample's factors.
-
-    Args:
-        base_layer: the frozen `nn.Linear` (any dtype); the factors are fp32, as peft keeps them in stage 1.
-        num_groups: G, the number of adapters (classes) held.
-        rank: r.
-        scaling: lora_alpha / r.
-    """
-
-    def __init__(self, base_layer: nn.Linear, num_groups: int, rank: int, scaling: float):
-        super().__init__()
-        self.base_layer = base_layer
-        self.scaling = scaling
-        device, d_in, d_out = base_layer.weight.device, base_layer.in_features, base_layer.out_features
-        self.lora_A = nn.Parameter(torch.zeros(num_groups, rank, d_in, device=device))  # (G, r, in)
-        self.lora_B = nn.Parameter(torch.zeros(num_groups, d_out, rank, device=device))  # (G, out, r)
-        self.group_index: torch.Tensor | None = None  # (B,), set by `GroupedLora.route` before each forward
-        self.block_size: int | None = None  # n when group_index is [0]*n + [1]*n + ... + [G-1]*n (`route` detects it)
-
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
-        index = self.group_index
-        if index is None or index.shape[0] != x.shape[0]:
-            raise RuntimeError(
-                f"GroupedLoraLinear got a batch of {x.shape[0]} but a group index of "
-                f"{None if index is None else tuple(index.shape)}: call `GroupedLora.route` with one group per sample."
-            )
-        h = x.to(self.lora_A.dtype)
-        if self.block_size is not None:
-            # Every group's samples form one contiguous block of n: one (n * T, in) matrix per group, no gather.
-            h = h.reshape(self.lora_A.shape[0], -1, x.shape[-1])  # (G, n * T, in)
-            a, b = self.lora_A, self.lora_B  # (G, r, in), (G, out, r)
-        else:
-            h = h.reshape(x.shape[0], -1, x.shape[-1])  # (B, T, in); (B, in) inputs get T = 1
-            a, b = self.lora_A[index], self.lora_B[index]  # (B, r, in), (B, out, r): each sample's factors
-        lora = torch.bmm(torch.bmm(h, a.transpose(1, 2)), b.transpose(1, 2))  # (., ., r) -> (., ., out)
-        # The same order of operations as peft: result + lora_B(lora_A(x)) * scaling, back in the base dtype.
-        return (result + lora.reshape(result.shape) * self.scaling).to(result.dtype)
 
 
 @dataclass
@@ -183,15 +139,6 @@ class GroupedLora:
             if components is None or slot.component in components:
                 slot.grouped.group_index = group_index
                 slot.grouped.block_size = block_size
-
-
-def contiguous_block_size(group_index: torch.Tensor, num_groups: int) -> int | None:
-    """n if `group_index` is n samples of group 0, then n of group 1, ..., then n of group G-1; else None."""
-    size, remainder = divmod(group_index.numel(), num_groups)
-    if size == 0 or remainder:
-        return None
-    blocks = torch.arange(num_groups, device=group_index.device).repeat_interleave(size)
-    return size if torch.equal(group_index, blocks) else None
 
 
 @torch.no_grad()

@@ -31,6 +31,15 @@ class GroupedAdamW(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.num_groups = num_groups
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """`Optimizer.load_state_dict`, then each `step` (G,) moved to its parameter's device, where a fresh run keeps
+        it: torch moves `exp_avg`/`exp_avg_sq` there but leaves a non-capturable `step` where it was loaded (the CPU,
+        for checkpoints read from safetensors), and the (G, 1, ..) bias corrections would then mix devices."""
+        super().load_state_dict(state_dict)
+        for param, state in self.state.items():
+            if "step" in state:
+                state["step"] = state["step"].to(device=param.device, dtype=torch.float32)
+
     @torch.no_grad()
     def step(self, closure=None, active: torch.Tensor | None = None):
         if closure is not None:
