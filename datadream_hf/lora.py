@@ -77,17 +77,23 @@ def save_pipeline_lora(
     pipeline_class,
     components: dict[str, torch.nn.Module | None],
     adapter_name: str = ADAPTER_NAME,
+    diffusers_keys: bool = True,
 ) -> Path:
     """Writes the peft adapter `adapter_name` of each component (pipeline names: `unet`, `transformer`,
     `text_encoder`, `text_encoder_2`; None: left out) with `pipeline_class.save_lora_weights`, with its r, alpha and
-    targets as metadata: `pipeline_class.load_lora_weights` reads the file."""
+    targets as metadata: `pipeline_class.load_lora_weights` reads the file.
+
+    `diffusers_keys`: the keys converted to diffusers' own spelling, as its UNet pipelines' LoRA scripts save them;
+    False keeps peft's (`lora_A` / `lora_B`), which is what the transformer pipelines (SD3, Flux) load: their loaders
+    skip diffusers-spelled attention keys (`to_q.lora.down`) without an error.
+    """
     from diffusers.utils import convert_state_dict_to_diffusers
 
     # The vocabulary is never resized here: no base embeddings to save, and no Hub lookup of the base model's config
     # (peft's "auto" asks the Hub at every save, then warns when it cannot).
     def lora_layers(model):
         state = get_peft_model_state_dict(model, adapter_name=adapter_name, save_embedding_layers=False)
-        return convert_state_dict_to_diffusers(state)
+        return convert_state_dict_to_diffusers(state) if diffusers_keys else state
 
     def metadata(model):
         config = model.peft_config[adapter_name]

@@ -101,7 +101,7 @@ def test_the_family_comes_from_model_index_and_places_lora_as_diffusers_scripts(
     assert {key.split(".")[0] for key in keys} == COMPONENTS[family]
     if family == "sd3":  # the joint attention's text stream too, and SD 3.5's second attention
         for name in ("attn.add_q_proj", "attn.to_add_out", "attn2.to_q"):
-            assert any(f".{name}.lora_A" in key for key in keys), name
+            assert any(f".{name}.lora" in key for key in keys), name
 
 
 def test_adapters_load_with_the_pipelines_own_loader_and_change_its_output(family_run):
@@ -121,8 +121,12 @@ def test_adapters_load_with_the_pipelines_own_loader_and_change_its_output(famil
 
     base = sample()
     pipeline.load_lora_weights(str(output_dir / FOLDERS[1]), adapter_name="one")
+    saved = adapters(output_dir)[1]
     for component in COMPONENTS[family]:
-        assert get_peft_model_state_dict(getattr(pipeline, component), adapter_name="one"), component
+        # Every factor of the file reached a LoRA layer (a loader may skip keys it does not read without an error).
+        loaded = get_peft_model_state_dict(getattr(pipeline, component), adapter_name="one")
+        in_file = [key for key in saved if key.startswith(f"{component}.")]
+        assert len(loaded) == len(in_file) > 0, component
     assert np.abs(sample() - base).max() > 1e-3
 
 
@@ -160,10 +164,10 @@ def test_dset_trains_one_adapter_for_all_classes(family_run, few_shot, accelerat
     for key, value in weights.items():
         if key.endswith(("lora_B.weight", "up.weight")):
             trained.setdefault(key.split(".")[0], []).append(bool(value.abs().sum() > 0))
-    assert all(trained[models.family.denoiser_name])
-    # The text encoders train too, but not their last layer where only the penultimate states condition (SDXL's
-    # first encoder; the pooled projection reads the last layer of the second).
-    assert all(any(moved) for moved in trained.values())
+    # Every component trains, but no layer whose output nothing reads: the text encoders' last layer where only the
+    # penultimate states condition (SDXL's first encoder), SD3's last-block text query (its text stream ends there).
+    assert trained.keys() == COMPONENTS[family] and all(any(moved) for moved in trained.values())
+    assert sum(trained[models.family.denoiser_name]) >= len(trained[models.family.denoiser_name]) - 1
     assert json.loads((tmp_path / "adapter_index.json").read_text())["mode"] == "dset"
 
 
@@ -208,11 +212,7 @@ def test_adapters_of_another_family_are_refused_before_generating(
     # 2. Adapters without a recorded family (a folder written before families were recorded): by their LoRA keys,
     #    once the pipeline is loaded, before the first image.
     sd_adapters = write_fake_stage1_output(tmp_path / "sd-adapters", tiny_sd_path, CLASSES)
-    pattern = (
-        r"for 'unet'; the base pipeline only has \['transformer', .*another model family"
-        if family == "sd3"
-        else (r"does not fit the base model")
-    )
+    pattern = r"Adapter .*sd-adapters.* (does not fit the base model|another (base model|model family))"
     with pytest.raises(GenerationInputError, match=pattern):
         generate_synthetic_dataset(arguments(sd_adapters, tiny_paths[family]), config)
     assert not (tmp_path / "out" / "generation_config.json").exists()

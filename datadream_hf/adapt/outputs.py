@@ -222,6 +222,9 @@ def render_adapter_card(output_dir: str | os.PathLike) -> str:
         steps_per_adapter=record["steps_per_adapter"],
         few_shot=record["few_shot"],
         lora=record["lora"],
+        # The denoiser's targets, under the family's name for it (`unet_target_modules`, `transformer_...`).
+        denoiser_name="UNet" if "unet_target_modules" in record["lora"] else "transformer",
+        denoiser_targets=record["lora"].get("unet_target_modules") or record["lora"]["transformer_target_modules"],
         hparams={k: hparams[k] for k in shown},
         adapters=adapters,
         versions=record["library_versions"],

@@ -116,6 +116,7 @@ class GeneratorFamily:
     denoiser_target_modules: ClassVar[list[str]]
     text_encoder_target_modules: ClassVar[list[str]] = ["q_proj", "k_proj", "v_proj", "out_proj"]
     pipeline_kwargs: ClassVar[dict] = {}  # extra `from_pretrained` arguments of the pipeline (e.g. parts left out)
+    diffusers_lora_keys: ClassVar[bool] = True  # adapter keys in diffusers' spelling (UNet pipelines) or peft's
 
     # --- loading ------------------------------------------------------------------------------------------------
 
@@ -184,7 +185,8 @@ class GeneratorFamily:
     ) -> Path:
         """Writes `pytorch_lora_weights.safetensors` with the pipeline class's `save_lora_weights`, so that its
         `load_lora_weights` reads it."""
-        return save_pipeline_lora(output_dir, self.pipeline_class(), components, adapter_name)
+        pipeline_class = self.pipeline_class()
+        return save_pipeline_lora(output_dir, pipeline_class, components, adapter_name, self.diffusers_lora_keys)
 
     def pipeline_lora_components(self, pipeline) -> dict[str, torch.nn.Module]:
         """The components of a loaded pipeline that adapters of this family may hold LoRA weights for."""

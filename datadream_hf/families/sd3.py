@@ -42,6 +42,7 @@ class StableDiffusion3Family(GeneratorFamily):
     ]
     text_encoder_target_modules = TEXT_ENCODER_TARGET_MODULES
     pipeline_kwargs = {"text_encoder_3": None, "tokenizer_3": None}
+    diffusers_lora_keys = False  # peft's keys, as diffusers' SD3 LoRA script saves them (and its loader reads)
 
     def encode_prompts(self, models: GeneratorModels, input_ids: torch.Tensor) -> PromptEmbeddings:
         hidden, pooled = [], []
