@@ -140,7 +140,7 @@ def test_tiny_world_image_mode_flags_are_what_the_script_accepts(tmp_path):
     base = ["--pretrained_model_name_or_path", "m", "--dataset", "d", "--few_shot_manifest", "m.json", "--mode",
             "image", "--output_dir", str(tmp_path)]  # fmt: skip
     config, _ = load_script().parse_args([*base, *recipe.stage1_image_flags()])
-    assert (config.max_train_steps, config.learning_rate, config.lr_warmup_steps) == (600, 2e-2, 10)
+    assert (config.max_train_steps, config.learning_rate, config.lr_warmup_steps) == (600, 1e-3, 10)
     assert (config.resolution, config.rank, config.train_batch_size, config.center_crop) == (32, 2, 1, True)
     assert TinyWorldRecipe.quick().stage1_image_flags()[3] == "1"  # the smoke run: one step per image
 
