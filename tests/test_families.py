@@ -82,11 +82,12 @@ def adapters(root: Path) -> list[dict[str, torch.Tensor]]:
 
 
 def assert_close_adapters(expected: list[dict], actual: list[dict]) -> None:
-    """Equal to float rounding: equal keys, every weight within 1e-4 (AdamW's first steps scale a near-zero gradient's
-    rounding up to ~lr), and each adapter's B factors within 1e-3 of their norm."""
+    """Equal to float rounding: equal keys, every weight within 1e-3 (a tenth of the lr: AdamW moves an element whose
+    gradient is rounding noise by up to ~lr per step, and thread counts change the rounding; 1.1e-4 was seen at 2
+    threads), and each adapter's B factors within 1e-3 of their norm (a routing mistake moves them by ~lr)."""
     for a, b in zip(expected, actual):
         assert set(a) == set(b)
-        assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+        assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-3
         ups = [k for k in a if k.endswith(("lora_B.weight", "up.weight"))]
         difference = torch.cat([(a[k] - b[k]).flatten() for k in ups]).norm()
         assert difference / torch.cat([a[k].flatten() for k in ups]).norm() < 1e-3
