@@ -3,7 +3,12 @@
 import numpy as np
 import pytest
 
-from datadream_hf.tiny_world.alignment import alignment_per_class, frechet_distance, precision_recall
+from datadream_hf.tiny_world.alignment import (
+    alignment_per_class,
+    frechet_distance,
+    nearest_shot_distance,
+    precision_recall,
+)
 
 
 def test_frechet_distance_of_gaussians_matches_closed_form():
@@ -37,3 +42,16 @@ def test_per_class_rows_and_bad_shapes():
         frechet_distance(real, synthetic[:, :2])
     with pytest.raises(ValueError, match="N >= 4"):
         precision_recall(real[:3], synthetic)
+
+
+def test_nearest_shot_distance_measures_copies_of_the_own_class_shots():
+    shots = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    shot_labels = np.array([0, 0, 1])
+    copies = shots + np.array([[0.0, 1.0], [0.0, 2.0], [0.0, 3.0]])
+    assert nearest_shot_distance(shots, shot_labels, copies, shot_labels) == pytest.approx(2.0)
+    # Class 1's image sits on a class-0 shot but is measured against its own class's shot only.
+    assert nearest_shot_distance(shots, shot_labels, np.array([[10.0, 0.0]]), np.array([1])) == pytest.approx(
+        np.hypot(10, 10)
+    )
+    with pytest.raises(ValueError, match=r"Classes \[2\] have images but no shots"):
+        nearest_shot_distance(shots, shot_labels, copies, np.array([0, 1, 2]))

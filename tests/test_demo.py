@@ -41,20 +41,24 @@ def test_quick_demo_writes_the_full_report(tmp_path):
     report = (out / "report.md").read_text()
     assert "oracle (held-out real)" in report and "Frechet" in report and "The paper's claims as targets" in report
     assert "## Test accuracy, K = 16" in result.stdout  # the summary is printed
-    assert len(json.loads((out / "timings.json").read_text())) == STAGES_1_2 + CLASSIFIER_RUNS
+    assert len(json.loads((out / "timings.json").read_text())) == STAGES_1_2 + 1  # stage 3's wall clock
+    assert len(json.loads((out / "stage3" / "run_times.json").read_text())) == CLASSIFIER_RUNS
     assert {claim["a"] for claim in summary["claims"]} >= {"loft/real+synthetic", "datadream_cls/real+synthetic"}
     assert all(len(claim["differences"]) == 2 and len(claim["interval"]) == 2 for claim in summary["claims"])
-    assert set(summary["class_fidelity"]) == {*GENERATORS, "real test images"}
+    assert set(summary["class_fidelity"]) == set(summary["nearest_shot_distance"]) == {*GENERATORS, "real test images"}
+    assert "distance to nearest shot" in report
     for figure in ("grid.png", "alignment.png"):
         assert (out / figure).stat().st_size > 1000
 
-    # A second run resumes: every stage is found finished and skipped.
+    # A second run resumes: every stage is found finished and skipped, and what the first run cost stays recorded.
+    timings = (out / "timings.json").read_text()
     again = subprocess.run(
         [sys.executable, str(SCRIPT), "--quick", "--output_dir", str(out)], capture_output=True, text=True
     )
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stderr.count("already done") == STAGES_1_2 + 1
     assert f"{CLASSIFIER_RUNS} classifier runs ({CLASSIFIER_RUNS} already done)" in again.stderr
+    assert (out / "timings.json").read_text() == timings
 
 
 def test_demo_data_sets_are_disjoint_and_the_shots_were_held_out_of_pretraining(tmp_path, digits):
@@ -179,6 +183,23 @@ def test_targets_hold_only_when_the_measurements_clear_them():
     weak = {r["target"]: r["met"] for r in evaluate_targets(_summary([90] * 3, [90] * 3, 70, 0.6, 0.2))}
     assert not weak["cls class fidelity >= 70%"] and not weak["synthetic only, cls >= 75% (mean)"]
     assert not weak["frozen class fidelity within 5 points of chance"]
+
+
+def test_loft_diversity_target_says_how_near_the_shots_its_images_lie_when_it_fails():
+    def alignment(recall):
+        return [{"class": 0, "recall": recall}, {"class": 1, "recall": recall}, {"class": "all", "recall": 0.0}]
+
+    summary = _summary([90] * 3, [92] * 3)
+    summary["class_fidelity"]["loft"] = {"accuracy": 0.9}
+    summary["alignment"] = {"loft": alignment(0.6), "datadream_cls": alignment(0.8)}
+    summary["nearest_shot_distance"] = {"loft": 0.1, "datadream_cls": 0.2, "real test images": 0.3}
+    row = next(r for r in evaluate_targets(summary) if r["target"].startswith("LoFT k-NN recall"))
+    assert not row["met"] and row["measured"] == (
+        "0.60 vs 0.80; distance to the nearest K shot 0.100 vs 0.200 (real test images 0.300)"
+    )
+    summary["alignment"]["loft"] = alignment(0.9)
+    row = next(r for r in evaluate_targets(summary) if r["target"].startswith("LoFT k-NN recall"))
+    assert row["met"] and row["measured"] == "0.90 vs 0.80"
 
 
 def test_the_best_generator_is_chosen_on_validation_never_on_test():

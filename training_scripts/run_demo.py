@@ -41,6 +41,7 @@ from train_datadream_lora import main as lora_main
 from train_datadream_lora import parse_args as lora_args
 
 from datadream_hf.data import decode_images, labels_of, load_labelled_dataset
+from datadream_hf.few_shot import FewShotManifest
 from datadream_hf.files import write_json_atomic
 from datadream_hf.synthetic import load_synthetic_dataset
 from datadream_hf.tiny_world.demo_data import DemoData, prepare_demo_data
@@ -65,14 +66,16 @@ def run_stage(out: Path, name: str, done_marker: Path, run) -> None:
         return
     start = time.perf_counter()
     run()
-    record_time(out, name, time.perf_counter() - start)
+    record_time(out / "timings.json", name, time.perf_counter() - start)
 
 
-def record_time(out: Path, name: str, seconds: float) -> None:
+def record_time(path: Path, name: str, seconds: float, accumulate: bool = False) -> None:
+    """Writes `name`'s seconds into the JSON file `path` (added to what is there with `accumulate`)."""
     logger.info("%s: %.1f s", name, seconds)
-    timings_path = out / "timings.json"
-    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
-    write_json_atomic(timings_path, timings | {name: round(seconds, 1)})
+    timings = json.loads(path.read_text()) if path.exists() else {}
+    if accumulate:
+        seconds += timings.get(name, 0.0)
+    write_json_atomic(path, timings | {name: round(seconds, 1)})
 
 
 def stage1(out: Path, data: DemoData, generator: str, settings: TinyWorldRecipe) -> dict[str, Path]:
@@ -153,15 +156,19 @@ def stage3(out: Path, clip: str, data: DemoData, training_sets: dict, settings: 
     todo = {key: job for key, job in jobs.items() if not (job[0] / "report.json").exists()}
     logger.info("stage 3: %d classifier runs (%d already done), %d at a time", len(jobs), len(jobs) - len(todo),
                 workers)  # fmt: skip
+    run_times = out / "stage3" / "run_times.json"
+    start = time.perf_counter()
     if workers > 1 and len(todo) > 1:
         context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch thread pools
         with ProcessPoolExecutor(workers, mp_context=context, initializer=_one_thread_worker) as pool:
             futures = {key: pool.submit(train_classifier_run, argv) for key, (_, argv) in todo.items()}
             for (run_name, seed), future in futures.items():
-                record_time(out, f"stage 3 ({run_name}, seed {seed})", future.result())
+                record_time(run_times, f"{run_name}, seed {seed}", future.result())
     else:
         for (run_name, seed), (_, argv) in todo.items():
-            record_time(out, f"stage 3 ({run_name}, seed {seed})", train_classifier_run(argv))
+            record_time(run_times, f"{run_name}, seed {seed}", train_classifier_run(argv))
+    if todo:  # the stage's wall clock: runs go `workers` at a time; a resumed stage adds its part
+        record_time(out / "timings.json", "stage 3", time.perf_counter() - start, accumulate=True)
     results = []
     for (run_name, seed), (output_dir, _) in jobs.items():
         evaluations = json.loads((output_dir / "report.json").read_text())["evaluations"]
@@ -170,13 +177,14 @@ def stage3(out: Path, clip: str, data: DemoData, training_sets: dict, settings: 
     return results
 
 
-def measure_images(clip: str, data: DemoData, synthetic: dict) -> tuple[dict, dict]:
+def measure_images(clip: str, data: DemoData, synthetic: dict) -> tuple[dict, dict, dict]:
     """Per generator: alignment rows (Frechet, precision, recall per class) on the pre-trained (not fine-tuned) tiny
-    CLIP's normalised image features, and the class fidelity of its images (share read as the prompted digit by a
-    probe fit on the real train split)."""
+    CLIP's normalised image features, the mean distance of its images to the nearest K-shot image of their class on
+    the same features (the real test images' as the reference), and the class fidelity of its images (share read as
+    the prompted digit by a probe fit on the real train split)."""
     from transformers import CLIPModel, CLIPProcessor
 
-    from datadream_hf.tiny_world.alignment import alignment_per_class
+    from datadream_hf.tiny_world.alignment import alignment_per_class, nearest_shot_distance
     from datadream_hf.tiny_world.checks import class_fidelity, clip_image_features, fit_digit_probe
 
     model = CLIPModel.from_pretrained(clip, use_safetensors=True).eval()
@@ -185,15 +193,20 @@ def measure_images(clip: str, data: DemoData, synthetic: dict) -> tuple[dict, di
     train, test = (load_labelled_dataset(str(data.dataset), split=split) for split in ("train", "test"))
     test_images = decode_images(test)
     real = clip_image_features(model, processor, test_images)
+    shots = FewShotManifest.load(data.manifest).select(train)
+    shot_features, shot_labels = clip_image_features(model, processor, decode_images(shots)), labels_of(shots)
     probe = fit_digit_probe(decode_images(train), labels_of(train))
-    rows, fidelity = {}, {}
+    rows, shot_distance, fidelity = {}, {}, {}
     for name, folder in synthetic.items():
         dataset = load_synthetic_dataset(folder).select_columns(["image", "label"])
         images, labels = decode_images(dataset), labels_of(dataset)
-        rows[name] = alignment_per_class(real, labels_of(test), clip_image_features(model, processor, images), labels)
+        features = clip_image_features(model, processor, images)
+        rows[name] = alignment_per_class(real, labels_of(test), features, labels)
+        shot_distance[name] = nearest_shot_distance(shot_features, shot_labels, features, labels)
         fidelity[name] = class_fidelity(probe, images, labels)
+    shot_distance["real test images"] = nearest_shot_distance(shot_features, shot_labels, real, labels_of(test))
     fidelity["real test images"] = class_fidelity(probe, test_images, labels_of(test))
-    return rows, fidelity
+    return rows, shot_distance, fidelity
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -209,16 +222,18 @@ def main(args: argparse.Namespace) -> dict:
     adapters = stage1(out, data, generator, settings)
     synthetic = stage2(out, generator, adapters, data, settings)
     accuracy = stage3(out, clip, data, synthetic | {ORACLE: data.oracle}, settings, args.workers)
-    aligned, fidelity = measure_images(clip, data, synthetic)
+    aligned, shot_distance, fidelity = measure_images(clip, data, synthetic)
     summary = {
         "settings": asdict(settings) | {"seeds": list(settings.seeds)},
         "class_names": load_labelled_dataset(str(data.dataset), split="train").features["label"].names,
         "accuracy": accuracy,
         "claims": evaluate_claims(accuracy),
         "alignment": aligned,
+        "nearest_shot_distance": shot_distance,
         "class_fidelity": fidelity,
         "stage_times_s": json.loads((out / "timings.json").read_text()),
         "this_run_s": round(time.perf_counter() - start, 1),
+        "stage3_workers": args.workers,
         "num_test": len(load_labelled_dataset(str(data.dataset), split="test")),
         "generator": generator,
         "clip": clip,

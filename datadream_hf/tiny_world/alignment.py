@@ -2,7 +2,8 @@
 
 Frechet distance as in FID (Heusel et al., 2017), on any feature extractor; precision/recall as improved
 precision/recall (Kynkaanniemi et al., 2019): precision = share of synthetic samples inside the real k-NN manifold,
-recall = share of real samples inside the synthetic one.
+recall = share of real samples inside the synthetic one. How closely images copy the few-shot images they were
+learned from: the mean distance of each image to the nearest shot of its class.
 """
 
 from __future__ import annotations
@@ -69,3 +70,18 @@ def alignment_per_class(
         {"class": "all", "frechet": frechet_distance(real, synthetic), "precision": precision, "recall": recall}
     )
     return rows
+
+
+def nearest_shot_distance(
+    shots: np.ndarray, shot_labels: np.ndarray, images: np.ndarray, image_labels: np.ndarray
+) -> float:
+    """Mean over `images` of the distance to the nearest of its own class's `shots` (lower = closer to a copy)."""
+    _check_features(shots, images, minimum=1)
+    missing = sorted(set(image_labels.tolist()) - set(shot_labels.tolist()))
+    if missing:
+        raise ValueError(f"Classes {missing} have images but no shots.")
+    nearest = np.empty(len(images))
+    for label in np.unique(image_labels):
+        mask = image_labels == label
+        nearest[mask] = _pairwise_distances(images[mask], shots[shot_labels == label]).min(axis=1)
+    return float(nearest.mean())
