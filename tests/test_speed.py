@@ -23,7 +23,13 @@ from datadream_hf.adapt.data import FewShotData, build_units, make_step_batch, m
 from datadream_hf.adapt.grouped.loop import train_groups
 from datadream_hf.adapt.grouped.lora import GroupedLoraLinear, contiguous_block_size
 from datadream_hf.adapt.grouped.plan import group_units, resume_plan
-from datadream_hf.adapt.grouped.sizing import MemoryReading, choose_group_size, probe_group_memory
+from datadream_hf.adapt.grouped.sizing import (
+    MemoryReading,
+    PeakResidentBytes,
+    choose_group_size,
+    fitting_group_size,
+    probe_group_memory,
+)
 from datadream_hf.adapt.latent_cache import LatentCache, encode_posterior
 from datadream_hf.adapt.modeling import diffusion_loss, encode_prompts, load_generator_models
 from datadream_hf.adapt.outputs import TRAINING_LOG_NAME, write_training_log
@@ -351,8 +357,40 @@ def test_cpu_probe_measures_a_second_class_and_changes_nothing(models, data, tin
     before = {name: p.detach().clone() for name, p in models.trainable_parameters().items()}
     reading = probe_group_memory(models, unit, config)
     assert 0 < reading.one < reading.two < reading.available and reading.source == "of available RAM"
+    assert reading.method == "peak resident memory of a probe step"  # Linux
     assert all(torch.equal(before[name], p) for name, p in models.trainable_parameters().items())
+    assert all(p.grad is None for p in models.trainable_parameters().values())
     assert not any(isinstance(m, GroupedLoraLinear) for m in models.unet.modules())
+
+
+def test_cpu_probe_tries_no_two_class_step_that_one_class_steps_say_would_not_fit(monkeypatch, models, data, tmp_path,
+                                                                                  tiny_sd_path):  # fmt: skip
+    # Out of RAM, a CPU step is killed by the system rather than raising: a 512 px SD 2.1 probe of two classes at
+    # batch 8 was killed at 24 GB here. The one-class step's reading decides whether the two-class one is tried.
+    import datadream_hf.adapt.grouped.sizing as sizing
+
+    groups = []
+    monkeypatch.setattr(sizing, "_step_bytes", lambda models, unit, config, n: groups.append(n) or 7 * GIB)
+    monkeypatch.setattr(sizing, "_available_bytes", lambda device: (16 * GIB, "of available RAM"))
+    config = make_config(tiny_sd_path, tmp_path)
+    unit = build_units(config, data, models.tokenizer)[0]
+    reading = sizing.probe_group_memory(models, unit, config)
+    assert 2 not in groups and reading.two is None
+    size, reason = fitting_group_size(reading, config.memory_safety_margin)
+    assert size == 1 and "two one-class steps (14.00 GiB) exceed it, so no two-class step was tried" in reason
+    monkeypatch.setattr(sizing, "_available_bytes", lambda device: (100 * GIB, "of available RAM"))
+    assert sizing.probe_group_memory(models, unit, config).two == 7 * GIB and groups[-1] == 2
+
+
+def test_peak_resident_bytes_sees_a_transient_buffer_that_is_freed_inside_the_block():
+    # What the saved-for-backward count missed: a buffer that lives and dies within the step (attention scores).
+    with PeakResidentBytes() as outer:
+        buffer = torch.ones(64 * 2**20 // 4)  # 64 MiB, written so its pages are resident
+        del buffer
+    assert 60 * 2**20 <= outer.peak < 200 * 2**20
+    with PeakResidentBytes() as quiet:  # the mark is reset on entry: the earlier peak is not counted again
+        pass
+    assert quiet.peak < 16 * 2**20
 
 
 def fake_probe(monkeypatch, one_class_bytes):
