@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install test quality style demo demo-k4 benchmark benchmark-gpu
+.PHONY: install test quality style demo demo-k4 benchmark benchmark-gpu real-size-cpu
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -36,8 +36,22 @@ benchmark:
 	$(PY) benchmarks/bench_stage1_loft.py
 	$(PY) benchmarks/bench_generation.py
 
-# On one GPU (>= 80 GB): both benchmarks at SD 2.1-base size with random weights, nothing downloaded.
+# On one GPU (>= 80 GB): both benchmarks at SD 2.1-base, SDXL-base and SD3-medium size with random weights, nothing
+# downloaded (SDXL and SD3 at 1024 px, their native size).
 benchmark-gpu:
 	$(PY) benchmarks/bench_stage1_cls.py --pretrained_model_name_or_path random-sd21-base --max_train_steps 8 \
 		--mixed_precision bf16 --classes_per_group 5
 	$(PY) benchmarks/bench_generation.py --pretrained_model_name_or_path random-sd21-base --num_inference_steps 20
+	for model in random-sdxl-base random-sd3-medium; do \
+		$(PY) benchmarks/bench_stage1_cls.py --pretrained_model_name_or_path $$model --resolution 1024 \
+			--max_train_steps 4 --mixed_precision bf16 --skip_ablations || exit 1; \
+		$(PY) benchmarks/bench_generation.py --pretrained_model_name_or_path $$model --num_inference_steps 20 \
+			--skip_reference || exit 1; \
+	done
+
+# Real-size shapes on this CPU, random weights: stage 1 for one step and stage 2 for one image per class, each
+# stage's wall time and peak memory (minutes and most of 24 GiB of RAM per model; not part of `make test`).
+real-size-cpu:
+	$(PY) benchmarks/bench_real_size_cpu.py --model random-sd21-base --resolution 512
+	$(PY) benchmarks/bench_real_size_cpu.py --model random-sdxl-base --resolution 512
+	$(PY) benchmarks/bench_real_size_cpu.py --model random-sd3-medium --resolution 512

@@ -131,7 +131,8 @@ def main(args: argparse.Namespace) -> dict:
         return load_generation_pipeline(model, torch_dtype=DTYPES[dtype]).to(device)
 
     pipeline = load()
-    processors = sorted({type(p).__name__ for p in pipeline.unet.attn_processors.values()})
+    denoiser = pipeline.unet if hasattr(pipeline, "unet") else pipeline.transformer  # SD3: an MMDiT
+    processors = sorted({type(p).__name__ for p in denoiser.attn_processors.values()})
     base = SyntheticImageSampler(pipeline, AdapterSet.none(names), template, config)
     ours = SyntheticImageSampler(pipeline, adapters, template, config)
     base.sample(0, list(range(min(2, args.images_per_class))))  # warm-up: kernels, allocator

@@ -107,7 +107,7 @@ def reference_style(config: GeneratorTrainingConfig, data: FewShotData, accelera
     """One model load per class, classes one after the other, the VAE run at every step."""
     for class_index in range(len(data.class_names)):
         models = load_generator_models(config, accelerator.device)
-        unit = build_units(config, data, models.tokenizer)[class_index]
+        unit = build_units(config, data, models.tokenizers)[class_index]
         train_unit(models, unit, config, accelerator, step_callback=clock)
         del models
         gc.collect()

@@ -105,7 +105,7 @@ def train_one_image(args: argparse.Namespace) -> None:
     config = make_config(args, Path(args.output_dir) / "reference", cls_strategy="sequential", cache_latents=False)
     accelerator = Accelerator(cpu=device == "cpu", mixed_precision=args.mixed_precision)
     models = load_generator_models(config, accelerator.device)
-    unit = build_units(config, data, models.tokenizer)[args.train_one_image]
+    unit = build_units(config, data, models.tokenizers)[args.train_one_image]
     train_unit(models, unit, config, accelerator)
     accelerator.end_training()
 

@@ -745,10 +745,10 @@ def test_benchmark_model_choices(tmp_path, monkeypatch):
 
     built = []
     monkeypatch.setattr(
-        benchmarking, "save_random_sd21_base", lambda path, device: built.append((path, device)) or "r"
+        benchmarking, "save_random_generator", lambda name, path, device: built.append((name, path, device)) or "r"
     )
-    assert benchmarking.benchmark_model(benchmarking.RANDOM_SD21_BASE, tmp_path, "cuda") == ("r", False)
-    assert built == [(tmp_path / benchmarking.RANDOM_SD21_BASE, "cuda")]
+    assert benchmarking.benchmark_model(benchmarking.RANDOM_SDXL_BASE, tmp_path, "cuda") == ("r", False)
+    assert built == [(benchmarking.RANDOM_SDXL_BASE, tmp_path / benchmarking.RANDOM_SDXL_BASE, "cuda")]
     assert benchmarking.benchmark_model("some/model", tmp_path, "cpu") == ("some/model", False)
     path, tiny = benchmarking.benchmark_model(None, tmp_path, "cpu")
     assert tiny and (Path(path) / "model_index.json").is_file() and len(built) == 1
@@ -767,3 +767,16 @@ def test_step_clock_counts_shared_spans_once():
     clock.times = {"a": [0.0], "b": [3.0]}
     with pytest.raises(ValueError, match="max_train_steps"):
         clock.seconds_per_class_step()
+
+
+@pytest.mark.parametrize(
+    "name, denoiser, parameters",
+    [("random-sd21-base", "unet", 865_910_724), ("random-sdxl-base", "unet", 2_567_463_684),
+     ("random-sd3-medium", "transformer", 2_028_328_000)],
+)  # fmt: skip
+def test_random_generators_have_the_real_models_denoiser_sizes(name, denoiser, parameters):
+    # On the meta device: the architecture without allocating it. The counts are the released checkpoints'.
+    from datadream_hf.tiny_world.benchmarking import RANDOM_GENERATORS
+
+    pipeline = RANDOM_GENERATORS[name]("meta", 0)
+    assert sum(p.numel() for p in getattr(pipeline, denoiser).parameters()) == parameters

@@ -171,7 +171,7 @@ def _random_lora_(models, unit_seed: int, generator: torch.Generator, up_std: fl
     from ..lora import ADAPTER_NAME
 
     init_lora_weights_(models, "gaussian", unit_seed)
-    for model in (models.unet, models.text_encoder):
+    for model in (models.denoiser, *models.text_encoders.values()):
         for module in model.modules():
             if hasattr(module, "lora_B") and ADAPTER_NAME in getattr(module, "lora_B", {}):
                 weight = module.lora_B[ADAPTER_NAME].weight
@@ -179,31 +179,30 @@ def _random_lora_(models, unit_seed: int, generator: torch.Generator, up_std: fl
 
 
 RANDOM_SD21_BASE = "random-sd21-base"  # `--pretrained_model_name_or_path` value of the benchmarks: see below
+RANDOM_SDXL_BASE = "random-sdxl-base"
+RANDOM_SD3_MEDIUM = "random-sd3-medium"
 
 
 def benchmark_model(name_or_path: str | None, work_dir: Path, device: str) -> tuple[str, bool]:
     """The benchmarks' model: (path or id, whether it is the tiny test model).
 
-    None builds the tiny test model; `RANDOM_SD21_BASE` builds Stable Diffusion 2.1-base's architecture with random
-    weights (`save_random_sd21_base`: real-size timings without a download); anything else is used as given.
+    None builds the tiny test model; a name of `RANDOM_GENERATORS` builds that real model's architecture with random
+    weights (real-size timings and memory without a download); anything else is used as given.
     """
     from ..testing import save_tiny_stable_diffusion
 
     if name_or_path is None:
         return save_tiny_stable_diffusion(Path(work_dir) / "tiny-sd"), True
-    if name_or_path == RANDOM_SD21_BASE:
-        return save_random_sd21_base(Path(work_dir) / RANDOM_SD21_BASE, device=device), False
+    if name_or_path in RANDOM_GENERATORS:
+        return save_random_generator(name_or_path, Path(work_dir) / name_or_path, device=device), False
     return name_or_path, False
 
 
-def save_random_sd21_base(path: str | os.PathLike, device: str = "cuda", seed: int = 0) -> str:
-    """Saves a pipeline with Stable Diffusion 2.1-base's architecture (865M UNet, OpenCLIP-H-sized text encoder,
-    512 px) and random weights: real-size timings where the real weights cannot be downloaded.
-
-    The tokenizer is the tiny test one (its vocabulary sizes the embedding); the cost per token is the same.
-    """
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+def build_random_sd21_base(device: str = "cuda", seed: int = 0):
+    """A pipeline with Stable Diffusion 2.1-base's architecture (865M UNet, OpenCLIP-H-sized text encoder, 512 px)
+    and random weights. The tokenizer is the tiny test one (its vocabulary sizes the embedding); the cost per token is
+    the same."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
     from ..testing import build_tiny_clip_tokenizer
 
@@ -220,27 +219,118 @@ def save_random_sd21_base(path: str | os.PathLike, device: str = "cuda", seed: i
             attention_head_dim=(5, 10, 20, 20),
             use_linear_projection=True,
         )
-        vae = AutoencoderKL(
-            block_out_channels=(128, 256, 512, 512),
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            latent_channels=4,
-            layers_per_block=2,
-            sample_size=512,
-        )
-        text_config = {
-            "hidden_size": 1024, "intermediate_size": 4096, "num_attention_heads": 16, "num_hidden_layers": 23,
-            "projection_dim": 512, "hidden_act": "gelu", "vocab_size": len(tokenizer), "max_position_embeddings": 77,
-            "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1,
-        }  # fmt: skip
-        text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
+        vae = _random_vae(latent_channels=4, sample_size=512)
+        text_encoder = _random_clip_text(tokenizer, 1024, 23, 16, "gelu", projection=False, projection_dim=512)
     scheduler = PNDMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
         set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1,
     )  # fmt: skip
-    pipeline = StableDiffusionPipeline(
+    return StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )  # fmt: skip
-    pipeline.save_pretrained(str(path), safe_serialization=True)
+
+
+def _random_vae(**overrides):
+    """The SD/SDXL/SD3 autoencoder's architecture (83M parameters) with random weights."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2,
+        **overrides,
+    )
+
+
+def _random_clip_text(
+    tokenizer, hidden_size: int, layers: int, heads: int, act: str, projection: bool, projection_dim: int | None = None
+):
+    """A CLIP text encoder of the given width and depth (CLIP-L: 768/12/12, OpenCLIP-bigG: 1280/32/20)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        hidden_size=hidden_size, intermediate_size=4 * hidden_size, num_attention_heads=heads,
+        num_hidden_layers=layers, projection_dim=projection_dim or hidden_size, hidden_act=act,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+    )  # fmt: skip
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
+
+
+def build_random_sdxl_base(device: str = "cuda", seed: int = 0):
+    """A pipeline with stable-diffusion-xl-base-1.0's architecture (2.6B UNet, CLIP-L and OpenCLIP-bigG text encoders,
+    1024 px) and random weights; the tokenizers are the tiny test one (see `build_random_sd21_base`)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    from ..testing import build_tiny_clip_tokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = build_tiny_clip_tokenizer()
+    with torch.device(device):
+        unet = UNet2DConditionModel(
+            sample_size=128,
+            block_out_channels=(320, 640, 1280),
+            layers_per_block=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(5, 10, 20),
+            transformer_layers_per_block=(1, 2, 10),
+            cross_attention_dim=2048,
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816,  # 6 time ids x 256 + bigG's pooled 1280
+        )
+        vae = _random_vae(latent_channels=4, sample_size=1024, scaling_factor=0.13025)
+        text_encoder = _random_clip_text(tokenizer, 768, 12, 12, "quick_gelu", projection=False)
+        text_encoder_2 = _random_clip_text(tokenizer, 1280, 32, 20, "gelu", projection=True)
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000, steps_offset=1,
+        timestep_spacing="leading", prediction_type="epsilon",
+    )  # fmt: skip
+    return StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=build_tiny_clip_tokenizer(), unet=unet, scheduler=scheduler, add_watermarker=False,
+    )  # fmt: skip
+
+
+def build_random_sd3_medium(device: str = "cuda", seed: int = 0):
+    """A pipeline with stable-diffusion-3-medium's architecture (2B MMDiT, CLIP-L and OpenCLIP-bigG text
+    encoders, no T5, 16-channel VAE, 1024 px) and random weights; the tokenizers are the tiny test one."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    from ..testing import build_tiny_clip_tokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = build_tiny_clip_tokenizer()
+    with torch.device(device):
+        transformer = SD3Transformer2DModel(
+            sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+            num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+            pos_embed_max_size=192,
+        )  # fmt: skip
+        vae = _random_vae(latent_channels=16, sample_size=1024, shift_factor=0.0609, scaling_factor=1.5035,
+                          use_quant_conv=False, use_post_quant_conv=False)  # fmt: skip
+        text_encoder = _random_clip_text(tokenizer, 768, 12, 12, "quick_gelu", projection=True)
+        text_encoder_2 = _random_clip_text(tokenizer, 1280, 32, 20, "gelu", projection=True)
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2,
+        tokenizer_2=build_tiny_clip_tokenizer(), text_encoder_3=None, tokenizer_3=None,
+    )  # fmt: skip
+
+
+RANDOM_GENERATORS = {
+    RANDOM_SD21_BASE: build_random_sd21_base,
+    RANDOM_SDXL_BASE: build_random_sdxl_base,
+    RANDOM_SD3_MEDIUM: build_random_sd3_medium,
+}  # `--pretrained_model_name_or_path` value of the benchmarks -> (device, seed) -> the pipeline, random weights
+
+
+def save_random_generator(name: str, path: str | os.PathLike, device: str = "cuda", seed: int = 0) -> str:
+    """Builds `RANDOM_GENERATORS[name]` on `device` (random init on a GPU: seconds instead of minutes) and saves it to
+    `path` as safetensors; returns the path."""
+    RANDOM_GENERATORS[name](device, seed).save_pretrained(str(path), safe_serialization=True)
     return str(path)
