@@ -1,7 +1,8 @@
 """Generator families beyond SD 2.x on tiny pipelines built in code (SDXL; SD 3.5-style without T5): stage 1 dset and
-cls (grouped equals sequential, a killed run resumes to the same adapters, `accelerate launch`), adapters read by the
-pipeline's own `load_lora_weights`, stage-2 datasets, and the bad inputs (an unsupported pipeline kind, adapters of
-another family). SD 1/2 is covered by test_stage1.py / test_stage2.py, on the same family layer."""
+cls (grouped equals sequential, a killed run resumes to the same adapters, `accelerate launch`), LoFT's image mode and
+pair fusion, adapters read by the pipeline's own `load_lora_weights`, stage-2 datasets, and the bad inputs (an
+unsupported pipeline kind, adapters of another family). SD 1/2 is covered by test_stage1.py / test_stage2.py, on the
+same family layer."""
 
 import json
 import shutil
@@ -185,6 +186,36 @@ def test_stage2_generates_a_dataset_with_the_familys_pipeline(family_run, tmp_pa
     assert dataset.features["label"].names == CLASSES and len(dataset) == 4
     images = [np.asarray(image) for image in dataset["image"]]
     assert images[0].shape == (32, 32, 3) and not np.array_equal(images[0], images[-1])
+
+
+def test_loft_image_adapters_and_pair_fusion_run_on_the_family(family_run, few_shot, accelerator, tmp_path):
+    # LoFT on the family: one denoiser-only LoRA per K-shot image, then each image made with a pair of its class's.
+    from datadream_hf.synthetic import load_synthetic_dataset
+
+    _, path, _, _, _ = family_run
+    stage1 = tmp_path / "image"
+    config = GeneratorTrainingConfig(pretrained_model_name_or_path=path, output_dir=str(stage1), mode="image",
+                                     resolution=32, max_train_steps=2, lr_warmup_steps=0, learning_rate=1e-2,
+                                     report_to=None)  # fmt: skip
+    train_generator(config, few_shot[0], accelerator)
+    index = json.loads((stage1 / "adapter_index.json").read_text())
+    assert index["mode"] == "image" and len(index["adapters"]) == 4  # 2 classes x K=2
+    denoiser = read_family(path).denoiser_name
+    for folder in index["adapters"].values():
+        weights = load_safetensors(stage1 / folder / LORA_WEIGHT_NAME)
+        assert {key.split(".")[0] for key in weights} == {denoiser}  # LoFT: no text-encoder LoRA
+        assert any(v.abs().sum() > 0 for k, v in weights.items() if k.endswith(("lora_B.weight", "up.weight")))
+
+    args = GenerationArguments(pretrained_model_name_or_path=path, adapter_path=str(stage1),
+                               output_dir=str(tmp_path / "synthetic"))  # fmt: skip
+    generate_synthetic_dataset(args, GenerationConfig(images_per_class=2, num_inference_steps=2, batch_size=2,
+                                                      shard_size=2, fusion="pairs"))  # fmt: skip
+    dataset = load_synthetic_dataset(tmp_path / "synthetic")
+    assert len(dataset) == 4 and dataset.features["label"].names == CLASSES
+    for row in dataset:
+        pair = row["fusion_adapters"]
+        assert len(set(pair)) == 2 and all(index["images"][key]["class"] == row["label"] for key in pair)
+        assert row["fusion_weights"] == [0.5, 0.5]
 
 
 def test_adapters_of_another_family_are_refused_before_generating(
