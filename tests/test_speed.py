@@ -370,7 +370,7 @@ def test_cpu_probe_tries_no_two_class_step_that_one_class_steps_say_would_not_fi
     import datadream_hf.adapt.grouped.sizing as sizing
 
     groups = []
-    monkeypatch.setattr(sizing, "_step_bytes", lambda models, unit, config, n: groups.append(n) or 7 * GIB)
+    monkeypatch.setattr(sizing, "_step_bytes", lambda models, unit, config, n, resident: groups.append(n) or 7 * GIB)
     monkeypatch.setattr(sizing, "_available_bytes", lambda device: (16 * GIB, "of available RAM"))
     config = make_config(tiny_sd_path, tmp_path)
     unit = build_units(config, data, models.tokenizer)[0]
@@ -380,6 +380,14 @@ def test_cpu_probe_tries_no_two_class_step_that_one_class_steps_say_would_not_fi
     assert size == 1 and "two one-class steps (14.00 GiB) exceed it, so no two-class step was tried" in reason
     monkeypatch.setattr(sizing, "_available_bytes", lambda device: (100 * GIB, "of available RAM"))
     assert sizing.probe_group_memory(models, unit, config).two == 7 * GIB and groups[-1] == 2
+
+
+def test_cpu_probe_without_a_resident_peak_counts_saved_tensors(monkeypatch, models, data, tiny_sd_path, tmp_path):
+    # Where /proc has no high-water mark (not Linux): the bytes the forward pass saves for the backward.
+    monkeypatch.setattr(PeakResidentBytes, "supported", staticmethod(lambda: False))
+    config = make_config(tiny_sd_path, tmp_path)
+    reading = probe_group_memory(models, build_units(config, data, models.tokenizer)[0], config)
+    assert reading.method == "bytes a probe step saves for backward" and 0 < reading.one < reading.two
 
 
 def test_peak_resident_bytes_sees_a_transient_buffer_that_is_freed_inside_the_block():

@@ -253,8 +253,7 @@ def _random_clip_text(
     config = CLIPTextConfig(
         hidden_size=hidden_size, intermediate_size=4 * hidden_size, num_attention_heads=heads,
         num_hidden_layers=layers, projection_dim=projection_dim or hidden_size, hidden_act=act,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+        vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1,
     )  # fmt: skip
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
 

@@ -9,16 +9,15 @@ free device memory (`torch.cuda.mem_get_info`, plus what torch's cache holds). O
 resident memory over the step's forward and backward pass (Linux: the kernel's high-water mark, reset before the step)
 against the available RAM, shared by the processes of the machine; where that mark cannot be read it falls back to
 the bytes the forward pass saves for the backward (`torch.autograd.graph.saved_tensors_hooks`), which leave out the
-step's transient buffers (attention scores, the backward's own) and so undercount (a 512 px SD 2.1 step: 1.6 GiB
-estimated per class, 16.8 GB peak resident for two). AdamW's two moments per LoRA weight, which the probe does not
-allocate, are added to each class.
+step's transient buffers (attention scores, the backward's own) and so undercount (a 512 px SD 2.1 step at batch 8:
+1.6 GiB counted per class, 15.4 GiB of peak resident memory measured). AdamW's two moments per LoRA weight, which
+the probe does not allocate, are added to each class.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import gc
 import math
 import os
@@ -155,9 +154,9 @@ def _release_free_heap() -> None:
     """Returns the C heap's free pages to the system (glibc's `malloc_trim`), so memory a step reuses from earlier
     frees counts in its peak."""
     gc.collect()
-    libc = ctypes.util.find_library("c")
-    if libc is not None and hasattr(ctypes.CDLL(libc), "malloc_trim"):
-        ctypes.CDLL(libc).malloc_trim(0)
+    malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # the process's own C library; glibc only
+    if malloc_trim is not None:
+        malloc_trim(0)
 
 
 class PeakResidentBytes:
@@ -184,11 +183,13 @@ class PeakResidentBytes:
         self.peak = max(0, _status_bytes("VmHWM") - self.before)
 
 
-def _step_bytes(models: GeneratorModels, unit: TrainingUnit, config: GeneratorTrainingConfig, num_groups: int) -> int:
-    """The memory a grouped step of `num_groups` copies of `unit` adds to what is allocated (see the module doc)."""
+def _step_bytes(
+    models: GeneratorModels, unit: TrainingUnit, config: GeneratorTrainingConfig, num_groups: int, resident: bool
+) -> int:
+    """The memory a grouped step of `num_groups` copies of `unit` adds to what is allocated (see the module doc);
+    `resident`: read it as the peak resident memory (a CPU with `PeakResidentBytes`)."""
     device = models.device
     cuda = device.type == "cuda"
-    resident = not cuda and PeakResidentBytes.supported()
     if cuda:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -203,7 +204,8 @@ def _step_bytes(models: GeneratorModels, unit: TrainingUnit, config: GeneratorTr
                                    cache) for cache in caches]  # fmt: skip
         grouped = GroupedLora(models, num_groups)
         lora_bytes = sum(p.numel() * p.element_size() for p in grouped.parameters().values())
-        with grouped.attached(), _SavedTensorBytes(weights) as saved:
+        counting = _SavedTensorBytes(weights) if not (cuda or resident) else contextlib.nullcontext()
+        with grouped.attached(), counting as saved:
             losses = grouped_losses(models, grouped, batches, config)
             if cuda or resident:
                 losses.sum().backward()
@@ -237,27 +239,28 @@ def probe_group_memory(models: GeneratorModels, unit: TrainingUnit, config: Gene
     if cuda:
         torch.cuda.empty_cache()
     available, source = _available_bytes(models.device)
-    try:
-        if not cuda and PeakResidentBytes.supported():
-            # Unmeasured: the first backward's one-off allocations (autograd's threads, the kernels' buffers) are no
-            # class's memory, and would make the first class look dearer than the second.
-            _step_bytes(models, unit, config, 1)
-        one = _step_bytes(models, unit, config, 1)
-    except torch.OutOfMemoryError as error:
-        raise one_class_does_not_fit([unit], config, error) from error
+    resident = not cuda and PeakResidentBytes.supported()
     if cuda:
         method = "allocator peak of a probe step"
-    elif PeakResidentBytes.supported():
+    elif resident:
         method = "peak resident memory of a probe step"
     else:
         method = "bytes a probe step saves for backward"
+    try:
+        if resident:
+            # Unmeasured: the first backward's one-off allocations (autograd's threads, the kernels' buffers) are no
+            # class's memory, and would make the first class look dearer than the second.
+            _step_bytes(models, unit, config, 1, resident)
+        one = _step_bytes(models, unit, config, 1, resident)
+    except torch.OutOfMemoryError as error:
+        raise one_class_does_not_fit([unit], config, error) from error
     budget = (1 - config.memory_safety_margin) * available
     if not cuda and 2 * one > budget:
         # Out of RAM a CPU step raises nothing: the system kills the process. A group of two would not be chosen.
         no_two = f"two one-class steps ({_size(2 * one)}) exceed it, so no two-class step was tried"
         return MemoryReading(one, None, available, source, method, no_two)
     try:
-        two = _step_bytes(models, unit, config, 2)
+        two = _step_bytes(models, unit, config, 2, resident)
     except torch.OutOfMemoryError:
         two = None
     if cuda:
