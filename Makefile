@@ -46,7 +46,7 @@ benchmark-gpu:
 		$(PY) benchmarks/bench_stage1_cls.py --pretrained_model_name_or_path $$model --resolution 1024 \
 			--max_train_steps 4 --mixed_precision bf16 --skip_ablations || exit 1; \
 		$(PY) benchmarks/bench_generation.py --pretrained_model_name_or_path $$model --num_inference_steps 20 \
-			--skip_reference || exit 1; \
+			--variants ours write unfused fusion || exit 1; \
 	done
 
 # Real-size shapes on this CPU, random weights: stage 1 for one step and stage 2 for one image per class, each

@@ -741,6 +741,14 @@ def test_benchmarks_run_and_report_ratios(tiny_sd_path, tmp_path, monkeypatch, c
     assert generation["reference"]["max_pixel_diff_vs_ours"] <= 2
     printed = capsys.readouterr().out
     assert "target >= 3x" in printed and "target < 5%" in printed and "target >= 0.80" in printed
+    # Fusion alone: its base is the base pipeline sampled class by class beside it, and nothing else runs.
+    fusion_only = bench_generation.main(bench_generation.parse_args([
+        "--pretrained_model_name_or_path", tiny_sd_path, "--num_classes", "2", "--images_per_class", "2",
+        "--num_inference_steps", "2", "--variants", "fusion", "--output_dir", str(tmp_path / "f"),
+    ]))  # fmt: skip
+    assert list(fusion_only) == ["base", "fusion"] and not (tmp_path / "f" / "adapters").exists()
+    assert fusion_only["fusion"]["paired_base_images_per_s"] == fusion_only["base"]["images_per_s"] > 0
+    assert "base sampled class by class beside it" in capsys.readouterr().out
     stage1_lines = printed[printed.index("Stage 1, cls mode") :].splitlines()
     assert stage1_lines[1].startswith("default path (auto, 2 classes per group) vs reference-style: ")
     for name in ("auto", "ours"):
