@@ -34,7 +34,8 @@ Measured on one H200, SD-2.1-base-shaped model with random weights, 512 px, fp16
 base 6.52 img/s, ours 6.10 (0.94x with switches, 0.99x sampling only), switch 0.064 s (5.2% of a class of 8 images,
 0.03% of a class of 500 x 50 steps), unfused adapters 4.03 img/s; at 25 steps the reference-style reload per class
 made 1.80 img/s against ours' 3.78 (2.1x). Fusion, by the CPU command above on 2 cores, alone (no GPU run yet):
-0.99x the paired base (a UNet call 5.9 s, fusion's share of it 1.1%); the tiny model: 0.89x.
+0.99x the paired base (a UNet call 5.9 s, fusion's share of it 1.1%); at 512 px, 4 steps: 1.04x (below the noise);
+the tiny model: 0.89x.
 """
 
 from __future__ import annotations
