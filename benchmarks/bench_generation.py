@@ -97,18 +97,19 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(input_args)
 
 
-def sample_classes(variants: list[tuple[SyntheticImageSampler, object]], num_classes: int, images: int) -> list:
+def sample_classes(variants: list[tuple[SyntheticImageSampler | None, object]], num_classes: int, images: int,
+                   device: str) -> list:  # fmt: skip
     """Samples every class with each (sampler, switch) of `variants` in turn, class by class (interleaved, so a drift
     in the machine's speed shifts every variant alike); returns per variant its per-class sampling and switching
-    seconds and its images as uint8 arrays."""
-    device = variants[0][0].pipeline.device
+    seconds and its images as uint8 arrays. `switch(c)`, timed apart, readies class c; what it returns, if not None,
+    samples the class instead of `sampler` (a fresh pipeline's sampler)."""
     runs = [{"sampling_s": [], "switch_s": [], "images": []} for _ in variants]
     for c in range(num_classes):
         for (sampler, switch), run in zip(variants, runs):
             synchronize(device)
             t0 = time.perf_counter()
             if switch is not None:
-                switch(c)
+                sampler = switch(c) or sampler
             synchronize(device)
             t1 = time.perf_counter()
             out = sampler.sample(c, list(range(images)))
@@ -156,6 +157,7 @@ def main(args: argparse.Namespace) -> dict:
     base.sample(0, list(range(min(2, args.images_per_class))))  # warm-up: kernels, allocator
     n, m = args.num_classes, args.images_per_class
     results: dict[str, dict] = {}
+    images: dict[str, list[np.ndarray]] = {}  # per variant that uses the class adapters, to compare fused vs unfused
 
     def record(name, label, measurement, run, seconds=None):
         seconds = measurement.seconds if seconds is None else seconds
@@ -178,13 +180,14 @@ def main(args: argparse.Namespace) -> dict:
     # 1. The plain base pipeline, then ours on the same pipeline (the switcher restores the exact base weights).
     if class_variants:
         with measure(device) as m_base:
-            (base_run,) = sample_classes([(base, None)], n, m)
+            (base_run,) = sample_classes([(base, None)], n, m, device)
         record("base", "base pipeline, no adapter", m_base, base_run)
     if "ours" in variants:
         ours = SyntheticImageSampler(pipeline, adapters, template, config)
         with measure(device) as m_ours:
-            (ours_run,) = sample_classes([(ours, lambda c: ours.switcher.use(adapters.weight_file(c)))], n, m)
+            (ours_run,) = sample_classes([(ours, lambda c: ours.switcher.use(adapters.weight_file(c)))], n, m, device)
         record("ours", "ours: one pipeline, adapter fused per class", m_ours, ours_run)
+        images["ours"] = ours_run["images"]
         ours.switcher.reset()
 
     # 2. Ours through the shard writer (PNG + Parquet), to see what writing costs.
@@ -208,8 +211,9 @@ def main(args: argparse.Namespace) -> dict:
             )
 
         with measure(device) as m_unfused:
-            (unfused_run,) = sample_classes([(unfused, load_unfused)], n, m)
+            (unfused_run,) = sample_classes([(unfused, load_unfused)], n, m, device)
         record("unfused", "one pipeline, adapter loaded unfused per class", m_unfused, unfused_run)
+        images["unfused"] = unfused_run["images"]
         pipeline.unload_lora_weights()
 
     # 4. LoFT fusion: image adapters stacked per class, a weighted pair per image, several pairs per pipeline call;
@@ -223,10 +227,12 @@ def main(args: argparse.Namespace) -> dict:
         del image_models
         image_adapters = resolve_adapters(str(image_dir))
         fused = SyntheticImageSampler(pipeline, image_adapters, template, dataclasses.replace(config, fusion="pairs"))
+
+        def load_class(c):
+            fused.fusion.load(image_adapters.image_weight_files(c))
+
         with measure(device) as m_fusion:
-            paired_base, fusion_run = sample_classes(
-                [(base, None), (fused, lambda c: fused.fusion.load(image_adapters.image_weight_files(c)))], n, m
-            )
+            paired_base, fusion_run = sample_classes([(base, None), (fused, load_class)], n, m, device)
         if "base" not in results:
             record("base", "base pipeline, no adapter (paired with fusion)", m_fusion, paired_base,
                    seconds=sum(paired_base["sampling_s"]))  # fmt: skip
@@ -240,30 +246,24 @@ def main(args: argparse.Namespace) -> dict:
     if "reference" in variants:
         del base, pipeline
         ours = unfused = writer = fused = None  # whichever ran: they hold the pipeline
-        gc.collect()
-        reference = {"sampling_s": [], "switch_s": [], "images": []}
+        held = []
+
+        def reload(c):
+            held.clear()
+            gc.collect()  # the last class's pipeline is gone before the next one loads, as with a process per class
+            fresh = load()
+            fresh.load_lora_weights(str(adapters.weight_file(c).parent), use_safetensors=True)
+            held.append(SyntheticImageSampler(fresh, AdapterSet.none(names), template, config))  # LoRA stays unfused
+            return held[0]
+
         with measure(device) as m_reference:
-            for c in range(n):
-                t0 = time.perf_counter()
-                fresh = load()
-                fresh.load_lora_weights(str(adapters.weight_file(c).parent), use_safetensors=True)
-                synchronize(device)
-                t1 = time.perf_counter()
-                plain = SyntheticImageSampler(fresh, AdapterSet.none(names), template, config)  # LoRA stays unfused
-                out = plain.sample(c, list(range(m)))
-                synchronize(device)
-                reference["switch_s"].append(t1 - t0)
-                reference["sampling_s"].append(time.perf_counter() - t1)
-                reference["images"] += [np.asarray(image) for image in out]
-                del fresh
-                gc.collect()
-        record("reference", "reference-style: pipeline reloaded per class, unfused", m_reference, reference)
-    unfused_runs = {"reference": reference if "reference" in variants else None}
-    unfused_runs["unfused"] = unfused_run if "unfused" in variants else None
-    for name, run in unfused_runs.items():  # the same adapters unfused vs fused into the weights: images should agree
-        if run is not None and "ours" in variants:
+            (reference_run,) = sample_classes([(None, reload)], n, m, device)
+        record("reference", "reference-style: pipeline reloaded per class, unfused", m_reference, reference_run)
+        images["reference"] = reference_run["images"]
+    for name in ("unfused", "reference"):  # the same adapters unfused vs fused into the weights: images should agree
+        if name in images and "ours" in images:
             results[name]["max_pixel_diff_vs_ours"] = int(
-                max(np.abs(a.astype(int) - b.astype(int)).max() for a, b in zip(run["images"], ours_run["images"]))
+                max(np.abs(a.astype(int) - b.astype(int)).max() for a, b in zip(images[name], images["ours"]))
             )
 
     base_ips = results["base"]["images_per_s"]

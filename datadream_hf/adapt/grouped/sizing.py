@@ -183,6 +183,11 @@ class PeakResidentBytes:
         self.peak = max(0, _status_bytes("VmHWM") - self.before)
 
 
+def _frozen_storages(models: GeneratorModels) -> set[int]:
+    """The storages of the frozen weights: tensors saved for backward that are weights cost no extra memory."""
+    return {p.untyped_storage().data_ptr() for m in models.frozen_modules() for p in [*m.parameters(), *m.buffers()]}
+
+
 def _step_bytes(
     models: GeneratorModels, unit: TrainingUnit, config: GeneratorTrainingConfig, num_groups: int, resident: bool
 ) -> int:
@@ -195,8 +200,6 @@ def _step_bytes(
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
     with PeakResidentBytes() if resident else contextlib.nullcontext() as peak:
-        weights = {p.untyped_storage().data_ptr() for m in models.frozen_modules()
-                   for p in [*m.parameters(), *m.buffers()]}  # fmt: skip
         caches = [build_latent_cache(models, unit, config) for _ in range(num_groups)]
         latent_shape = models.latent_shape(config.resolution)
         num_timesteps = models.noise_scheduler.config.num_train_timesteps
@@ -204,7 +207,7 @@ def _step_bytes(
                                    cache) for cache in caches]  # fmt: skip
         grouped = GroupedLora(models, num_groups)
         lora_bytes = sum(p.numel() * p.element_size() for p in grouped.parameters().values())
-        counting = _SavedTensorBytes(weights) if not (cuda or resident) else contextlib.nullcontext()
+        counting = contextlib.nullcontext() if cuda or resident else _SavedTensorBytes(_frozen_storages(models))
         with grouped.attached(), counting as saved:
             losses = grouped_losses(models, grouped, batches, config)
             if cuda or resident:
